@@ -1,0 +1,20 @@
+"""Evaluate a checkpoint on the whole val split: `python eval.py ckpt_path=logs/train/runs/<ts>/checkpoints/last.ckpt`."""
+
+import os
+
+os.environ.setdefault("LMFORGE_ROOT", os.path.dirname(os.path.abspath(__file__)))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    from lmforge.cli import run_entry
+    from lmforge.run import evaluate
+
+    run_entry(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

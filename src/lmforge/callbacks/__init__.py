@@ -1,0 +1,1 @@
+"""Lightning callbacks: performance metrics (tokens/s, MFU, memory) and sample generations."""

@@ -1,0 +1,78 @@
+"""Tokens/s, TFLOP/s, MFU and peak memory under `perf/*`.
+
+Uses Lightning's `Throughput` for the windowed rates, with lmforge's own FLOPs formula and device peak table
+(Lightning's ThroughputMonitor logs `device/*` names and its peak table misses recent GPUs). Only training
+time is counted: validation and checkpointing are excluded from the window.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import Throughput
+
+from lmforge.flops import device_peak_flops, model_flops_per_token
+
+
+def max_memory_gb(device: torch.device) -> float:
+    """Peak allocated GPU memory, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
+
+
+class PerfMonitor(L.Callback):
+    def __init__(self, window_size: int = 20, log_every_n_steps: int | None = None, peak_flops: float | None = None) -> None:
+        self.window_size = window_size
+        self.log_every_n_steps = log_every_n_steps
+        self.peak_flops = peak_flops
+        self._throughput: Throughput | None = None
+        self._flops_per_token = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        peak = self.peak_flops or device_peak_flops(pl_module.device)
+        self._throughput = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window_size)
+        seq_len = trainer.datamodule.block_size if trainer.datamodule is not None else pl_module.model.config.max_seq_len
+        self._flops_per_token = model_flops_per_token(pl_module.model, seq_len)
+        self._elapsed, self._batches, self._samples, self._tokens = 0.0, 0, 0, 0
+        self._log_every = self.log_every_n_steps or trainer.log_every_n_steps
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._sync(pl_module)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._sync(pl_module)
+        self._elapsed += time.perf_counter() - self._t0
+        tokens = int(batch["input_ids"].numel())
+        self._batches += 1
+        self._samples += int(batch["input_ids"].size(0))
+        self._tokens += tokens
+        assert self._throughput is not None
+        self._throughput.update(
+            time=self._elapsed, batches=self._batches, samples=self._samples, lengths=self._tokens,
+            flops=int(self._flops_per_token * tokens),
+        )
+        if trainer.global_step % self._log_every != 0:
+            return
+        m = self._throughput.compute()
+        metrics = {"perf/max_memory_gb": max_memory_gb(pl_module.device)}
+        world = trainer.world_size
+        if "device/items_per_sec" in m:
+            metrics["perf/tokens_per_sec"] = m["device/items_per_sec"] * world
+            metrics["perf/samples_per_sec"] = m["device/samples_per_sec"] * world
+        if "device/flops_per_sec" in m:
+            metrics["perf/tflops"] = m["device/flops_per_sec"] / 1e12
+        if "device/mfu" in m:
+            metrics["perf/mfu"] = m["device/mfu"]
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)

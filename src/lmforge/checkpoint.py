@@ -1,0 +1,50 @@
+"""Finding and reading lmforge checkpoints safely (weights_only=True, memory-mapped)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.errors import CheckpointError
+
+
+def find_last_checkpoint(log_dir: str | Path, task_name: str, exclude: str | Path | None = None) -> Path:
+    """`ckpt_path=last`: the newest `last.ckpt` among this task's runs."""
+    runs = Path(log_dir) / task_name / "runs"
+    found = [p for p in runs.glob("*/checkpoints/last.ckpt") if exclude is None or Path(exclude) not in p.parents]
+    if not found:
+        raise CheckpointError(f"ckpt_path=last: no {runs}/*/checkpoints/last.ckpt exists. Fix: train first, or pass ckpt_path=<file>.")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str, exclude: str | Path | None = None) -> str | None:
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        return str(find_last_checkpoint(log_dir, task_name, exclude))
+    path = Path(ckpt_path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"ckpt_path={ckpt_path!r} does not exist. Fix: pass an existing .ckpt file, or ckpt_path=last.")
+    if path.is_dir():
+        raise CheckpointError(f"ckpt_path={ckpt_path!r} is a directory, not a checkpoint file. Fix: point at a .ckpt inside it (e.g. checkpoints/last.ckpt).")
+    return str(path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load with weights_only=True (no arbitrary code) and check it is an lmforge checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"ckpt_path={str(path)!r} is not a readable checkpoint ({first}). Fix: pass a .ckpt written by lmforge.") from None
+    if not isinstance(ckpt, dict) or "lmforge" not in ckpt or "state_dict" not in ckpt:
+        raise CheckpointError(f"ckpt_path={str(path)!r} is not an lmforge checkpoint (no 'lmforge' metadata). Fix: pass a .ckpt written by train.py.")
+    return ckpt
+
+
+def model_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The bare model's weights from a stage checkpoint (drops the `model.` prefix)."""
+    return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}

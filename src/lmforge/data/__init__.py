@@ -1,0 +1,1 @@
+"""Data layer: corpus → tokenizer → packed token memmaps → batches. Knows nothing of models."""

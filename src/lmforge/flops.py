@@ -1,0 +1,45 @@
+"""FLOPs per token and device peaks: the one place MFU's numerator and denominator come from."""
+
+from __future__ import annotations
+
+import torch
+
+# Dense (non-sparse) bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets.
+BF16_PEAK_FLOPS: dict[str, float] = {
+    "h100 sxm": 989e12,
+    "h100 hbm3": 989e12,
+    "h100 nvl": 835e12,
+    "h100 pcie": 756e12,
+    "h100": 989e12,  # plain "NVIDIA H100 80GB HBM3" reads as SXM
+    "h200": 989e12,
+    "gh200": 989e12,
+    "b200": 2250e12,
+    "a100": 312e12,
+    "l40s": 362e12,
+    "l4": 121e12,
+    "a10g": 70e12,
+}
+
+
+def gpt_flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N (forward + backward matmuls) + 12·L·d·T attention (PaLM, appendix B).
+
+    `n_params` excludes position embeddings; a tied token embedding counts, because it is also the LM head.
+    """
+    return 6.0 * n_params + 12.0 * n_layer * n_embd * seq_len
+
+
+def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    cfg = model.config
+    return gpt_flops_per_token(model.num_params(non_embedding=True), cfg.n_layer, cfg.n_embd, seq_len)
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """bf16 peak of a CUDA device by name; None when unknown (CPU: pass callbacks.throughput.peak_flops)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for key in sorted(BF16_PEAK_FLOPS, key=len, reverse=True):  # most specific name first
+        if key in name:
+            return BF16_PEAK_FLOPS[key]
+    return None

@@ -1,0 +1,1 @@
+"""Converters between lmforge models and other ecosystems (Hugging Face transformers)."""

@@ -1,0 +1,60 @@
+"""One dataclass per model family. Validation happens here, so a bad size fails before any tensor exists."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from lmforge.errors import ConfigError
+
+ATTN_BACKENDS = ("sdpa", "eager")
+
+
+@dataclass
+class GPTConfig:
+    """GPT-2 style decoder: learned positions, pre-LN, GELU(tanh) MLP, tied embeddings."""
+
+    n_layer: int = 3
+    n_head: int = 4
+    n_embd: int = 256
+    max_seq_len: int = 256
+    vocab_size: int | None = None  # filled from the tokenizer when None
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    bias: bool = True
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    tie_embeddings: bool = True
+    attn_backend: str = "sdpa"  # sdpa | eager
+    family: str = "gpt"
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "n_embd", "max_seq_len", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"model.{name}", f"must be a positive integer, got {value!r}", f"set model.{name}=<int > 0>")
+        if self.n_embd % self.n_head != 0:
+            raise ConfigError(
+                "model.n_embd",
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}",
+                f"choose model.n_embd as a multiple of model.n_head (e.g. {self.n_head * max(1, round(self.n_embd / self.n_head))})",
+            )
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise ConfigError("model.vocab_size", f"must be positive, got {self.vocab_size}", "leave it null to take the tokenizer's size")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}", "set model.dropout=0.0 .. 0.9")
+        if self.attn_backend not in ATTN_BACKENDS:
+            raise ConfigError("model.attn_backend", f"unknown backend {self.attn_backend!r}", f"use one of {ATTN_BACKENDS}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
+        """Build from a plain dict, naming any key the family doesn't know (a typo must not pass silently)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known - {"_target_"})
+        if unknown:
+            raise ConfigError(f"model.{unknown[0]}", f"unknown key for family {cls.__name__}", f"use one of {sorted(known)}")
+        return cls(**{k: v for k, v in values.items() if k != "_target_"})

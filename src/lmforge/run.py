@@ -1,0 +1,226 @@
+"""Build everything from a composed config and run it: the only place data, model and stage meet.
+
+train(cfg)    → fit, then validate on the whole val split; returns the metrics (sweeps optimise one)
+evaluate(cfg) → loss / ppl / bpb of a checkpoint on its val split
+generate(cfg) → text sampled from a checkpoint with the tokenizer saved inside it
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from lmforge.checkpoint import load_checkpoint, model_state_dict, resolve_ckpt_path
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import ConfigError
+from lmforge.models import build
+from lmforge.precision import resolve_precision
+from lmforge.utils.config_tree import print_config_tree
+from lmforge.utils.io import atomic_write_text
+
+log = logging.getLogger("lmforge")
+
+
+# --- building blocks ------------------------------------------------------------------------------------
+
+def seed_everything(seed: int | None) -> None:
+    """Seed when `seed` is set, including seed=0 (a falsy check would silently skip it)."""
+    if seed is not None:
+        L.seed_everything(int(seed), workers=True, verbose=False)
+
+
+def build_tokenizer(cfg: DictConfig, corpus: Any) -> Tokenizer:
+    spec = instantiate(cfg.tokenizer, _convert_="all")
+    return spec.load_or_train([d.text for d in corpus.documents("train")], corpus.fingerprint(), cfg.paths.cache_dir)
+
+
+def build_data(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> tuple[Any, Tokenizer, L.LightningDataModule]:
+    """Corpus → tokenizer (trained, cached, or the one a checkpoint carried) → datamodule."""
+    corpus = instantiate(cfg.data.corpus, _convert_="all")
+    tokenizer = tokenizer or build_tokenizer(cfg, corpus)
+    datamodule = instantiate(cfg.data, corpus=corpus, tokenizer=tokenizer, _convert_="all")
+    return corpus, tokenizer, datamodule
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Cross-group checks no single group can make; each names the key and the fix."""
+    block, max_len = cfg.data.block_size, cfg.model.max_seq_len
+    if block > max_len:
+        raise ConfigError("data.block_size", f"{block} exceeds model.max_seq_len={max_len}", f"set data.block_size<={max_len} or model.max_seq_len>={block}")
+
+
+def build_stage(cfg: DictConfig, tokenizer: Tokenizer, metadata: dict[str, Any], for_training: bool = True) -> L.LightningModule:
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    return instantiate(
+        cfg.stage,
+        model_cfg=model_cfg,
+        objective=instantiate(cfg.objective),
+        optimizer=instantiate(cfg.optimizer, _convert_="all") if for_training else None,
+        scheduler=instantiate(cfg.scheduler, _convert_="all") if for_training and cfg.get("scheduler") else None,
+        token_bytes=torch.from_numpy(tokenizer.token_byte_lengths()),
+        metadata=metadata,
+        _convert_="all",
+        _recursive_=False,  # metadata holds the resolved config, whose `_target_`s are data, not objects
+    )
+
+
+def wandb_offline_needed() -> bool:
+    """No key and no explicit WANDB_MODE: run offline into the run dir instead of prompting for a login."""
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path.home() / ".netrc"
+    return not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+
+
+def build_loggers(cfg: DictConfig, wandb_id: str | None) -> tuple[list[Any], str | None]:
+    loggers: list[Any] = []
+    for name, node in (cfg.get("logger") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        if node._target_.endswith("WandbLogger"):
+            import wandb.util
+
+            wandb_id = wandb_id or wandb.util.generate_id()
+            loggers.append(instantiate(node, id=wandb_id, offline=bool(node.get("offline")) or wandb_offline_needed(), _convert_="all"))
+        else:
+            loggers.append(instantiate(node, _convert_="all"))
+        log.debug("logger %s: %s", name, node._target_)
+    return loggers, wandb_id
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    return [instantiate(node, _convert_="all") for node in (cfg.get("callbacks") or {}).values() if node is not None and "_target_" in node]
+
+
+def build_strategy(cfg: DictConfig) -> Any:
+    node = cfg.get("strategy")
+    if node is None:
+        return "auto"
+    return instantiate(node, _convert_="all") if "_target_" in node else node.get("name", "auto")
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Any]) -> L.Trainer:
+    with open_dict(cfg):  # resolved here so the saved config records what actually ran
+        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", "auto"), str(cfg.trainer.get("accelerator", "auto")))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=build_strategy(cfg), _convert_="all")
+
+
+def close_loggers(loggers: list[Any]) -> None:
+    """Always close W&B, even after a crash, so the run is synced and not left 'running'."""
+    for lg in loggers:
+        if type(lg).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+            break
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+# --- entry points ---------------------------------------------------------------------------------------
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
+    seed_everything(cfg.get("seed"))
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, exclude=output_dir)
+    resume_meta = load_checkpoint(ckpt_path)["lmforge"] if ckpt_path else {}
+
+    check_config(cfg)
+    _, tokenizer, datamodule = build_data(cfg, Tokenizer.from_json(resume_meta["tokenizer"]) if resume_meta else None)
+    with open_dict(cfg):  # derived values are resolved once and saved with the run
+        if cfg.model.get("vocab_size") is None:
+            cfg.model.vocab_size = tokenizer.vocab_size
+        if ckpt_path:
+            cfg.ckpt_path = ckpt_path
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}", "leave model.vocab_size=null")
+
+        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", "auto"), str(cfg.trainer.get("accelerator", "auto")))
+    loggers, wandb_id = build_loggers(cfg, resume_meta.get("wandb_id"))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    metadata = {"config": resolved, "tokenizer": tokenizer.to_json(), "wandb_id": wandb_id}
+    if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
+        print_config_tree(cfg, save_to=output_dir / "config.yaml")
+    stage = build_stage(cfg, tokenizer, metadata)
+    trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
+    try:
+        for lg in loggers:
+            lg.log_hyperparams(resolved)
+        trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        metrics = _floats(trainer.callback_metrics)
+        if cfg.get("validate_full_at_end", True) and trainer.state.status.value == "finished":
+            trainer.limit_val_batches = 1.0  # the reported figure covers the whole val split
+            metrics.update(_floats(trainer.validate(stage, datamodule=datamodule, verbose=False)[0]))
+        if trainer.is_global_zero:
+            atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+            log.info("final metrics: %s", json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("val/")}))
+        return metrics
+    finally:
+        close_loggers(loggers)
+
+
+def load_for_inference(ckpt_path: str | None, cfg: DictConfig) -> tuple[dict[str, Any], DictConfig, Tokenizer]:
+    path = resolve_ckpt_path(ckpt_path, cfg.paths.log_dir, cfg.get("train_task_name", "train"))
+    if path is None:
+        raise ConfigError("ckpt_path", "is required", "pass ckpt_path=<run dir>/checkpoints/last.ckpt (or ckpt_path=last)")
+    ckpt = load_checkpoint(path)
+    saved = OmegaConf.create(ckpt["lmforge"]["config"])
+    return ckpt, saved, Tokenizer.from_json(ckpt["lmforge"]["tokenizer"])
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Loss, perplexity and bits per byte of a checkpoint over the whole val split of its data config."""
+    seed_everything(cfg.get("seed"))
+    ckpt, saved, tokenizer = load_for_inference(cfg.get("ckpt_path"), cfg)
+    with open_dict(saved):
+        saved.paths.cache_dir = cfg.paths.cache_dir
+        saved.stage.compile = False
+        if cfg.get("data") is not None:  # evaluate on another dataset with the checkpoint's tokenizer
+            saved.data = cfg.data
+        if cfg.get("batch_size"):
+            saved.data.val_batch_size = cfg.batch_size
+    _, _, datamodule = build_data(saved, tokenizer)
+    stage = build_stage(saved, tokenizer, metadata={}, for_training=False)
+    stage.configure_model()
+    stage.model.load_state_dict(model_state_dict(ckpt))
+    with open_dict(cfg):
+        cfg.trainer.limit_val_batches = 1.0
+    trainer = build_trainer(cfg, callbacks=[], loggers=[])
+    metrics = _floats(trainer.validate(stage, datamodule=datamodule, verbose=False)[0])
+    print(json.dumps({"ckpt_path": str(cfg.ckpt_path), **{k: round(v, 5) for k, v in metrics.items()}}, indent=2))
+    atomic_write_text(Path(cfg.paths.output_dir) / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
+
+def generate(cfg: DictConfig) -> list[str]:
+    """Sample continuations of `prompt` from a checkpoint (greedy when temperature=0)."""
+    from lmforge.generation import generate as sample
+
+    seed_everything(cfg.get("seed"))
+    ckpt, saved, tokenizer = load_for_inference(cfg.get("ckpt_path"), cfg)
+    device = torch.device(cfg.device if cfg.get("device") not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build(OmegaConf.to_container(saved.model, resolve=True))
+    model.load_state_dict(model_state_dict(ckpt))
+    model.to(device).eval()
+    prompt_ids = tokenizer.encode(cfg.prompt) or [tokenizer.eos_id]
+    ids = torch.tensor([prompt_ids] * int(cfg.num_samples), device=device)
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed)) if cfg.get("seed") is not None else None
+    out = sample(
+        model, ids, int(cfg.max_new_tokens), temperature=float(cfg.temperature), top_k=cfg.get("top_k"),
+        top_p=cfg.get("top_p"), eos_id=tokenizer.eos_id, generator=generator,
+    )
+    texts = [cfg.prompt + tokenizer.decode(row[len(prompt_ids):].tolist()) for row in out]
+    for i, text in enumerate(texts):
+        print(f"--- sample {i} ---\n{text}", flush=True)
+    return texts

@@ -1,0 +1,1 @@
+"""Training stages as LightningModules: a model, an objective, an optimizer and a schedule."""

@@ -1,0 +1,109 @@
+"""Shared LightningModule for language-model stages.
+
+Owns what every stage needs: building the model in `configure_model` (so sharding strategies can wrap
+it), AdamW param groups, a step-based LR schedule, gradient-norm logging, and token-weighted validation
+metrics (loss, perplexity, bits per byte) that are exact over however many batches were evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torchmetrics import SumMetric
+
+from lmforge.models import build
+from lmforge.objectives.base import LossOutput
+from lmforge.optim.param_groups import decay_param_groups
+
+SCHEMA_VERSION = 1
+
+
+class LMStage(L.LightningModule):
+    def __init__(
+        self,
+        model_cfg: dict[str, Any],
+        objective: Callable[[nn.Module, dict[str, torch.Tensor]], LossOutput],
+        optimizer: Callable[..., Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        token_bytes: torch.Tensor | None = None,
+        compile: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_cfg = model_cfg
+        self.objective = objective
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.compile_model = compile
+        self.metadata = metadata if metadata is not None else {}
+        self.model: nn.Module | None = None
+        # bytes per token id (0 for specials): bits-per-byte denominator, comparable across tokenizers
+        self.register_buffer("token_bytes", token_bytes if token_bytes is not None else torch.zeros(0, dtype=torch.long), persistent=False)
+        self.val_nll, self.val_tokens, self.val_bytes = SumMetric(), SumMetric(), SumMetric()
+
+    # --- model ---------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Build here (not in __init__) so strategies can build under init_module / shard per block."""
+        if self.model is not None:
+            return
+        self.model = build(self.model_cfg)
+        if self.compile_model:
+            self.model.compile()  # in place: state_dict keys stay free of `_orig_mod.`
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, attention_mask=attention_mask)
+
+    # --- steps ---------------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.objective(self.model, batch)
+        self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True)
+        if self.trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=False)
+        return out.loss
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Total gradient L2 norm before clipping: the first thing to look at when a loss spikes."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+            self.log("train/grad_norm", norm, on_step=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self.objective(self.model, batch)
+        self.val_nll.update(out.nll_sum.float())
+        self.val_tokens.update(out.n_tokens.float())
+        if self.token_bytes.numel():
+            counted = out.targets != -100
+            self.val_bytes.update(self.token_bytes[out.targets.clamp(min=0)][counted].sum().float())
+
+    def on_validation_epoch_end(self) -> None:
+        nll, n = self.val_nll.compute(), self.val_tokens.compute()  # summed over ranks
+        loss = nll / n.clamp(min=1)
+        metrics = {"val/loss": loss, "val/ppl": torch.exp(loss), "val/tokens": n}
+        if self.token_bytes.numel():
+            metrics["val/bpb"] = nll / math.log(2) / self.val_bytes.compute().clamp(min=1)
+        self.log_dict(metrics, prog_bar=True, sync_dist=False)
+        for m in (self.val_nll, self.val_tokens, self.val_bytes):
+            m.reset()
+
+    # --- optimisation --------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise RuntimeError("this stage was built without an optimizer (evaluation only)")
+        wd = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(decay_param_groups(self.model, wd))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # --- checkpoints ---------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Everything eval/generate need besides weights: resolved config, tokenizer, W&B run id."""
+        checkpoint["lmforge"] = {"schema_version": SCHEMA_VERSION, **self.metadata}

@@ -1,0 +1,22 @@
+"""Train a language model: `python train.py model=gpt-nano data=shakespeare trainer.max_steps=1000`."""
+
+import os
+
+os.environ.setdefault("LMFORGE_ROOT", os.path.dirname(os.path.abspath(__file__)))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from lmforge.cli import run_entry
+    from lmforge.run import train
+
+    metrics = run_entry(train, cfg)
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric and metrics else None  # what Hydra sweepers optimise
+
+
+if __name__ == "__main__":
+    main()
