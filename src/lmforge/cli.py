@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -11,12 +10,24 @@ from omegaconf import DictConfig
 
 from lmforge.errors import LmforgeError
 
-log = logging.getLogger("lmforge")
+
+def user_error(err: BaseException) -> LmforgeError | None:
+    """The LmforgeError behind `err`, if any: Hydra's instantiate wraps constructor errors in its own."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, LmforgeError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def run_entry(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     try:
         return fn(cfg)
-    except LmforgeError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr, flush=True)
         sys.exit(2)

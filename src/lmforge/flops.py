@@ -7,15 +7,16 @@ import torch
 # Dense (non-sparse) bf16 tensor-core peaks in FLOP/s, from the vendors' datasheets.
 BF16_PEAK_FLOPS: dict[str, float] = {
     "h100 sxm": 989e12,
-    "h100 hbm3": 989e12,
     "h100 nvl": 835e12,
     "h100 pcie": 756e12,
     "h100": 989e12,  # plain "NVIDIA H100 80GB HBM3" reads as SXM
+    "h200 nvl": 836e12,
     "h200": 989e12,
     "gh200": 989e12,
     "b200": 2250e12,
     "a100": 312e12,
     "l40s": 362e12,
+    "l40": 181e12,
     "l4": 121e12,
     "a10g": 70e12,
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lmforge.checkpoint import load_checkpoint, model_state_dict, resolve_ckpt_path
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import ConfigError
-from lmforge.models import build
+from lmforge.models import build, config_from
 from lmforge.precision import resolve_precision
 from lmforge.utils.config_tree import print_config_tree
 from lmforge.utils.io import atomic_write_text
@@ -52,6 +53,7 @@ def build_data(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> tuple[Any
 
 def check_config(cfg: DictConfig) -> None:
     """Cross-group checks no single group can make; each names the key and the fix."""
+    config_from(cfg.model, vocab_size=cfg.model.get("vocab_size") or 1)  # model errors before any data work
     block, max_len = cfg.data.block_size, cfg.model.max_seq_len
     if block > max_len:
         raise ConfigError("data.block_size", f"{block} exceeds model.max_seq_len={max_len}", f"set data.block_size<={max_len} or model.max_seq_len>={block}")
@@ -86,9 +88,7 @@ def build_loggers(cfg: DictConfig, wandb_id: str | None) -> tuple[list[Any], str
         if node is None or "_target_" not in node:
             continue
         if node._target_.endswith("WandbLogger"):
-            import wandb.util
-
-            wandb_id = wandb_id or wandb.util.generate_id()
+            wandb_id = wandb_id or secrets.token_hex(4)  # chosen here so checkpoints can carry it for resume
             loggers.append(instantiate(node, id=wandb_id, offline=bool(node.get("offline")) or wandb_offline_needed(), _convert_="all"))
         else:
             loggers.append(instantiate(node, _convert_="all"))
@@ -111,6 +111,15 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[An
     with open_dict(cfg):  # resolved here so the saved config records what actually ran
         cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", "auto"), str(cfg.trainer.get("accelerator", "auto")))
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=build_strategy(cfg), _convert_="all")
+
+
+def save_final_last(trainer: L.Trainer) -> None:
+    """ModelCheckpoint writes last.ckpt only at validations; a run ending between two must still leave its
+    final state in last.ckpt, or `ckpt_path=last` would silently resume from an older step."""
+    cb = trainer.checkpoint_callback
+    if cb is not None and getattr(cb, "save_last", False) and cb.dirpath and trainer.state.status.value == "finished":
+        if getattr(cb, "_last_global_step_saved", -1) != trainer.global_step or not (Path(cb.dirpath) / "last.ckpt").exists():
+            trainer.save_checkpoint(Path(cb.dirpath) / "last.ckpt")
 
 
 def close_loggers(loggers: list[Any]) -> None:
@@ -158,6 +167,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for lg in loggers:
             lg.log_hyperparams(resolved)
         trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        save_final_last(trainer)
         metrics = _floats(trainer.callback_metrics)
         if cfg.get("validate_full_at_end", True) and trainer.state.status.value == "finished":
             trainer.limit_val_batches = 1.0  # the reported figure covers the whole val split
@@ -170,7 +180,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         close_loggers(loggers)
 
 
-def load_for_inference(ckpt_path: str | None, cfg: DictConfig) -> tuple[dict[str, Any], DictConfig, Tokenizer]:
+def load_for_inference(cfg: DictConfig) -> tuple[dict[str, Any], DictConfig, Tokenizer]:
+    ckpt_path = None if OmegaConf.is_missing(cfg, "ckpt_path") else cfg.ckpt_path
     path = resolve_ckpt_path(ckpt_path, cfg.paths.log_dir, cfg.get("train_task_name", "train"))
     if path is None:
         raise ConfigError("ckpt_path", "is required", "pass ckpt_path=<run dir>/checkpoints/last.ckpt (or ckpt_path=last)")
@@ -182,7 +193,7 @@ def load_for_inference(ckpt_path: str | None, cfg: DictConfig) -> tuple[dict[str
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Loss, perplexity and bits per byte of a checkpoint over the whole val split of its data config."""
     seed_everything(cfg.get("seed"))
-    ckpt, saved, tokenizer = load_for_inference(cfg.get("ckpt_path"), cfg)
+    ckpt, saved, tokenizer = load_for_inference(cfg)
     with open_dict(saved):
         saved.paths.cache_dir = cfg.paths.cache_dir
         saved.stage.compile = False
@@ -208,7 +219,7 @@ def generate(cfg: DictConfig) -> list[str]:
     from lmforge.generation import generate as sample
 
     seed_everything(cfg.get("seed"))
-    ckpt, saved, tokenizer = load_for_inference(cfg.get("ckpt_path"), cfg)
+    ckpt, saved, tokenizer = load_for_inference(cfg)
     device = torch.device(cfg.device if cfg.get("device") not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build(OmegaConf.to_container(saved.model, resolve=True))
     model.load_state_dict(model_state_dict(ckpt))

@@ -40,6 +40,9 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer, specials: dict[str, str] | None = None) -> None:
         self.hf = hf
+        # raw text that happens to contain "<|eos|>" is text, not a document break (no injected specials);
+        # special ids are only ever inserted by code (packing, chat templates)
+        self.hf.encode_special_tokens = True
         self.specials = dict(specials or DEFAULT_SPECIALS)
         for role, token in self.specials.items():
             if hf.token_to_id(token) is None:

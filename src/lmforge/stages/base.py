@@ -7,7 +7,6 @@ metrics (loss, perplexity, bits per byte) that are exact over however many batch
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
+from lmforge.metrics import bits_per_byte, mean_loss, perplexity
 from lmforge.models import build
 from lmforge.objectives.base import LossOutput
 from lmforge.optim.param_groups import decay_param_groups
@@ -84,10 +84,9 @@ class LMStage(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         nll, n = self.val_nll.compute(), self.val_tokens.compute()  # summed over ranks
-        loss = nll / n.clamp(min=1)
-        metrics = {"val/loss": loss, "val/ppl": torch.exp(loss), "val/tokens": n}
+        metrics = {"val/loss": mean_loss(nll, n), "val/ppl": perplexity(nll, n), "val/tokens": n}
         if self.token_bytes.numel():
-            metrics["val/bpb"] = nll / math.log(2) / self.val_bytes.compute().clamp(min=1)
+            metrics["val/bpb"] = bits_per_byte(nll, self.val_bytes.compute())
         self.log_dict(metrics, prog_bar=True, sync_dist=False)
         for m in (self.val_nll, self.val_tokens, self.val_bytes):
             m.reset()

@@ -1,0 +1,114 @@
+"""Training-step throughput of model presets: tokens/s, TFLOP/s and MFU (where the device peak is known).
+
+    python scripts/benchmark.py                         # gpt-nano on this machine, fp32/bf16 by `auto`
+    python scripts/benchmark.py --models gpt-nano gpt-micro --batch 32 --block 128 --compile
+    python scripts/benchmark.py --precision bf16 --device cuda --models gpt2 --block 1024 --batch 16
+
+Performance targets live here, not in timed tests. Results are printed as a table and appended to
+logs/benchmark/results.jsonl with the machine and settings, so numbers in the README can be traced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lmforge.flops import device_peak_flops, model_flops_per_token  # noqa: E402
+from lmforge.models import build  # noqa: E402
+from lmforge.precision import resolve_precision  # noqa: E402
+
+
+def load_preset(name: str) -> dict:
+    """Model presets are the same YAML files train.py uses (resolving one level of `defaults`)."""
+    path = ROOT / "conf" / "model" / f"{name}.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    base = {}
+    for parent in cfg.pop("defaults", []) or []:
+        if parent != "_self_":
+            base.update(load_preset(parent))
+    return {**base, **cfg}
+
+
+def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    cfg = load_preset(name)
+    cfg.update(max_seq_len=max(cfg["max_seq_len"], args.block), dropout=0.0)
+    model = build(cfg, vocab_size=args.vocab).to(device)
+    if args.compile:
+        model.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    precision = resolve_precision(args.precision, "gpu" if device.type == "cuda" else "cpu")
+    amp = str(precision).startswith("bf16")
+    x = torch.randint(0, args.vocab, (args.batch, args.block + 1), device=device)
+    times = []
+    for step in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    tokens = args.batch * args.block
+    flops = model_flops_per_token(model, args.block) * tokens / dt
+    peak = args.peak_flops or device_peak_flops(device)
+    return {
+        "model": name, "params_m": round(model.num_params() / 1e6, 2), "batch": args.batch, "block": args.block,
+        "vocab": args.vocab, "precision": str(precision), "compile": args.compile, "device": str(device),
+        "step_s": round(dt, 4), "tokens_per_sec": round(tokens / dt), "tflops": round(flops / 1e12, 3),
+        "mfu": round(flops / peak, 4) if peak else None,
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["gpt-nano"])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--precision", default="auto", help="auto | 32-true | bf16-mixed")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (CPU has no table entry)")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    rows = [bench(name, args, device) for name in args.models]
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="lmforge training-step throughput")
+    for key in rows[0]:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)
+    out = ROOT / "logs" / "benchmark" / "results.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
