@@ -16,3 +16,28 @@ def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
         seen.add(id(p))
         (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def muon_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Three groups for Muon + AdamW: hidden matrices (Muon), embeddings and LM head (AdamW, decayed),
+    vectors (AdamW, no decay). Muon orthogonalises updates of linear maps; an embedding table or the
+    output layer is not one, so they stay on AdamW (as in the Muon and Moonlight papers)."""
+    table_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    head = getattr(model, "lm_head", None)
+    if head is not None:
+        table_ids |= {id(p) for p in head.parameters()}
+    matrices, tables, vectors = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2:
+            vectors.append(p)
+        elif id(p) in table_ids:
+            tables.append(p)
+        else:
+            matrices.append(p)
+    return [
+        {"params": matrices, "weight_decay": weight_decay, "use_muon": True},
+        {"params": tables, "weight_decay": weight_decay, "use_muon": False},
+        {"params": vectors, "weight_decay": 0.0, "use_muon": False},
+    ]

@@ -19,7 +19,7 @@ from torchmetrics import SumMetric
 from lmforge.metrics import bits_per_byte, mean_loss, perplexity
 from lmforge.models import build
 from lmforge.objectives.base import LossOutput
-from lmforge.optim.param_groups import decay_param_groups
+from lmforge.optim.param_groups import decay_param_groups, muon_param_groups
 
 SCHEMA_VERSION = 1
 
@@ -32,7 +32,7 @@ class LMStage(L.LightningModule):
         optimizer: Callable[..., Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         token_bytes: torch.Tensor | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -53,8 +53,15 @@ class LMStage(L.LightningModule):
         if self.model is not None:
             return
         self.model = build(self.model_cfg)
-        if self.compile_model:
+        if self.should_compile():
             self.model.compile()  # in place: state_dict keys stay free of `_orig_mod.`
+
+    def should_compile(self) -> bool:
+        """`compile: auto` compiles on CUDA only: on CPU it measured no faster for small GPTs, after ~30 s of compiling."""
+        if self.compile_model != "auto":
+            return bool(self.compile_model)
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        return device.type == "cuda"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, attention_mask=attention_mask)
@@ -96,7 +103,9 @@ class LMStage(L.LightningModule):
         if self.optimizer_factory is None:
             raise RuntimeError("this stage was built without an optimizer (evaluation only)")
         wd = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
-        optimizer = self.optimizer_factory(decay_param_groups(self.model, wd))
+        target = getattr(self.optimizer_factory, "func", self.optimizer_factory)
+        groups = muon_param_groups if getattr(target, "wants_muon_groups", False) else decay_param_groups
+        optimizer = self.optimizer_factory(groups(self.model, wd))
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
