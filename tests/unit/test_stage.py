@@ -1,0 +1,58 @@
+"""LMStage wiring: compile policy, optimizer param groups, checkpoint metadata."""
+
+from __future__ import annotations
+
+from functools import partial
+from types import SimpleNamespace
+
+import torch
+
+from lmforge.objectives.clm import CausalLM
+from lmforge.optim.muon import MuonAdamW
+from lmforge.optim.schedulers import cosine_warmup
+from lmforge.stages.base import SCHEMA_VERSION, LMStage
+
+MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 16, "max_seq_len": 8, "vocab_size": 32}
+
+
+def stage(**kw) -> LMStage:
+    s = LMStage(MODEL, CausalLM(), **kw)
+    s.configure_model()
+    return s
+
+
+def test_compile_auto_is_off_without_cuda_and_explicit_values_win():
+    assert stage(compile="auto").should_compile() is False
+    assert stage(compile=False).should_compile() is False
+    s = LMStage(MODEL, CausalLM(), compile=True)
+    assert s.should_compile() is True
+
+
+def attach_fake_trainer(s: LMStage, steps: int) -> None:
+    s._trainer = SimpleNamespace(estimated_stepping_batches=steps)
+
+
+def test_adamw_groups_decay_matrices_only_and_scheduler_is_stepwise():
+    s = stage(optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1), scheduler=partial(cosine_warmup, warmup_steps=2, min_lr=1e-5))
+    attach_fake_trainer(s, 10)
+    out = s.configure_optimizers()
+    groups = out["optimizer"].param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all(p.ndim >= 2 for p in groups[0]["params"]) and all(p.ndim == 1 for p in groups[1]["params"])
+    assert out["lr_scheduler"]["interval"] == "step"
+    assert out["optimizer"].param_groups[0]["lr"] == 1e-3 / 2  # warmup step 0 of 2
+
+
+def test_muon_optimizer_gets_muon_groups():
+    s = stage(optimizer=partial(MuonAdamW, lr=1e-3, weight_decay=0.1))
+    attach_fake_trainer(s, 10)
+    opt = s.configure_optimizers()
+    assert isinstance(opt, MuonAdamW)
+    assert [g["use_muon"] for g in opt.param_groups] == [True, False, False]
+
+
+def test_checkpoint_carries_metadata():
+    s = stage(metadata={"config": {"a": 1}, "tokenizer": "{}", "wandb_id": "abc"})
+    ckpt: dict = {}
+    s.on_save_checkpoint(ckpt)
+    assert ckpt["lmforge"] == {"schema_version": SCHEMA_VERSION, "config": {"a": 1}, "tokenizer": "{}", "wandb_id": "abc"}
