@@ -121,3 +121,26 @@ def test_wandb_offline_and_resume_keeps_run_id(cli, cache_dir, tmp_path):
         assert list((run / "tensorboard").glob("events.out.tfevents.*")), "no TensorBoard events"
     assert ids[0] == ids[1]
     assert torch.load(two / "checkpoints" / "last.ckpt", weights_only=True)["lmforge"]["wandb_id"] == ids[0]
+
+
+def test_export_to_hf_gives_identical_logits(first_run: Path, root: Path, tmp_path: Path):
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from lmforge.checkpoint import load_checkpoint, model_state_dict
+    from lmforge.models import build
+
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "convert_hf.py"), "--ckpt", str(first_run / "checkpoints" / "last.ckpt"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(out)
+    ckpt = load_checkpoint(first_run / "checkpoints" / "last.ckpt")
+    ours = build(ckpt["lmforge"]["config"]["model"])
+    ours.load_state_dict(model_state_dict(ckpt))
+    ids = torch.tensor([tok("ROMEO: What light through yonder window breaks?")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours.eval()(ids), atol=1e-5, rtol=0)

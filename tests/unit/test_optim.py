@@ -172,3 +172,19 @@ def test_untied_model_has_separate_head() -> None:
     decay_ids = {id(p) for p in groups[0]["params"]}
     assert {id(m.wte.weight), id(m.lm_head.weight)} <= decay_ids
     assert len(groups[0]["params"]) == 3 + 4  # wte, wpe, lm_head + 4 block matmuls
+
+
+def test_linear_warmup_decays_linearly_to_floor():
+    from lmforge.optim.schedulers import linear_warmup
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = linear_warmup(opt, total_steps=110, warmup_steps=10, min_lr=0.1)
+    lrs = []
+    for _ in range(120):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
