@@ -18,7 +18,7 @@ def user_error(err: BaseException) -> LmforgeError | None:
         if isinstance(err, LmforgeError):
             return err
         seen.add(id(err))
-        err = err.__cause__ or err.__context__
+        err = err.__cause__  # `raise ... from e`, as Hydra's instantiate does
     return None
 
 

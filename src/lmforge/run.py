@@ -107,9 +107,14 @@ def build_strategy(cfg: DictConfig) -> Any:
     return instantiate(node, _convert_="all") if "_target_" in node else node.get("name", "auto")
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Any]) -> L.Trainer:
-    with open_dict(cfg):  # resolved here so the saved config records what actually ran
+def resolve_trainer_precision(cfg: DictConfig) -> None:
+    """Replace `trainer.precision=auto` by the concrete setting (idempotent)."""
+    with open_dict(cfg):
         cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", "auto"), str(cfg.trainer.get("accelerator", "auto")))
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Any]) -> L.Trainer:
+    resolve_trainer_precision(cfg)
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=build_strategy(cfg), _convert_="all")
 
 
@@ -155,7 +160,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}", "leave model.vocab_size=null")
 
-        cfg.trainer.precision = resolve_precision(cfg.trainer.get("precision", "auto"), str(cfg.trainer.get("accelerator", "auto")))
+    resolve_trainer_precision(cfg)  # before the config is saved, so it records what actually runs
     loggers, wandb_id = build_loggers(cfg, resume_meta.get("wandb_id"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
     metadata = {"config": resolved, "tokenizer": tokenizer.to_json(), "wandb_id": wandb_id}
@@ -205,8 +210,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     stage = build_stage(saved, tokenizer, metadata={}, for_training=False)
     stage.configure_model()
     stage.model.load_state_dict(model_state_dict(ckpt))
-    with open_dict(cfg):
-        cfg.trainer.limit_val_batches = 1.0
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
     metrics = _floats(trainer.validate(stage, datamodule=datamodule, verbose=False)[0])
     print(json.dumps({"ckpt_path": str(cfg.ckpt_path), **{k: round(v, 5) for k, v in metrics.items()}}, indent=2))
