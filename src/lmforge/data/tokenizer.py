@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import AddedToken, Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.errors import ConfigError, DataError
@@ -54,7 +54,25 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     def special_id(self, role: str) -> int:
+        if role not in self.specials:
+            raise DataError(f"tokenizer has no special token for role {role!r} (it has {sorted(self.specials)}). Fix: add it with Tokenizer.add_special_tokens.")
         return self.hf.token_to_id(self.specials[role])
+
+    def add_special_tokens(self, roles: dict[str, str]) -> list[str]:
+        """Give roles (e.g. {"mask": "<|mask|>"}) to special tokens, appending those the vocab lacks.
+
+        Objectives call this before the model is built (its vocab is the tokenizer's size), the way HF
+        appends T5's sentinels: existing ids never move, so text tokenizes exactly as before.
+        Returns the tokens that were new.
+        """
+        for role, token in roles.items():
+            if self.specials.get(role, token) != token:
+                raise DataError(f"special role {role!r} is already {self.specials[role]!r}, not {token!r}. Fix: use the tokenizer's token for it.")
+        new = [t for t in dict.fromkeys(roles.values()) if self.hf.token_to_id(t) is None]
+        if new:
+            self.hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+        self.specials.update(roles)
+        return new
 
     @property
     def eos_id(self) -> int:

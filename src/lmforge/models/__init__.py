@@ -8,12 +8,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from lmforge.errors import ConfigError
 from lmforge.models.config import GPTConfig
 from lmforge.models.gpt import GPT
-from lmforge.models.registry import FAMILIES
+from lmforge.models.registry import FAMILIES, family_classes
 
-__all__ = ["GPT", "GPTConfig", "build", "config_from"]
+__all__ = ["FAMILIES", "GPT", "GPTConfig", "build", "config_from", "family_classes"]
 
 
 def config_from(model_cfg: Any, vocab_size: int | None = None) -> Any:
@@ -22,12 +21,10 @@ def config_from(model_cfg: Any, vocab_size: int | None = None) -> Any:
         model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
     if isinstance(model_cfg, Mapping):
         values = dict(model_cfg)
-        family = values.get("family", "gpt")
-        if family not in FAMILIES:
-            raise ConfigError("model.family", f"unknown family {family!r}", f"use one of {sorted(FAMILIES)}")
+        config_cls, _ = family_classes(values.get("family", "gpt"))
         if values.get("vocab_size") is None:
             values["vocab_size"] = vocab_size
-        return FAMILIES[family][0].from_dict(values)
+        return config_cls.from_dict(values)
     if model_cfg.vocab_size is None and vocab_size is not None:
         model_cfg.vocab_size = vocab_size
     return model_cfg
@@ -36,5 +33,5 @@ def config_from(model_cfg: Any, vocab_size: int | None = None) -> Any:
 def build(model_cfg: Any, vocab_size: int | None = None) -> nn.Module:
     """Build a model from its config (Hydra node, dict or dataclass). `vocab_size` fills a null vocab."""
     cfg = config_from(model_cfg, vocab_size)
-    model_cls = FAMILIES[cfg.family][1]
+    _, model_cls = family_classes(cfg.family)
     return model_cls(cfg)

@@ -3,15 +3,46 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from lmforge.errors import ConfigError
 
 ATTN_BACKENDS = ("sdpa", "eager")
+KINDS = ("decoder", "encoder", "encoder_decoder")  # what objectives check a family against
+
+C = TypeVar("C", bound="FamilyConfig")
+
+
+def require_positive_ints(cfg: Any, *names: str) -> None:
+    """Raise a ConfigError naming `model.<name>` for the first size that is not a positive int."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"model.{name}", f"must be a positive integer, got {value!r}", f"set model.{name}=<int > 0>")
+
+
+def require_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"model.{key}", f"unknown value {value!r}", f"use one of {choices}")
+
+
+class FamilyConfig:
+    """Mixin of every family's config dataclass: `kind` for objective checks, strict `from_dict`."""
+
+    kind: ClassVar[str] = "decoder"  # decoder | encoder | encoder_decoder
+
+    @classmethod
+    def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+        """Build from a plain dict, naming any key the family doesn't know (a typo must not pass silently)."""
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - known - {"_target_"})
+        if unknown:
+            raise ConfigError(f"model.{unknown[0]}", f"unknown key for family {cls.__name__}", f"use one of {sorted(known)}")
+        return cls(**{k: v for k, v in values.items() if k != "_target_"})
 
 
 @dataclass
-class GPTConfig:
+class GPTConfig(FamilyConfig):
     """GPT-2 style decoder: learned positions, pre-LN, GELU(tanh) MLP, tied embeddings."""
 
     n_layer: int = 3
@@ -29,10 +60,7 @@ class GPTConfig:
     family: str = "gpt"
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "n_embd", "max_seq_len", "mlp_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"model.{name}", f"must be a positive integer, got {value!r}", f"set model.{name}=<int > 0>")
+        require_positive_ints(self, "n_layer", "n_head", "n_embd", "max_seq_len", "mlp_ratio")
         if self.n_embd % self.n_head != 0:
             raise ConfigError(
                 "model.n_embd",
@@ -43,18 +71,8 @@ class GPTConfig:
             raise ConfigError("model.vocab_size", f"must be positive, got {self.vocab_size}", "leave it null to take the tokenizer's size")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}", "set model.dropout=0.0 .. 0.9")
-        if self.attn_backend not in ATTN_BACKENDS:
-            raise ConfigError("model.attn_backend", f"unknown backend {self.attn_backend!r}", f"use one of {ATTN_BACKENDS}")
+        require_choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> GPTConfig:
-        """Build from a plain dict, naming any key the family doesn't know (a typo must not pass silently)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known - {"_target_"})
-        if unknown:
-            raise ConfigError(f"model.{unknown[0]}", f"unknown key for family {cls.__name__}", f"use one of {sorted(known)}")
-        return cls(**{k: v for k, v in values.items() if k != "_target_"})

@@ -1,10 +1,26 @@
-"""What every objective returns, so stages can log loss, perplexity and bits-per-byte uniformly."""
+"""What every objective is and returns, so stages can log loss, perplexity and bits-per-byte uniformly.
+
+An objective is a callable (model, batch) -> LossOutput. Before training, `run.py` checks the model
+family's `kind` against `supported_kinds` (refusing e.g. bert + clm with one line), adds the
+objective's `special_tokens()` to the tokenizer (the model's vocab is sized after that), then calls
+`bind(tokenizer)` so the objective can read the ids it needs (mask, sentinels, eos, pad).
+
+Batches from the packed data module carry `input_ids` (B, T) and `targets` (B, T) = input_ids shifted by
+one (IGNORE_INDEX where nothing is to be predicted); objectives that need the unshifted block rebuild it.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from lmforge.data.tokenizer import Tokenizer
+
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -12,4 +28,41 @@ class LossOutput:
     loss: torch.Tensor  # mean NLL over counted tokens (what backward sees)
     nll_sum: torch.Tensor  # summed NLL in nats, for token-weighted val/loss and val/bpb
     n_tokens: torch.Tensor  # number of counted target tokens
-    targets: torch.Tensor  # (B, T) target ids, IGNORE_INDEX where not counted
+    targets: torch.Tensor  # target ids, IGNORE_INDEX where not counted (bytes of counted ones -> val/bpb)
+
+
+class Objective:
+    """Base of all objectives: which model kinds it trains, which special tokens it needs."""
+
+    name: ClassVar[str] = "objective"
+    supported_kinds: ClassVar[tuple[str, ...]] = ("decoder",)  # decoder | encoder | encoder_decoder
+
+    def special_tokens(self) -> dict[str, str]:
+        """Role -> token that must exist in the tokenizer (added when missing)."""
+        return {}
+
+    def bind(self, tokenizer: Tokenizer) -> None:
+        """Read the special ids this objective needs, once the tokenizer is final."""
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        raise NotImplementedError
+
+
+def full_blocks(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The unshifted (B, T+1) token blocks behind a packed CLM batch (input_ids + the last target).
+
+    Positions whose target is IGNORE_INDEX (padding of the val tail) come back as the pad of input_ids.
+    """
+    ids, targets = batch["input_ids"], batch["targets"]
+    last = targets[:, -1:].clone()
+    last[last == IGNORE_INDEX] = ids[:, -1:][last == IGNORE_INDEX]
+    return torch.cat([ids, last], dim=1)
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> LossOutput:
+    """Summed and mean cross-entropy over counted targets, in fp32 (bf16 logits lose ~3 digits)."""
+    nll_sum = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index, reduction="sum"
+    )
+    n_tokens = (targets != ignore_index).sum()
+    return LossOutput(loss=nll_sum / n_tokens.clamp(min=1), nll_sum=nll_sum.detach(), n_tokens=n_tokens, targets=targets)

@@ -12,20 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.layers.masks import build_attention_mask
+
 
 def causal_padding_mask(attention_mask: torch.Tensor | None, seq_len: int, device: torch.device) -> torch.Tensor | None:
-    """Boolean (B, 1, T, T) mask, True = may attend: causal AND key is not padding.
-
-    The diagonal is always allowed so that a padded query never has an empty row (softmax of nothing is NaN);
-    outputs at padded positions are meaningless either way and are ignored by the losses.
-    Returns None when there is no padding, so SDPA can use its fused `is_causal` path.
-    """
-    if attention_mask is None:
-        return None
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-    keys = attention_mask[:, None, None, :].to(torch.bool)
-    eye = torch.eye(seq_len, dtype=torch.bool, device=device)
-    return (causal & keys) | eye
+    """Causal AND not-padding boolean mask (True = may attend); see `masks.build_attention_mask`."""
+    return build_attention_mask(attention_mask, seq_len, device, causal=True)
 
 
 class CausalSelfAttention(nn.Module):
