@@ -20,18 +20,6 @@ _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh")  # the same tanh-approximated GEL
 _UNSUPPORTED = ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention")
 
 
-def transformers_module() -> Any:
-    """Import transformers on first use, so lmforge itself does not depend on it."""
-    try:
-        import transformers
-    except ImportError as e:
-        raise LmforgeError(
-            "Hugging Face interop needs the `transformers` package, which is not installed. "
-            "Fix: pip install transformers (or pip install 'lmforge[dev]')"
-        ) from e
-    return transformers
-
-
 def config_to_hf(cfg: GPTConfig) -> Any:
     """GPTConfig -> GPT2Config. HF GPT-2 always has biases, so `bias=False` has no HF equivalent."""
     if not cfg.bias:
