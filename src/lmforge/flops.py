@@ -31,8 +31,15 @@ def gpt_flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) 
 
 
 def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """6N + attention for any family: N = params a token touches (MoE: `active_params()`, the routed top-k
+    experts only); attention width = n_head·head_dim; an encoder-decoder counts both stacks' layers."""
     cfg = model.config
-    return gpt_flops_per_token(model.num_params(non_embedding=True), cfg.n_layer, cfg.n_embd, seq_len)
+    n_params = model.active_params() if hasattr(model, "active_params") else model.num_params(non_embedding=True)
+    n_layer = cfg.n_layer
+    if getattr(cfg, "kind", "decoder") == "encoder_decoder":
+        n_layer += getattr(cfg, "n_decoder_layer", None) or cfg.n_layer
+    head_dim = getattr(cfg, "head_dim", None) or cfg.n_embd // cfg.n_head
+    return gpt_flops_per_token(n_params, n_layer, cfg.n_head * head_dim, seq_len)
 
 
 def device_peak_flops(device: torch.device) -> float | None:

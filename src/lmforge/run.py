@@ -22,7 +22,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lmforge.checkpoint import load_checkpoint, model_state_dict, resolve_ckpt_path
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import ConfigError
+from lmforge.init_from import load_init_source
 from lmforge.models import build, config_from
+from lmforge.objectives import Objective
+from lmforge.objectives.registry import objectives_for
 from lmforge.precision import resolve_precision
 from lmforge.utils.config_tree import print_config_tree
 from lmforge.utils.io import atomic_write_text
@@ -43,28 +46,64 @@ def build_tokenizer(cfg: DictConfig, corpus: Any) -> Tokenizer:
     return spec.load_or_train([d.text for d in corpus.documents("train")], corpus.fingerprint(), cfg.paths.cache_dir)
 
 
-def build_data(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> tuple[Any, Tokenizer, L.LightningDataModule]:
-    """Corpus → tokenizer (trained, cached, or the one a checkpoint carried) → datamodule."""
+def build_data(
+    cfg: DictConfig, tokenizer: Tokenizer | None = None, objective: Objective | None = None
+) -> tuple[Any, Tokenizer, L.LightningDataModule]:
+    """Corpus → tokenizer (trained, cached, or the one a checkpoint carried) + the objective's specials → datamodule."""
     corpus = instantiate(cfg.data.corpus, _convert_="all")
     tokenizer = tokenizer or build_tokenizer(cfg, corpus)
+    if objective is not None:
+        bind_objective(objective, tokenizer)
     datamodule = instantiate(cfg.data, corpus=corpus, tokenizer=tokenizer, _convert_="all")
     return corpus, tokenizer, datamodule
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Cross-group checks no single group can make; each names the key and the fix."""
+def bind_objective(objective: Objective, tokenizer: Tokenizer) -> None:
+    """Add the special tokens the objective needs (mask, sentinels) before the model's vocab is sized."""
+    new = tokenizer.add_special_tokens(objective.special_tokens())
+    if new:
+        log.info("objective %s added %d special tokens to the tokenizer", objective.name, len(new))
+    objective.bind(tokenizer)
+
+
+def build_objective(cfg: DictConfig) -> Objective:
+    """Instantiate the objective and check it can train this model family (bert + clm is refused here)."""
+    objective = instantiate(cfg.objective, _convert_="all")
+    kind = config_from(cfg.model, vocab_size=cfg.model.get("vocab_size") or 1).kind
+    if kind not in objective.supported_kinds:
+        fits = objectives_for(kind)
+        raise ConfigError(
+            "objective",
+            f"{objective.name} cannot train model.family={cfg.model.family} (an {kind.replace('_', '-')} model; "
+            f"{objective.name} needs {' or '.join(objective.supported_kinds)})",
+            f"use objective={' or objective='.join(fits)}" if fits else "choose another model family",
+        )
+    return objective
+
+
+def check_config(cfg: DictConfig) -> Objective:
+    """Cross-group checks no single group can make; each names the key and the fix. Returns the objective."""
     config_from(cfg.model, vocab_size=cfg.model.get("vocab_size") or 1)  # model errors before any data work
+    objective = build_objective(cfg)
     block, max_len = cfg.data.block_size, cfg.model.max_seq_len
-    if block > max_len:
-        raise ConfigError("data.block_size", f"{block} exceeds model.max_seq_len={max_len}", f"set data.block_size<={max_len} or model.max_seq_len>={block}")
+    needed = objective.model_seq_len(block)
+    if needed > max_len:
+        what = f"{block}" if needed == block else f"{block} ({objective.name} feeds the model {needed} tokens)"
+        raise ConfigError("data.block_size", f"{what} exceeds model.max_seq_len={max_len}", f"lower data.block_size or raise model.max_seq_len to >= {needed}")
+    return objective
 
 
-def build_stage(cfg: DictConfig, tokenizer: Tokenizer, metadata: dict[str, Any], for_training: bool = True) -> L.LightningModule:
+def build_stage(
+    cfg: DictConfig, tokenizer: Tokenizer, metadata: dict[str, Any], for_training: bool = True, objective: Objective | None = None
+) -> L.LightningModule:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if objective is None:
+        objective = build_objective(cfg)
+        bind_objective(objective, tokenizer)
     return instantiate(
         cfg.stage,
         model_cfg=model_cfg,
-        objective=instantiate(cfg.objective),
+        objective=objective,
         optimizer=instantiate(cfg.optimizer, _convert_="all") if for_training else None,
         scheduler=instantiate(cfg.scheduler, _convert_="all") if for_training and cfg.get("scheduler") else None,
         token_bytes=torch.from_numpy(tokenizer.token_byte_lengths()),
@@ -150,8 +189,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, exclude=output_dir)
     resume_meta = load_checkpoint(ckpt_path)["lmforge"] if ckpt_path else {}
 
-    check_config(cfg)
-    _, tokenizer, datamodule = build_data(cfg, Tokenizer.from_json(resume_meta["tokenizer"]) if resume_meta else None)
+    init = load_init_source(cfg.init_from) if cfg.get("init_from") and not ckpt_path else None
+    tokenizer = Tokenizer.from_json(resume_meta["tokenizer"]) if resume_meta else (init.tokenizer if init else None)
+    if init is not None:
+        with open_dict(cfg):  # the weights decide the architecture; the run's model group is replaced
+            cfg.model = OmegaConf.create(init.model_cfg)
+        log.info("init_from=%s: %s model, %d tensors", cfg.init_from, cfg.model.family, len(init.state_dict))
+    objective = check_config(cfg)
+    _, tokenizer, datamodule = build_data(cfg, tokenizer, objective)
     with open_dict(cfg):  # derived values are resolved once and saved with the run
         if cfg.model.get("vocab_size") is None:
             cfg.model.vocab_size = tokenizer.vocab_size
@@ -166,7 +211,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metadata = {"config": resolved, "tokenizer": tokenizer.to_json(), "wandb_id": wandb_id}
     if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
         print_config_tree(cfg, save_to=output_dir / "config.yaml")
-    stage = build_stage(cfg, tokenizer, metadata)
+    stage = build_stage(cfg, tokenizer, metadata, objective=objective)
+    if init is not None:
+        stage.initial_weights = init.state_dict
     trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
     try:
         for lg in loggers:
@@ -206,8 +253,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             saved.data = cfg.data
         if cfg.get("batch_size"):
             saved.data.val_batch_size = cfg.batch_size
-    _, _, datamodule = build_data(saved, tokenizer)
-    stage = build_stage(saved, tokenizer, metadata={}, for_training=False)
+    objective = build_objective(saved)
+    _, _, datamodule = build_data(saved, tokenizer, objective)
+    stage = build_stage(saved, tokenizer, metadata={}, for_training=False, objective=objective)
     stage.configure_model()
     stage.model.load_state_dict(model_state_dict(ckpt))
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
@@ -225,6 +273,8 @@ def generate(cfg: DictConfig) -> list[str]:
     ckpt, saved, tokenizer = load_for_inference(cfg)
     device = torch.device(cfg.device if cfg.get("device") not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build(OmegaConf.to_container(saved.model, resolve=True))
+    if model.config.kind != "decoder":
+        raise ConfigError("ckpt_path", f"holds a {saved.model.family} model ({model.config.kind}); generate.py samples decoders only", "pass a checkpoint of a decoder family (gpt, llama, mixtral)")
     model.load_state_dict(model_state_dict(ckpt))
     model.to(device).eval()
     prompt_ids = tokenizer.encode(cfg.prompt) or [tokenizer.eos_id]

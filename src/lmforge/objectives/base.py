@@ -44,6 +44,10 @@ class Objective:
     def bind(self, tokenizer: Tokenizer) -> None:
         """Read the special ids this objective needs, once the tokenizer is final."""
 
+    def model_seq_len(self, block_size: int) -> int:
+        """Longest sequence the model is fed for data blocks of `block_size` (checked against max_seq_len)."""
+        return block_size
+
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         raise NotImplementedError
 
@@ -66,3 +70,9 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = I
     )
     n_tokens = (targets != ignore_index).sum()
     return LossOutput(loss=nll_sum / n_tokens.clamp(min=1), nll_sum=nll_sum.detach(), n_tokens=n_tokens, targets=targets)
+
+
+def batch_generator(input_ids: torch.Tensor, salt: int) -> torch.Generator:
+    """A generator seeded from the batch content: validation draws the same split every evaluation."""
+    seed = int((input_ids.long() * torch.arange(1, input_ids.numel() + 1, device=input_ids.device).view_as(input_ids)).sum().item())
+    return torch.Generator(device=input_ids.device).manual_seed((seed ^ salt) & 0x7FFF_FFFF_FFFF_FFFF)

@@ -43,6 +43,7 @@ class LMStage(L.LightningModule):
         self.compile_model = compile
         self.metadata = metadata if metadata is not None else {}
         self.model: nn.Module | None = None
+        self.initial_weights: dict[str, torch.Tensor] | None = None  # init_from: loaded once the model exists
         # bytes per token id (0 for specials): bits-per-byte denominator, comparable across tokenizers
         self.register_buffer("token_bytes", token_bytes if token_bytes is not None else torch.zeros(0, dtype=torch.long), persistent=False)
         self.val_nll, self.val_tokens, self.val_bytes = SumMetric(), SumMetric(), SumMetric()
@@ -53,6 +54,9 @@ class LMStage(L.LightningModule):
         if self.model is not None:
             return
         self.model = build(self.model_cfg)
+        if self.initial_weights is not None:
+            self.model.load_state_dict(self.initial_weights, strict=True)
+            self.initial_weights = None  # a reference to GBs of tensors is not kept for the whole run
         if self.should_compile():
             self.model.compile()  # in place: state_dict keys stay free of `_orig_mod.`
 
@@ -72,7 +76,23 @@ class LMStage(L.LightningModule):
         self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True)
         if self.trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=False)
-        return out.loss
+        aux = getattr(self.model, "aux_loss", None)  # mixture-of-experts: weighted load-balancing + z-loss
+        if aux is None:
+            return out.loss
+        self.log_moe_metrics()
+        return out.loss + aux
+
+    def log_moe_metrics(self) -> None:
+        """`moe/aux_loss`, `moe/z_loss` and the share of routed tokens per expert (`moe/expert_load/e<i>`)."""
+        stats = getattr(self.model, "moe_metrics", None) or {}
+        for name in ("aux_loss", "z_loss"):
+            if name in stats:
+                self.log(f"moe/{name}", stats[name].detach().float(), on_step=True)
+        load = stats.get("expert_load")
+        if load is not None:
+            share = load.detach().float() / load.detach().float().sum().clamp(min=1)
+            self.log_dict({f"moe/expert_load/e{i}": v for i, v in enumerate(share)}, on_step=True)
+            self.log("moe/expert_load_max_over_mean", share.max() * share.numel(), on_step=True)
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """Total gradient L2 norm before clipping: the first thing to look at when a loss spikes."""

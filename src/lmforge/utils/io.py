@@ -4,23 +4,36 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def _atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Write to a temp file in the same directory, fsync, then rename over the target."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    _atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save without a window where `path` holds half a checkpoint."""
+    _atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -25,12 +25,13 @@ def build_attention_mask(
     (softmax of nothing is NaN); outputs at padded positions are meaningless and ignored by the losses.
     `sliding_window=w` lets query i see keys i-w < j ≤ i (Mistral's convention).
     """
-    if attention_mask is not None and attention_mask.dim() == 4:
-        return attention_mask.to(device=device, dtype=torch.bool)
     if attention_mask is None and sliding_window is None:
         return None
     i = torch.arange(seq_len, device=device)[:, None]
     j = torch.arange(seq_len, device=device)[None, :]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask.to(device=device, dtype=torch.bool)
+        return mask if sliding_window is None else mask & (i - j < sliding_window)  # packed docs keep the window
     allowed = (j <= i) if causal else torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
     if sliding_window is not None:
         allowed = allowed & (i - j < sliding_window)
