@@ -74,8 +74,8 @@ def build_objective(cfg: DictConfig) -> Objective:
         fits = objectives_for(kind)
         raise ConfigError(
             "objective",
-            f"{objective.name} cannot train model.family={cfg.model.family} (an {kind.replace('_', '-')} model; "
-            f"{objective.name} needs {' or '.join(objective.supported_kinds)})",
+            f"{objective.name} cannot train model.family={cfg.model.family} (model kind: {kind}; "
+            f"{objective.name} trains: {' or '.join(objective.supported_kinds)})",
             f"use objective={' or objective='.join(fits)}" if fits else "choose another model family",
         )
     return objective
@@ -83,10 +83,10 @@ def build_objective(cfg: DictConfig) -> Objective:
 
 def check_config(cfg: DictConfig) -> Objective:
     """Cross-group checks no single group can make; each names the key and the fix. Returns the objective."""
-    config_from(cfg.model, vocab_size=cfg.model.get("vocab_size") or 1)  # model errors before any data work
+    model_cfg = config_from(cfg.model, vocab_size=cfg.model.get("vocab_size") or 1)  # model errors before any data work
     objective = build_objective(cfg)
     block, max_len = cfg.data.block_size, cfg.model.max_seq_len
-    needed = objective.model_seq_len(block)
+    needed = objective.model_seq_len(block, model_cfg.kind)
     if needed > max_len:
         what = f"{block}" if needed == block else f"{block} ({objective.name} feeds the model {needed} tokens)"
         raise ConfigError("data.block_size", f"{what} exceeds model.max_seq_len={max_len}", f"lower data.block_size or raise model.max_seq_len to >= {needed}")

@@ -13,6 +13,7 @@ CASES = {
     "block_size above max_seq_len": (["data.block_size=512"], "data.block_size: 512 exceeds model.max_seq_len=256"),
     "n_embd not divisible by n_head": (["model.n_embd=100", "model.n_head=3"], "model.n_embd: n_embd=100 is not divisible by n_head=3"),
     "empty data glob": (["data=text_files", "data.corpus.train_glob=/nonexistent/**/*.txt"], "data.corpus.train_glob='/nonexistent/**/*.txt' matches no file"),
+    "objective that cannot train the family": (["model=bert-tiny", "objective=clm"], "objective: clm cannot train model.family=bert"),
     "missing checkpoint": (["ckpt_path=/nonexistent/last.ckpt"], "does not exist"),
     "not a checkpoint": (["ckpt_path=README.md"], "is not a readable checkpoint"),
 }

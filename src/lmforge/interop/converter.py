@@ -27,6 +27,13 @@ class HFConverter:
     weights_to_hf: Callable[[StateDict, Any], StateDict]  # our state dict -> HF's (tied copies may be omitted)
     weights_from_hf: Callable[[StateDict, Any], StateDict]  # HF state dict -> ours (complete, for strict loading)
     ignored_hf_keys: tuple[str, ...] = ()  # HF keys with no lmforge counterpart (e.g. unused pooler) - suffixes
+    prepare_hf: Callable[[Any, Any], None] | None = None  # (fresh HF model, our config): fix-ups before weights load
+    # HF config -> transformers class name, where one family maps to several (llama: Llama or Mistral); None: hf_class
+    hf_class_for: Callable[[Any], str] | None = None
+
+    def hf_class_name(self, hf_cfg: Any) -> str:
+        """The transformers class that builds / loads a model of this HF config."""
+        return self.hf_class_for(hf_cfg) if self.hf_class_for is not None else self.hf_class
 
 
 def transformers_module() -> Any:

@@ -71,7 +71,10 @@ def to_hf(model: nn.Module) -> Any:
     """An lmforge model -> the HF model with equal weights (same dtype; on CPU; eval mode)."""
     cfg = model.config
     conv = converter_for(family=cfg.family)
-    hf = getattr(transformers_module(), conv.hf_class)(conv.config_to_hf(cfg))
+    hf_cfg = conv.config_to_hf(cfg)
+    hf = getattr(transformers_module(), conv.hf_class_name(hf_cfg))(hf_cfg)
+    if conv.prepare_hf is not None:
+        conv.prepare_hf(hf, cfg)
     theirs = conv.weights_to_hf(model.state_dict(), cfg)
     missing, unexpected = hf.load_state_dict(theirs, strict=False)
     tied = set(getattr(hf, "_tied_weights_keys", None) or ())
@@ -111,5 +114,5 @@ def load_hf(directory: str | os.PathLike[str]) -> nn.Module:
     transformers = transformers_module()
     hf_cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     conv = converter_for(model_type=hf_cfg.model_type)
-    hf = getattr(transformers, conv.hf_class).from_pretrained(path, local_files_only=True)
+    hf = getattr(transformers, conv.hf_class_name(hf_cfg)).from_pretrained(path, local_files_only=True)
     return from_hf(hf)

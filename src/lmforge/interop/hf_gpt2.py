@@ -28,6 +28,8 @@ def config_to_hf(cfg: GPTConfig) -> Any:
             "HF GPT-2 always has biases; a bias-free model cannot be exported",
             "train with model.bias=true",
         )
+    if cfg.position != "learned":
+        raise ConfigError("model.position", f"is {cfg.position!r}; HF GPT-2 has learned positions only", "export a model.position=learned GPT")
     if cfg.vocab_size is None:
         raise ConfigError(
             "model.vocab_size",

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, TypeVar
 from lmforge.errors import ConfigError
 
 ATTN_BACKENDS = ("sdpa", "eager")
+GPT_POSITIONS = ("learned", "alibi")
 KINDS = ("decoder", "encoder", "encoder_decoder")  # what objectives check a family against
 
 C = TypeVar("C", bound="FamilyConfig")
@@ -57,6 +58,7 @@ class GPTConfig(FamilyConfig):
     init_std: float = 0.02
     tie_embeddings: bool = True
     attn_backend: str = "sdpa"  # sdpa | eager
+    position: str = "learned"  # learned (wpe table, bounded by max_seq_len) | alibi (no table, extrapolates)
     family: str = "gpt"
 
     def __post_init__(self) -> None:
@@ -72,6 +74,7 @@ class GPTConfig(FamilyConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}", "set model.dropout=0.0 .. 0.9")
         require_choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
+        require_choice("position", self.position, GPT_POSITIONS)
 
     @property
     def head_dim(self) -> int:

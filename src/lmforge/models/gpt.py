@@ -3,6 +3,9 @@
 Token + learned position embeddings → n_layer pre-LN blocks → final LayerNorm → LM head tied to the
 token embedding. Weights follow GPT-2's init: N(0, 0.02), residual output projections scaled by
 1/sqrt(2·n_layer) so the residual stream's variance does not grow with depth.
+
+With `position=alibi` there is no position table: attention scores get ALiBi's linear distance penalty
+instead (`layers/alibi.py`), and sequences longer than max_seq_len are allowed (length extrapolation).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.models.config import GPTConfig
+from lmforge.models.layers.alibi import alibi_attention_mask, alibi_slopes
 from lmforge.models.layers.attention import CausalSelfAttention, causal_padding_mask
 from lmforge.models.layers.mlp import GeluMLP
 
@@ -42,7 +46,7 @@ class GPT(nn.Module):
             raise ConfigError("model.vocab_size", "is null and no tokenizer filled it", "pass vocab_size to lmforge.models.build")
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.position == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
@@ -77,12 +81,17 @@ class GPT(nn.Module):
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T = input_ids.shape
-        if T > self.config.max_seq_len:
+        if self.wpe is not None and T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        x = self.wte(input_ids)
         mask = causal_padding_mask(attention_mask, T, input_ids.device)
+        if self.wpe is not None:
+            x = x + self.wpe(position_ids)
+        else:  # ALiBi: the positions enter as an additive bias on every layer's scores
+            mask = alibi_attention_mask(alibi_slopes(self.config.n_head, x.device), position_ids, mask, x.dtype)
+        x = self.drop(x)
         for block in self.blocks:
             x = block(x, mask)
         return self.lm_head(self.ln_f(x))
@@ -90,4 +99,4 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without position embeddings (the tied token embedding is the head)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n

@@ -44,8 +44,8 @@ class Objective:
     def bind(self, tokenizer: Tokenizer) -> None:
         """Read the special ids this objective needs, once the tokenizer is final."""
 
-    def model_seq_len(self, block_size: int) -> int:
-        """Longest sequence the model is fed for data blocks of `block_size` (checked against max_seq_len)."""
+    def model_seq_len(self, block_size: int, kind: str = "decoder") -> int:
+        """Longest sequence a model of `kind` is fed for data blocks of `block_size` (checked against max_seq_len)."""
         return block_size
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
@@ -55,12 +55,11 @@ class Objective:
 def full_blocks(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The unshifted (B, T+1) token blocks behind a packed CLM batch (input_ids + the last target).
 
-    Positions whose target is IGNORE_INDEX (padding of the val tail) come back as the pad of input_ids.
+    Token t+1 of a row is its target t; where that is IGNORE_INDEX (the val tail's padding) input_ids holds
+    the pad id at the same index, so a tail row comes back as its text followed by pads.
     """
     ids, targets = batch["input_ids"], batch["targets"]
-    last = targets[:, -1:].clone()
-    last[last == IGNORE_INDEX] = ids[:, -1:][last == IGNORE_INDEX]
-    return torch.cat([ids, last], dim=1)
+    return torch.cat([ids[:, :1], torch.where(targets == IGNORE_INDEX, ids, targets)], dim=1)
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> LossOutput:

@@ -67,8 +67,9 @@ class LMStage(L.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         return device.type == "cuda"
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(input_ids, attention_mask=attention_mask)
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The model's own signature: decoders (ids, attention_mask), BERT (+ token_type_ids), T5 (+ decoder ids)."""
+        return self.model(*args, **kwargs)
 
     # --- steps ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

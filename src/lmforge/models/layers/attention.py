@@ -34,10 +34,13 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, C); mask: optional bool (B, 1, T, T) from `causal_padding_mask`."""
+        """x: (B, T, C); mask: optional bool (B, 1, T, T) from `causal_padding_mask` (True = attend), or a
+        float (B or 1, H, T, T) mask added to the scores (ALiBi biases, -inf where not allowed)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         p = self.dropout if self.training else 0.0
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)  # an additive mask (ALiBi) in the query's dtype, as SDPA wants
         if self.backend == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
         else:
@@ -50,6 +53,6 @@ class CausalSelfAttention(nn.Module):
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
         if mask is None:
             mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         weights = F.dropout(scores.softmax(dim=-1), p=p, training=p > 0)
         return weights @ v

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -18,3 +19,19 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward of Llama / Mistral (Shazeer, 2020): down(silu(gate(x)) · up(x)).
+
+    Three separate projections named as in the Hugging Face checkpoints, so weight conversion is a key map.
+    """
+
+    def __init__(self, n_embd: int, hidden: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(n_embd, hidden, bias=bias)
+        self.up_proj = nn.Linear(n_embd, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, n_embd, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,65 @@
+"""Grouped-query attention (Ainslie et al., 2023) with separate q/k/v/o projections and two backends.
+
+`n_kv_head` key/value heads are shared by groups of n_head / n_kv_head query heads: n_kv_head = n_head is
+ordinary multi-head attention, n_kv_head = 1 multi-query attention. Fewer K/V heads shrink the KV cache
+and the K/V projections without changing anything else.
+
+`sdpa` calls torch's fused kernels (with `enable_gqa`, so K/V are never materialised per query head);
+`eager` spells the softmax out and is the readable reference. Both take the same mask: None (plain
+causal), a boolean (B or 1, 1, T, T) mask (True = may attend), or a float (B or 1, H, T, T) additive mask
+(e.g. ALiBi biases with -inf where attention is not allowed).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.models.layers.rope import apply_rotary
+
+
+class GroupedQueryAttention(nn.Module):
+    def __init__(
+        self, n_embd: int, n_head: int, n_kv_head: int, head_dim: int, dropout: float = 0.0, bias: bool = False, backend: str = "sdpa"
+    ) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+        self.dropout, self.backend = dropout, backend
+        self.q_proj = nn.Linear(n_embd, n_head * head_dim, bias=bias)
+        self.k_proj = nn.Linear(n_embd, n_kv_head * head_dim, bias=bias)
+        self.v_proj = nn.Linear(n_embd, n_kv_head * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_head * head_dim, n_embd, bias=bias)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (B, T, C); rope: (cos, sin) from `RotaryEmbedding` or None (e.g. ALiBi); mask: see module doc."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, k, *rope)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype (bf16 under autocast)
+        p = self.dropout if self.training else 0.0
+        if self.backend == "sdpa":
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head
+            )
+        else:
+            y = self._eager(q, k, v, mask, p)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+    def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+        group = self.n_head // self.n_kv_head
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # kv head j serves queries j·g .. j·g+g-1
+        scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+        T = q.size(-2)
+        if mask is None:
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        weights = F.dropout(weights, p=p, training=p > 0)
+        return weights @ v

@@ -1,0 +1,186 @@
+"""Llama (and Mistral) as a plain nn.Module, readable top to bottom.
+
+Token embedding → n_layer pre-norm blocks [RMSNorm → grouped-query attention with RoPE; RMSNorm → SwiGLU]
+→ final RMSNorm → LM head (untied by default). Mistral is the same network with sliding-window attention
+(`sliding_window=w`: each token sees itself and the w-1 tokens before it). `position=alibi` swaps RoPE for
+ALiBi biases. Module names follow the Hugging Face checkpoints (q/k/v/o_proj, gate/up/down_proj) so the
+converter in `lmforge.interop.hf_llama` is a key map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.errors import ConfigError
+from lmforge.models.config import ATTN_BACKENDS, FamilyConfig, require_choice, require_positive_ints
+from lmforge.models.layers.alibi import alibi_attention_mask, alibi_slopes
+from lmforge.models.layers.gqa import GroupedQueryAttention
+from lmforge.models.layers.masks import build_attention_mask
+from lmforge.models.layers.mlp import SwiGLU
+from lmforge.models.layers.norm import RMSNorm
+from lmforge.models.layers.rope import RotaryEmbedding, check_rope_scaling
+
+POSITIONS = ("rope", "alibi")
+
+
+@dataclass
+class LlamaConfig(FamilyConfig):
+    """Llama / Mistral decoder. Keys follow GPTConfig's where they mean the same thing."""
+
+    n_layer: int = 3
+    n_head: int = 4
+    n_kv_head: int | None = None  # key/value heads (GQA); a divisor of n_head, 1 = MQA; null = n_head
+    n_embd: int = 256
+    intermediate_size: int = 688  # SwiGLU hidden width (Llama: ~8/3 · n_embd, rounded up)
+    max_seq_len: int = 256
+    vocab_size: int | None = None  # filled from the tokenizer when None
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {type: linear|dynamic|yarn|llama3, factor, ...}; see layers/rope.py
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral: attend to the last w positions only
+    attn_backend: str = "sdpa"  # sdpa | eager
+    init_std: float = 0.02
+    dropout: float = 0.0  # on attention probabilities (where HF Llama's attention_dropout acts)
+    bias: bool = False  # biases on every attention and MLP projection
+    position: str = "rope"  # rope | alibi
+    family: str = "llama"
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        require_positive_ints(self, "n_layer", "n_head", "n_kv_head", "n_embd", "intermediate_size", "max_seq_len")
+        if self.n_embd % self.n_head != 0:
+            raise ConfigError(
+                "model.n_embd",
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}",
+                f"choose model.n_embd as a multiple of model.n_head (e.g. {self.n_head * max(1, round(self.n_embd / self.n_head))})",
+            )
+        if self.n_head % self.n_kv_head != 0:
+            divisors = [d for d in range(1, self.n_head + 1) if self.n_head % d == 0]
+            raise ConfigError(
+                "model.n_kv_head",
+                f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head} (each K/V head serves a whole group of query heads)",
+                f"set model.n_kv_head to one of {divisors}",
+            )
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise ConfigError("model.vocab_size", f"must be positive, got {self.vocab_size}", "leave it null to take the tokenizer's size")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}", "set model.dropout=0.0 .. 0.9")
+        if self.norm_eps <= 0:
+            raise ConfigError("model.norm_eps", f"must be positive, got {self.norm_eps}", "set model.norm_eps=1e-5")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ConfigError("model.sliding_window", f"must be null or a positive integer, got {self.sliding_window!r}", "e.g. model.sliding_window=4096")
+        require_choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
+        require_choice("position", self.position, POSITIONS)
+        if self.position == "rope":
+            if self.head_dim % 2:
+                raise ConfigError("model.n_embd", f"head_dim={self.head_dim} is odd; RoPE rotates channel pairs", "make n_embd / n_head even")
+            if self.rope_theta <= 0:
+                raise ConfigError("model.rope_theta", f"must be positive, got {self.rope_theta}", "e.g. model.rope_theta=10000")
+            self.rope_theta = float(self.rope_theta)
+            check_rope_scaling(self.rope_scaling)
+            if self.rope_scaling is not None:
+                self.rope_scaling = dict(self.rope_scaling)
+        elif self.rope_scaling is not None:
+            raise ConfigError("model.rope_scaling", "only applies to position=rope", "set model.rope_scaling=null with position=alibi")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class LlamaBlock(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)). `mlp` defaults to SwiGLU; Mixtral passes its MoE layer."""
+
+    def __init__(self, cfg: LlamaConfig, mlp: nn.Module | None = None) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.attn = GroupedQueryAttention(
+            cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.dropout, cfg.bias, cfg.attn_backend
+        )
+        self.mlp_norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.mlp = mlp if mlp is not None else SwiGLU(cfg.n_embd, cfg.intermediate_size, cfg.bias)
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    """Decoder-only transformer. `forward(input_ids, attention_mask=None, position_ids=None) -> logits (B, T, V)`."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ConfigError("model.vocab_size", "is null and no tokenizer filled it", "pass vocab_size to lmforge.models.build")
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len) if cfg.position == "rope" else None
+        self.blocks = nn.ModuleList(LlamaBlock(cfg, self.make_mlp(cfg)) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.reset_parameters()
+
+    def make_mlp(self, cfg: LlamaConfig) -> nn.Module:
+        """The feed-forward of one block; the hook Mixtral overrides."""
+        return SwiGLU(cfg.n_embd, cfg.intermediate_size, cfg.bias)
+
+    def reset_parameters(self) -> None:
+        """N(0, init_std) for every matrix and embedding, zero biases, unit norms (HF Llama's init).
+        A method so that FSDP / meta-device builds can re-run it after materialising."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+
+    def attention_inputs(
+        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, T: int, dtype: torch.dtype
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
+        """(rope cos/sin or None, mask) shared by all blocks: a boolean mask for RoPE (None = fused causal),
+        an additive float mask carrying the biases for ALiBi."""
+        cfg = self.config
+        window = cfg.sliding_window if cfg.sliding_window is not None and cfg.sliding_window < T else None
+        allowed = build_attention_mask(attention_mask, T, position_ids.device, causal=True, sliding_window=window)
+        if self.rope is not None:
+            return self.rope(position_ids, dtype), allowed
+        slopes = alibi_slopes(cfg.n_head, position_ids.device)
+        return None, alibi_attention_mask(slopes, position_ids, allowed, dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        if self.config.position == "rope" and T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device)
+        x = self.wte(input_ids)
+        rope, mask = self.attention_inputs(attention_mask, position_ids, T, x.dtype)
+        for block in self.blocks:
+            x = block(x, rope, mask)
+        return self.lm_head(self.norm(x))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the input embedding table unless it is tied (then it is the head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.wte.weight.numel()
+        return n
