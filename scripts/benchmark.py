@@ -3,6 +3,8 @@
     python scripts/benchmark.py                         # gpt-nano on this machine, fp32/bf16 by `auto`
     python scripts/benchmark.py --models gpt-nano gpt-micro --batch 32 --block 128 --compile
     python scripts/benchmark.py --precision bf16 --device cuda --models gpt2 --block 1024 --batch 16
+    python scripts/benchmark.py data                    # tokenisation + sharding MB/s (num_proc 1, 2), loader ms/batch
+    python scripts/benchmark.py generate                # decode tokens/s vs HF generate, speculative speed-up
 
 Performance targets live here, not in timed tests. Results are printed as a table and appended to
 logs/benchmark/results.jsonl with the machine and settings, so numbers in the README can be traced.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -78,7 +81,73 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     }
 
 
+def bench_data(argv: list[str]) -> None:
+    """`python scripts/benchmark.py data`: tokenisation + sharding MB/s per num_proc, and the train loader's batches/s."""
+    import tempfile
+
+    from lmforge.data.corpus import ShakespeareCorpus
+    from lmforge.data.packed import PackedBlocks
+    from lmforge.data.sampler import ResumableLoader, ResumableSampler
+    from lmforge.data.shards import TokenShards, write_shards
+    from lmforge.data.tokenizer import BPETokenizerSpec
+
+    p = argparse.ArgumentParser(prog="benchmark.py data", description=bench_data.__doc__)
+    p.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batches", type=int, default=2000, help="loader batches to time")
+    args = p.parse_args(argv)
+    corpus = ShakespeareCorpus()
+    texts = [d.text for d in corpus.documents("train")]
+    mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+    tok = BPETokenizerSpec(args.vocab).load_or_train(texts, corpus.fingerprint(), ROOT / ".cache" / "lmforge")
+    machine = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.num_proc:
+            t0 = time.perf_counter()
+            manifest = write_shards(texts, tok, Path(tmp) / f"p{n}", num_proc=n)
+            dt = time.perf_counter() - t0
+            rows.append({"bench": "tokenize+shard", "corpus": "shakespeare train", "MB": round(mb, 2), "num_proc": n,
+                         "tokens": manifest["n_tokens"], "seconds": round(dt, 2), "MB_per_s": round(mb / dt, 2), **machine})
+        blocks = PackedBlocks(TokenShards(Path(tmp) / f"p{args.num_proc[0]}").tokens, args.block, tok.pad_id)
+        loader = ResumableLoader(blocks, ResumableSampler(len(blocks), seed=0), args.batch)
+        t0, n_batches = time.perf_counter(), 0
+        while n_batches < args.batches:
+            for _ in loader:
+                n_batches += 1
+                if n_batches >= args.batches:
+                    break
+        dt = time.perf_counter() - t0
+        rows.append({"bench": "train loader", "block": args.block, "batch": args.batch, "batches": n_batches,
+                     "seconds": round(dt, 3), "ms_per_batch": round(1e3 * dt / n_batches, 3), **machine})
+    from rich.console import Console
+    from rich.table import Table
+
+    for row in rows:
+        table = Table(title=f"lmforge data: {row['bench']}")
+        table.add_column("key")
+        table.add_column("value")
+        for key, value in row.items():
+            table.add_row(key, str(value))
+        Console().print(table)
+    out = ROOT / "logs" / "benchmark" / "results.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["data"]:
+        bench_data(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["generate"]:  # scripts/bench_generate.py
+        from bench_generate import main as bench_generate
+
+        bench_generate(sys.argv[2:])
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["gpt-nano"])
     p.add_argument("--batch", type=int, default=64)

@@ -1,7 +1,7 @@
 """Convert between lmforge checkpoints and Hugging Face model directories (gpt2, llama/mistral, mixtral, bert, t5).
 
     # lmforge -> HF: a directory `AutoModel*.from_pretrained(dir)` and `AutoTokenizer` load offline
-    python scripts/convert_hf.py --ckpt logs/train/runs/<ts>/checkpoints/last.ckpt --out exported/
+    python scripts/convert_hf.py --ckpt logs/train/runs/<ts>/checkpoints/last.ckpt --out exported/   (= scripts/export.py)
     # HF -> lmforge: a .ckpt that eval.py / generate.py / `train.py init_from=` accept
     python scripts/convert_hf.py --hf path/to/hf_dir --out imported.ckpt
 
@@ -18,22 +18,15 @@ from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint import load_checkpoint, model_state_dict
-from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import LmforgeError
 from lmforge.init_from import load_init_source
-from lmforge.interop.hf import save_hf
-from lmforge.models import build
+from lmforge.interop.export import export_checkpoint
 from lmforge.stages.base import SCHEMA_VERSION
 from lmforge.utils.io import atomic_torch_save
 
 
 def export(ckpt_path: str, out: str) -> Path:
-    ckpt = load_checkpoint(ckpt_path)
-    meta = ckpt["lmforge"]
-    model = build(meta["config"]["model"])
-    model.load_state_dict(model_state_dict(ckpt))
-    return save_hf(model.eval(), Tokenizer.from_json(meta["tokenizer"]).hf.to_str(), out)
+    return export_checkpoint(ckpt_path, out)
 
 
 def import_hf(hf_dir: str, out: str) -> Path:

@@ -23,7 +23,7 @@ from lmforge.checkpoint import load_checkpoint, model_state_dict, resolve_ckpt_p
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import ConfigError
 from lmforge.init_from import load_init_source
-from lmforge.models import build, config_from
+from lmforge.models import config_from
 from lmforge.objectives import Objective
 from lmforge.objectives.registry import objectives_for
 from lmforge.precision import resolve_precision
@@ -43,18 +43,23 @@ def seed_everything(seed: int | None) -> None:
 
 def build_tokenizer(cfg: DictConfig, corpus: Any) -> Tokenizer:
     spec = instantiate(cfg.tokenizer, _convert_="all")
-    return spec.load_or_train([d.text for d in corpus.documents("train")], corpus.fingerprint(), cfg.paths.cache_dir)
+    texts = (d.text for d in corpus.iter_documents("train"))  # lazy: a cached tokenizer reads no text
+    return spec.load_or_train(texts, corpus.fingerprint(), cfg.paths.cache_dir)
 
 
 def build_data(
     cfg: DictConfig, tokenizer: Tokenizer | None = None, objective: Objective | None = None
 ) -> tuple[Any, Tokenizer, L.LightningDataModule]:
-    """Corpus → tokenizer (trained, cached, or the one a checkpoint carried) + the objective's specials → datamodule."""
-    corpus = instantiate(cfg.data.corpus, _convert_="all")
+    """Datamodule (corpus / mixture + cleaning) → tokenizer (trained on its corpus, cached, or the one a checkpoint
+    carried) + the objective's specials → handed back to the datamodule."""
+    datamodule = instantiate(cfg.data, _convert_="all")
+    corpus = datamodule.corpus
     tokenizer = tokenizer or build_tokenizer(cfg, corpus)
     if objective is not None:
+        if cfg.data.get("document_mask") and objective.name != "clm":
+            raise ConfigError("data.document_mask", f"is supported with objective=clm only, not {objective.name}", "set data.document_mask=false")
         bind_objective(objective, tokenizer)
-    datamodule = instantiate(cfg.data, corpus=corpus, tokenizer=tokenizer, _convert_="all")
+    datamodule.set_tokenizer(tokenizer)
     return corpus, tokenizer, datamodule
 
 
@@ -258,33 +263,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     stage = build_stage(saved, tokenizer, metadata={}, for_training=False, objective=objective)
     stage.configure_model()
     stage.model.load_state_dict(model_state_dict(ckpt))
+    if cfg.get("quantize"):  # int8 post-training quantization: how much loss does it cost on this val split?
+        from lmforge.generation.quantize import quantize_model
+
+        quantize_model(stage.model, cfg.quantize)
+        if cfg.quantize == "int8_dynamic":  # fp32 CPU kernels only: no GPU, no bf16 autocast
+            with open_dict(cfg):
+                cfg.trainer.accelerator, cfg.trainer.precision = "cpu", "32-true"
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
     metrics = _floats(trainer.validate(stage, datamodule=datamodule, verbose=False)[0])
-    print(json.dumps({"ckpt_path": str(cfg.ckpt_path), **{k: round(v, 5) for k, v in metrics.items()}}, indent=2))
+    head = {"ckpt_path": str(cfg.ckpt_path), **({"quantize": cfg.quantize} if cfg.get("quantize") else {})}
+    print(json.dumps({**head, **{k: round(v, 5) for k, v in metrics.items()}}, indent=2))
     atomic_write_text(Path(cfg.paths.output_dir) / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
 
 def generate(cfg: DictConfig) -> list[str]:
-    """Sample continuations of `prompt` from a checkpoint (greedy when temperature=0)."""
-    from lmforge.generation import generate as sample
+    """Sample from a checkpoint or HF dir: one prompt, a prompts file, or chat (see lmforge.generation.cli)."""
+    from lmforge.generation.cli import generate as run_generate
 
-    seed_everything(cfg.get("seed"))
-    ckpt, saved, tokenizer = load_for_inference(cfg)
-    device = torch.device(cfg.device if cfg.get("device") not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build(OmegaConf.to_container(saved.model, resolve=True))
-    if model.config.kind != "decoder":
-        raise ConfigError("ckpt_path", f"holds a {saved.model.family} model ({model.config.kind}); generate.py samples decoders only", "pass a checkpoint of a decoder family (gpt, llama, mixtral)")
-    model.load_state_dict(model_state_dict(ckpt))
-    model.to(device).eval()
-    prompt_ids = tokenizer.encode(cfg.prompt) or [tokenizer.eos_id]
-    ids = torch.tensor([prompt_ids] * int(cfg.num_samples), device=device)
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed)) if cfg.get("seed") is not None else None
-    out = sample(
-        model, ids, int(cfg.max_new_tokens), temperature=float(cfg.temperature), top_k=cfg.get("top_k"),
-        top_p=cfg.get("top_p"), eos_id=tokenizer.eos_id, generator=generator,
-    )
-    texts = [cfg.prompt + tokenizer.decode(row[len(prompt_ids):].tolist()) for row in out]
-    for i, text in enumerate(texts):
-        print(f"--- sample {i} ---\n{text}", flush=True)
-    return texts
+    return run_generate(cfg)

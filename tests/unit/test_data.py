@@ -283,10 +283,10 @@ def test_tokenize_split_eos_after_every_doc(tmp_path: Path) -> None:
     assert isinstance(mm, np.memmap) and mm.dtype == np.uint16
     assert mm.tolist() == [ord("a"), ord("b"), 299, 299, ord("x"), ord("y"), ord("z"), 299]
     assert tokenize_split(_small_corpus(), tok, "val", tmp_path).tolist() == [ord("q"), 299]
-    bins = list(tmp_path.glob("tokens/*/train.bin"))
+    bins = list(tmp_path.glob("tokens/*/train/*.bin"))
     assert len(bins) == 1
-    meta = json.loads((bins[0].parent / "train.json").read_text())
-    assert meta == {"n_tokens": 8, "dtype": "uint16", "n_docs": 3}
+    meta = json.loads((bins[0].parent / "manifest.json").read_text())
+    assert (meta["n_tokens"], meta["dtype"], meta["n_docs"]) == (8, "uint16", 3)
     assert bins[0].stat().st_size == 8 * 2
 
 
@@ -295,7 +295,7 @@ def test_tokenize_split_uint32_for_big_vocab(tmp_path: Path) -> None:
     mm = tokenize_split(_small_corpus(), tok, "train", tmp_path)
     assert mm.dtype == np.uint32
     assert mm.tolist()[2] == 2**17 - 1  # not truncated to 16 bits
-    assert next(tmp_path.glob("tokens/*/train.bin")).stat().st_size == 8 * 4
+    assert next(tmp_path.glob("tokens/*/train/*.bin")).stat().st_size == 8 * 4
 
 
 def test_tokenize_split_cache_reused(tmp_path: Path) -> None:
@@ -313,7 +313,7 @@ def test_tokenize_split_cache_reused(tmp_path: Path) -> None:
     assert Path(tokenize_split(changed, tok, "train", tmp_path).filename) != path
     other_tok = StubTokenizer(vocab_size=301, eos_id=300)
     assert Path(tokenize_split(_small_corpus(), other_tok, "train", tmp_path).filename) != path
-    assert len(list(tmp_path.glob("tokens/*/train.bin"))) == 3
+    assert len(list(tmp_path.glob("tokens/*/train/*.bin"))) == 3
 
 
 def test_tokenize_split_memmap_is_read_only(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Sampling: warpers match HF transformers, generate matches a hand-written loop, draws have the right law."""
+"""Sampling: warpers and processors match HF transformers, generate matches a hand-written loop, draws have
+the right law."""
 
 from __future__ import annotations
 
@@ -9,16 +10,38 @@ import pytest
 import torch
 from torch import nn
 from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
 import lmforge.models
-from lmforge.generation import apply_temperature, generate, sample_next, top_k_filter, top_p_filter
+from lmforge.generation import (
+    apply_repetition_penalty,
+    apply_temperature,
+    generate,
+    min_p_filter,
+    next_token_probs,
+    sample_next,
+    token_presence,
+    top_k_filter,
+    top_p_filter,
+    warp,
+)
 
 VOCAB = 50
 INF = float("inf")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: with 2 threads on a shared 2-core machine, OpenMP hand-offs cost more than the math."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -61,10 +84,66 @@ def test_temperature_matches_hf(logits: torch.Tensor, t: float) -> None:
     )
 
 
+@pytest.mark.parametrize("min_p", [0.01, 0.05, 0.2, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("min_keep", [1, 3])
+def test_min_p_matches_hf(logits: torch.Tensor, min_p: float, min_keep: int) -> None:
+    ours = min_p_filter(logits, min_p, min_tokens_to_keep=min_keep)
+    assert_same_filter(ours, MinPLogitsWarper(min_p, min_tokens_to_keep=min_keep)(None, logits.clone()))
+    assert (torch.isfinite(ours).sum(-1) >= min_keep).all()
+    if min_p <= 0.05:
+        assert (torch.isfinite(ours).sum(-1) > min_keep).any()  # the cut is not trivially "keep the top"
+
+
+def test_min_p_closed_form() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.12, 0.08]])  # threshold 0.2 · 0.5 = 0.1: the last token goes
+    assert torch.isfinite(min_p_filter(probs.log(), 0.2)).tolist() == [[True, True, True, False]]
+    assert torch.equal(min_p_filter(probs.log(), None), probs.log())
+    assert torch.equal(min_p_filter(probs.log(), 0.0), probs.log())
+
+
+@pytest.mark.parametrize("penalty", [0.5, 1.0, 1.3, 2.0])
+def test_repetition_penalty_matches_hf(logits: torch.Tensor, penalty: float) -> None:
+    ids = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(2))
+    ours = apply_repetition_penalty(logits, token_presence(ids, VOCAB), penalty)
+    theirs = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+    torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+    if penalty != 1.0:
+        assert not torch.equal(ours, logits)
+
+
+def test_repetition_penalty_closed_form_and_padding() -> None:
+    x = torch.tensor([[2.0, -2.0, 1.0, -1.0]])
+    presence = token_presence(torch.tensor([[0, 1, 1]]), 4)
+    assert presence.tolist() == [[True, True, False, False]]
+    assert apply_repetition_penalty(x, presence, 2.0).tolist() == [[1.0, -4.0, 1.0, -1.0]]  # both made less likely
+    # left padding is not "already generated": the pad id (3) stays unpenalised, unlike HF's processor
+    padded = token_presence(torch.tensor([[3, 3, 0]]), 4, attention_mask=torch.tensor([[0, 0, 1]]))
+    assert padded.tolist() == [[True, False, False, False]]
+
+
+def test_warp_is_hf_order(logits: torch.Tensor) -> None:
+    """temperature → top-k → top-p → min-p, as HF's generate applies its warpers."""
+    theirs = logits.clone()
+    for proc in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.9), MinPLogitsWarper(0.05)):
+        theirs = proc(None, theirs)
+    assert_same_filter(warp(logits, 0.7, 20, 0.9, 0.05), theirs)
+
+
+def test_next_token_probs(logits: torch.Tensor) -> None:
+    greedy = next_token_probs(logits, temperature=0)
+    assert torch.equal(greedy.argmax(-1), logits.argmax(-1)) and torch.equal(greedy.sum(-1), torch.ones(4))
+    assert greedy.max(-1).values.eq(1).all()
+    p = next_token_probs(logits, temperature=0.5, top_k=5)
+    torch.testing.assert_close(p, warp(logits, 0.5, 5).softmax(-1))
+    assert ((p > 0).sum(-1) == 5).all()
+
+
 def test_filters_do_not_modify_input(logits: torch.Tensor) -> None:
     before = logits.clone()
     top_k_filter(logits, 3)
     top_p_filter(logits, 0.5)
+    min_p_filter(logits, 0.1)
+    apply_repetition_penalty(logits, torch.ones_like(logits, dtype=torch.bool), 1.5)
     apply_temperature(logits, 0.5)
     assert torch.equal(logits, before)
 
@@ -150,6 +229,13 @@ def test_sample_top_p_stays_in_nucleus() -> None:
     assert (freq[[0, 3]] - probs[[0, 3]] / probs[[0, 3]].sum()).abs().max() < 0.02
 
 
+def test_sample_min_p_stays_above_threshold() -> None:
+    probs = FIVE.softmax(-1)  # ≈ [0.21, 0.09, 0.05, 0.57, 0.08]; 0.3 · 0.57 ≈ 0.17 keeps tokens 3 and 0
+    freq = draw(temperature=1.0, min_p=0.3)
+    assert freq[[1, 2, 4]].sum() == 0
+    assert (freq[[0, 3]] - probs[[0, 3]] / probs[[0, 3]].sum()).abs().max() < 0.02
+
+
 def test_sample_greedy_and_reproducible(logits: torch.Tensor) -> None:
     assert torch.equal(sample_next(logits, temperature=0), logits.argmax(-1))
     a = sample_next(logits, generator=torch.Generator().manual_seed(7))
@@ -196,7 +282,7 @@ def greedy_reference(model: nn.Module, ids: torch.Tensor, n: int) -> torch.Tenso
 @pytest.mark.parametrize("n", [0, 1, 11, 30])  # 5 + 30 > MAX_LEN: the context must be cropped
 def test_greedy_generate_matches_reference(model: nn.Module, prompt: torch.Tensor, n: int) -> None:
     model.train()
-    out = generate(model, prompt, n, temperature=0)
+    out = generate(model, prompt, max_new_tokens=n, temperature=0)
     assert model.training and all(m.training for m in model.modules())
     assert out.shape == (3, 5 + n)
     assert torch.equal(out[:, :5], prompt)
@@ -205,24 +291,25 @@ def test_greedy_generate_matches_reference(model: nn.Module, prompt: torch.Tenso
 
 def test_generate_restores_eval_mode_and_submodule_flags(model: nn.Module, prompt: torch.Tensor) -> None:
     model.eval()
-    generate(model, prompt, 2)
+    generate(model, prompt, max_new_tokens=2)
     assert not model.training
     model.train()
     model.blocks[0].eval()  # e.g. a frozen block: its own flag must survive
-    generate(model, prompt, 2)
+    generate(model, prompt, max_new_tokens=2)
     assert model.training and not model.blocks[0].training and model.blocks[1].training
     model.train()
 
 
 def test_top_k_1_is_greedy(model: nn.Module, prompt: torch.Tensor) -> None:
-    out = generate(model, prompt, 20, temperature=0.8, top_k=1, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(out, generate(model, prompt, 20, temperature=0))
+    out = generate(model, prompt, max_new_tokens=20, temperature=0.8, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, generate(model, prompt, max_new_tokens=20, temperature=0))
 
 
 def test_seeded_sampling_is_reproducible(model: nn.Module, prompt: torch.Tensor) -> None:
     def run(seed: int) -> torch.Tensor:
         return generate(
-            model, prompt, 20, top_k=20, top_p=0.95, generator=torch.Generator().manual_seed(seed)
+            model, prompt, max_new_tokens=20, temperature=1.0, top_k=20, top_p=0.95,
+            generator=torch.Generator().manual_seed(seed),
         )
 
     a, b, c = run(0), run(0), run(1)
@@ -253,7 +340,7 @@ class CountingModel(nn.Module):
 def test_eos_stops_when_every_row_is_done() -> None:
     m = CountingModel()
     prompt = torch.tensor([[1], [7]])  # row 0 reaches 4 after 3 steps, row 1 after 7
-    out = generate(m, prompt, 20, temperature=0, eos_id=4)
+    out = generate(m, prompt, max_new_tokens=20, temperature=0, eos_token_id=4)
     assert out.tolist() == [
         [1, 2, 3, 4, 4, 4, 4, 4],  # finished row keeps emitting eos (would otherwise go 5, 6, ...)
         [7, 8, 9, 0, 1, 2, 3, 4],
@@ -262,7 +349,7 @@ def test_eos_stops_when_every_row_is_done() -> None:
 
 
 def test_eos_in_prompt_does_not_stop() -> None:
-    out = generate(CountingModel(), torch.tensor([[4, 0]]), 3, temperature=0, eos_id=4)
+    out = generate(CountingModel(), torch.tensor([[4, 0]]), max_new_tokens=3, temperature=0, eos_token_id=4)
     assert out.tolist() == [[4, 0, 1, 2, 3]]
 
 
@@ -270,9 +357,9 @@ def test_eos_with_sampling_keeps_emitting_eos() -> None:
     out = generate(
         CountingModel(),
         torch.tensor([[1], [7]]),
-        20,
+        max_new_tokens=20,
         temperature=1.0,
-        eos_id=4,
+        eos_token_id=4,
         generator=torch.Generator().manual_seed(0),
     )
     assert out.shape[1] < 21
@@ -282,7 +369,7 @@ def test_eos_with_sampling_keeps_emitting_eos() -> None:
 
 def test_context_cropped_to_max_seq_len() -> None:
     m = CountingModel(max_seq_len=4)
-    out = generate(m, torch.tensor([[0, 1]]), 6, temperature=0)
+    out = generate(m, torch.tensor([[0, 1]]), max_new_tokens=6, temperature=0)
     assert out.tolist() == [[0, 1, 2, 3, 4, 5, 6, 7]]
     assert m.seen_lengths == [2, 3, 4, 4, 4, 4]
 
@@ -314,6 +401,6 @@ def test_bad_arguments_raise(kwargs: dict, name: str) -> None:
 
 def test_bad_input_shape_raises() -> None:
     with pytest.raises(ValueError, match="input_ids"):
-        generate(CountingModel(), torch.tensor([1, 2]), 3)
+        generate(CountingModel(), torch.tensor([1, 2]), max_new_tokens=3)
     with pytest.raises(ValueError, match="input_ids"):
-        generate(CountingModel(), torch.zeros(2, 0, dtype=torch.long), 3)
+        generate(CountingModel(), torch.zeros(2, 0, dtype=torch.long), max_new_tokens=3)

@@ -42,8 +42,8 @@ class SampleGeneration(L.Callback):
         for prompt in self.prompts:
             ids = torch.tensor([tokenizer.encode(prompt) or [tokenizer.eos_id]], device=pl_module.device)
             out = generate(
-                pl_module.model, ids, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                top_p=self.top_p, eos_id=tokenizer.eos_id, generator=gen,
+                pl_module.model, ids, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                top_k=self.top_k, top_p=self.top_p, eos_token_id=tokenizer.eos_id, generator=gen,
             )
             rows.append([trainer.global_step, prompt, tokenizer.decode(out[0, ids.size(1):].tolist())])
         for logger in trainer.loggers:

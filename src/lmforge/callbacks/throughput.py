@@ -3,6 +3,10 @@
 Uses Lightning's `Throughput` for the windowed rates, with lmforge's own FLOPs formula and device peak table
 (Lightning's ThroughputMonitor logs `device/*` names and its peak table misses recent GPUs). Only training
 time is counted: validation and checkpointing are excluded from the window.
+
+`perf/data_wait_frac`: the share of wall time between the end of one training step and the start of the next
+(fetching and collating the batch, moving it to the device, loop bookkeeping) over that plus the step time,
+since the last log. An upper bound on the time the model waits for data; validation gaps are not counted.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ class PerfMonitor(L.Callback):
         self._flops_per_token = model_flops_per_token(pl_module.model, seq_len)
         self._elapsed, self._batches, self._samples, self._tokens = 0.0, 0, 0, 0
         self._log_every = self.log_every_n_steps or trainer.log_every_n_steps
+        self._prev_end: float | None = None  # end of the previous training step (None after validation)
+        self._wait = self._busy = 0.0  # since the last log: time between steps / inside steps
 
     def _sync(self, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -50,10 +56,18 @@ class PerfMonitor(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._sync(pl_module)
         self._t0 = time.perf_counter()
+        if self._prev_end is not None:
+            self._wait += self._t0 - self._prev_end
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._prev_end = None  # the gap around a validation is not data wait
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._sync(pl_module)
-        self._elapsed += time.perf_counter() - self._t0
+        now = time.perf_counter()
+        self._elapsed += now - self._t0
+        self._busy += now - self._t0
+        self._prev_end = now
         tokens = int(batch["input_ids"].numel())
         self._batches += 1
         self._samples += int(batch["input_ids"].size(0))
@@ -75,4 +89,7 @@ class PerfMonitor(L.Callback):
             metrics["perf/tflops"] = m["device/flops_per_sec"] / 1e12
         if "device/mfu" in m:
             metrics["perf/mfu"] = m["device/mfu"]
+        if self._wait > 0.0:
+            metrics["perf/data_wait_frac"] = self._wait / (self._wait + self._busy)
+        self._wait = self._busy = 0.0
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)

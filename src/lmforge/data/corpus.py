@@ -5,11 +5,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
-import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmforge.data.readers import FileReader, ReadStats
 from lmforge.errors import ConfigError, DataError
 
 SPLITS = ("train", "val")
@@ -22,7 +22,11 @@ class Document:
 
 
 class Corpus:
-    """A fixed list of documents per split. Subclasses only decide which files go where."""
+    """A fixed list of documents per split. Subclasses only decide which files go where.
+
+    Consumers iterate with `iter_documents(split)`, which streaming corpora (larger than RAM) implement
+    lazily; `documents(split)` is the in-memory list, for corpora small enough to hold.
+    """
 
     def __init__(self, splits: dict[str, list[Document]]) -> None:
         self._splits = splits
@@ -31,6 +35,9 @@ class Corpus:
         if split not in self._splits:
             raise ConfigError("split", f"unknown split {split!r}", f"use one of {SPLITS}")
         return self._splits[split]
+
+    def iter_documents(self, split: str) -> Iterator[Document]:
+        return iter(self.documents(split))
 
     def fingerprint(self) -> str:
         """Hash of every document's name and text: caches keyed by it rebuild when the data changes."""
@@ -42,49 +49,44 @@ class Corpus:
         return h.hexdigest()[:16]
 
 
-def _read_text_file(path: Path, text_field: str) -> list[str]:
-    """One document per .txt/.md file; one per line for .jsonl (its `text_field`)."""
-    if path.suffix == ".jsonl":
-        docs = []
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg}). Fix the line or remove it.") from None
-                if text_field not in row:
-                    raise DataError(f"{path}:{lineno}: no field {text_field!r}. Set data.corpus.text_field to the field holding the text.")
-                docs.append(str(row[text_field]))
-        return docs
-    return [path.read_text(encoding="utf-8")]
-
-
 def _expand(pattern: str, key: str) -> list[Path]:
     paths = sorted(Path(p) for p in glob.glob(str(Path(pattern).expanduser()), recursive=True) if Path(p).is_file())
     if not paths:
-        raise DataError(f"{key}={pattern!r} matches no file. Fix: point {key} at existing .txt/.md/.jsonl files (globs like 'data/**/*.txt' work).")
+        raise DataError(f"{key}={pattern!r} matches no file. Fix: point {key} at existing .txt/.md/.jsonl/.parquet files (globs like 'data/**/*.txt' work).")
     return paths
 
 
 class TextFilesCorpus(Corpus):
-    """User files by glob. Val is `val_glob` if given, else every `val_every`-th document of the train glob."""
+    """User files by glob. Val is `val_glob` if given, else every `val_every`-th document of the train glob.
 
-    def __init__(self, train_glob: str, val_glob: str | None = None, val_every: int = 10, text_field: str = "text") -> None:
+    .txt/.md: one document per file; .jsonl/.parquet: one per row (`text_field`). A file that cannot be read
+    (not UTF-8, no permission, bad JSON, a row without `text_field`) fails the run with its path, or with
+    `on_error=skip` is left out and counted (`read_stats`, logged as a warning).
+    """
+
+    def __init__(
+        self, train_glob: str, val_glob: str | None = None, val_every: int = 10, text_field: str = "text", on_error: str = "fail"
+    ) -> None:
         if not train_glob:
             raise ConfigError("data.corpus.train_glob", "is empty", "set data.corpus.train_glob='path/**/*.txt'")
-        train = [Document(f"{p}#{i}", t) for p in _expand(train_glob, "data.corpus.train_glob") for i, t in enumerate(_read_text_file(p, text_field))]
+        self.read_stats = ReadStats()
+        reader = FileReader(text_field, on_error, self.read_stats)
+        train = [Document(f"{p}#{i}", t) for p in _expand(train_glob, "data.corpus.train_glob") for i, t in enumerate(reader.read(p))]
         if val_glob:
-            val = [Document(f"{p}#{i}", t) for p in _expand(val_glob, "data.corpus.val_glob") for i, t in enumerate(_read_text_file(p, text_field))]
+            val = [Document(f"{p}#{i}", t) for p in _expand(val_glob, "data.corpus.val_glob") for i, t in enumerate(reader.read(p))]
+            if not val:
+                raise DataError(f"data.corpus.val_glob={val_glob!r} gives no document ({self.read_stats.summary()}). Fix: point it at non-empty, readable files.")
         else:
             if val_every < 2:
                 raise ConfigError("data.corpus.val_every", f"must be >= 2, got {val_every}", "set data.corpus.val_every=10 or give data.corpus.val_glob")
             if len(train) < 2:
-                raise DataError(f"data.corpus.train_glob={train_glob!r} gives {len(train)} document; need 2+ to hold one out. Fix: add files or set data.corpus.val_glob.")
+                raise DataError(f"data.corpus.train_glob={train_glob!r} gives {len(train)} document ({self.read_stats.summary()}); need 2+ to hold one out. Fix: add files or set data.corpus.val_glob.")
             val = train[val_every - 1 :: val_every]
             held = {d.name for d in val}
             train = [d for d in train if d.name not in held]
+        if not train:
+            raise DataError(f"data.corpus.train_glob={train_glob!r} gives no training document ({self.read_stats.summary()}). Fix: point it at non-empty, readable files.")
+        self.read_stats.warn_if_skipped("data.corpus")
         super().__init__({"train": train, "val": val})
 
 

@@ -1,46 +1,47 @@
-"""Token streams on disk as np.memmap, cut into fixed-length blocks.
+"""A token stream cut into fixed-length blocks, optionally with document-boundary masks.
 
-Each split is tokenized once into `<cache_dir>/tokens/<hash>/<split>.bin` (uint16 when the vocab fits,
-else uint32), documents separated by EOS. The hash covers corpus, tokenizer and format, so a changed
-corpus or tokenizer rebuilds the cache instead of silently reusing stale ids.
+Documents are joined by EOS in the stream (see `shards.py`). Without masks a block simply attends across
+documents (GPT-2 style packing: cheap and what the default run is calibrated on). With `document_mask`,
+every block also carries `position_ids` that restart at each document and a (1, T, T) boolean
+`attention_mask` (True = may attend) that keeps attention causal *and* inside one document.
+
+Convention: an EOS token opens the next document's segment (it plays the role of a BOS). So the last
+token of a document predicts EOS from its own document, and EOS predicts the next document's first token
+from nothing but itself: no target is ever predicted from another document's tokens.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
-from lmforge.data.corpus import Corpus
-from lmforge.data.tokenizer import Tokenizer
-from lmforge.utils.io import atomic_write_bytes, atomic_write_text
+from lmforge.data.shards import token_dtype, tokenize_split
 
 IGNORE_INDEX = -100
-FORMAT_VERSION = 1
+
+__all__ = ["IGNORE_INDEX", "PackedBlocks", "collate_document_blocks", "document_positions", "token_dtype", "tokenize_split"]
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+def document_positions(inputs: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(segment id, position in segment) of each input token; a segment starts at the block and at each EOS."""
+    t = np.arange(inputs.size)
+    is_start = inputs == eos_id
+    segment = np.cumsum(is_start)
+    last_start = np.maximum.accumulate(np.where(is_start, t, 0))
+    return segment, t - last_start
 
 
-def tokenize_split(corpus: Corpus, tokenizer: Tokenizer, split: str, cache_dir: str | Path) -> np.memmap:
-    """Tokenize one split into a memmap (cached); returns it opened read-only."""
-    key = hashlib.sha256(f"{FORMAT_VERSION}|{corpus.fingerprint()}|{tokenizer.fingerprint()}|{split}".encode()).hexdigest()[:16]
-    folder = Path(cache_dir) / "tokens" / key
-    path, meta_path = folder / f"{split}.bin", folder / f"{split}.json"
-    dtype = token_dtype(tokenizer.vocab_size)
-    if not (path.is_file() and meta_path.is_file()):
-        docs = corpus.documents(split)
-        ids = tokenizer.encode_batch([d.text for d in docs])
-        flat = np.fromiter((t for doc in ids for t in (*doc, tokenizer.eos_id)), dtype=dtype)
-        atomic_write_bytes(path, flat.tobytes())
-        atomic_write_text(meta_path, json.dumps({"n_tokens": int(flat.size), "dtype": dtype.name, "n_docs": len(docs)}))
-    meta = json.loads(meta_path.read_text())
-    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r", shape=(meta["n_tokens"],))
+def collate_document_blocks(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack blocks and turn their segment ids into a (B, 1, T, T) causal, same-document attention mask."""
+    batch = default_collate(items)
+    segment = batch.pop("segment_ids")
+    T = segment.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool).tril_()
+    batch["attention_mask"] = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
+    return batch
 
 
 class PackedBlocks(Dataset):
@@ -48,13 +49,14 @@ class PackedBlocks(Dataset):
 
     Block i covers tokens [i·T, i·T + T]; its last target is the next block's first input, so every token
     after the first is predicted exactly once. With `include_tail`, the final partial block is padded and its
-    padded targets set to IGNORE_INDEX: evaluation then covers the whole split.
+    padded targets set to IGNORE_INDEX: evaluation then covers the whole split. With `eos_id` given (document
+    masks), items also hold `position_ids` and `segment_ids`; batch them with `collate_document_blocks`.
     """
 
-    def __init__(self, tokens: np.ndarray, block_size: int, pad_id: int, include_tail: bool = False) -> None:
+    def __init__(self, tokens: Any, block_size: int, pad_id: int, include_tail: bool = False, eos_id: int | None = None) -> None:
         if tokens.size < 2:
             raise ValueError("a split needs at least 2 tokens")
-        self.tokens, self.block_size, self.pad_id = tokens, block_size, pad_id
+        self.tokens, self.block_size, self.pad_id, self.eos_id = tokens, block_size, pad_id, eos_id
         n_targets = tokens.size - 1
         self.n_blocks = -(-n_targets // block_size) if include_tail else n_targets // block_size
         if self.n_blocks == 0:
@@ -65,10 +67,16 @@ class PackedBlocks(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         start = i * self.block_size
-        chunk = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
+        raw = self.tokens[start : start + self.block_size + 1].astype(np.int64)
+        chunk = torch.from_numpy(raw)
         inputs, targets = chunk[:-1], chunk[1:]
         short = self.block_size - inputs.numel()
         if short > 0:
             inputs = torch.cat([inputs, inputs.new_full((short,), self.pad_id)])
             targets = torch.cat([targets, targets.new_full((short,), IGNORE_INDEX)])
-        return {"input_ids": inputs, "targets": targets}
+        item = {"input_ids": inputs, "targets": targets}
+        if self.eos_id is not None:
+            segment, position = document_positions(inputs.numpy(), self.eos_id)
+            item["position_ids"] = torch.from_numpy(position)
+            item["segment_ids"] = torch.from_numpy(segment)
+        return item

@@ -1,9 +1,9 @@
-"""Autoregressive sampling for decoder models: logit warpers, one-step sampling and a generate loop.
+"""Choosing the next token: logit processors, warpers and one-step sampling.
 
-The warpers follow the semantics of HF transformers' TemperatureLogitsWarper / TopKLogitsWarper /
-TopPLogitsWarper, so a checkpoint sampled here behaves like the same checkpoint sampled through HF.
-There is no KV cache yet: `generate` re-runs the (cropped) context every step, which is O(T^2) per token
-but needs nothing from the model beyond `forward(input_ids) -> logits` and `config.max_seq_len`.
+Each follows the semantics of its HF transformers counterpart (RepetitionPenaltyLogitsProcessor,
+TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper) and they run in HF's order —
+repetition penalty, then temperature, top-k, top-p, min-p — so a checkpoint sampled here behaves like the
+same checkpoint sampled through HF. The decoding loops live in `decode.py`, `beam.py`, `speculative.py`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,18 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-__all__ = ["apply_temperature", "generate", "sample_next", "top_k_filter", "top_p_filter"]
+__all__ = [
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "min_p_filter",
+    "next_token_probs",
+    "sample_next",
+    "token_presence",
+    "top_k_filter",
+    "top_p_filter",
+    "warp",
+]
 
 _NEG_INF = float("-inf")
 
@@ -27,6 +36,26 @@ def _check_temperature(temperature: float) -> None:
 def _check_top_p(top_p: float | None) -> None:
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (or None to disable), got {top_p!r}")
+
+
+def _check_min_p(min_p: float | None) -> None:
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1] (or None to disable), got {min_p!r}")
+
+
+def _check_repetition_penalty(penalty: float | None) -> None:
+    if penalty is not None and (not penalty > 0 or math.isinf(penalty)):
+        raise ValueError(f"repetition_penalty must be a finite float > 0 (1.0 = none), got {penalty!r}")
+
+
+def check_sampling_args(
+    temperature: float, top_p: float | None, min_p: float | None = None, repetition_penalty: float | None = None
+) -> None:
+    """ValueError naming the first bad argument; called before any forward so nothing is wasted."""
+    _check_temperature(temperature)
+    _check_top_p(top_p)
+    _check_min_p(min_p)
+    _check_repetition_penalty(repetition_penalty)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -76,81 +105,99 @@ def top_p_filter(logits: torch.Tensor, p: float | None, min_tokens_to_keep: int 
     return logits.masked_fill(drop, _NEG_INF)
 
 
+def min_p_filter(logits: torch.Tensor, min_p: float | None, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Min-p (Nguyen et al., 2024): drop tokens less likely than `min_p` × the top token's probability.
+
+    The cut scales with the model's confidence: strict when one token dominates, permissive when the
+    distribution is flat. The `min_tokens_to_keep` most probable tokens always survive; None or 0 disables.
+    """
+    if min_p is None or min_p == 0:
+        return logits
+    _check_min_p(min_p)
+    probs = logits.softmax(dim=-1)
+    drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    keep = torch.topk(probs, min(min_tokens_to_keep, probs.size(-1)), dim=-1).indices
+    drop.scatter_(-1, keep, False)
+    return logits.masked_fill(drop, _NEG_INF)
+
+
+def token_presence(input_ids: torch.Tensor, vocab_size: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) bool: which tokens occur in each row (padding excluded), the state of the repetition penalty.
+
+    Decoding loops build it once from the prompt and then set one entry per step, instead of re-reading the
+    whole sequence every step as HF's processor does."""
+    weights = torch.ones_like(input_ids, dtype=torch.float32) if attention_mask is None else attention_mask.float()
+    counts = torch.zeros(input_ids.size(0), vocab_size, device=input_ids.device)
+    return counts.scatter_add_(1, input_ids, weights) > 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, presence: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """CTRL's repetition penalty as HF defines it: for tokens already present, divide positive logits by
+    `penalty` and multiply negative ones (so > 1 always makes a repeat less likely). None or 1.0 disables.
+
+    One difference from HF's processor: `presence` leaves out left padding, where HF also penalises the pad id.
+    """
+    if penalty is None or penalty == 1.0:
+        return logits
+    _check_repetition_penalty(penalty)
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(presence, penalised, logits)
+
+
+def warp(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+) -> torch.Tensor:
+    """Temperature (> 0) → top-k → top-p → min-p on float32 scores, HF's order; -inf marks dropped tokens."""
+    scores = apply_temperature(logits.float(), temperature)
+    scores = top_k_filter(scores, top_k)
+    scores = top_p_filter(scores, top_p)
+    return min_p_filter(scores, min_p)
+
+
+def next_token_probs(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+) -> torch.Tensor:
+    """The distribution `sample_next` draws from, as probabilities (..., V) in float32.
+
+    temperature 0 gives the one-hot of the argmax: speculative decoding's acceptance rule then reduces to
+    "accept while the draft agrees with the target's greedy choice"."""
+    _check_temperature(temperature)
+    if temperature == 0:
+        return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return warp(logits, temperature, top_k, top_p, min_p).softmax(dim=-1)
+
+
 def sample_next(
     logits: torch.Tensor,
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    min_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Pick one token per row from next-token logits (B, V) -> (B,) int64 ids.
 
-    temperature == 0 is greedy (argmax; top_k/top_p cannot change the argmax so they are skipped).
-    Otherwise temperature -> top-k -> top-p -> softmax -> multinomial, the order HF applies them, with
-    `generator` making the draw reproducible without touching the global RNG.
+    temperature == 0 is greedy (argmax; top_k/top_p/min_p cannot change the argmax so they are skipped).
+    Otherwise temperature -> top-k -> top-p -> min-p -> softmax -> multinomial, the order HF applies them,
+    with `generator` making the draw reproducible without touching the global RNG.
     """
     _check_temperature(temperature)
     _check_top_p(top_p)
+    _check_min_p(min_p)
     if logits.dim() != 2:
         raise ValueError(f"logits must be (batch, vocab), got shape {tuple(logits.shape)}")
     if temperature == 0:
         return logits.argmax(dim=-1)
     # Softmax in float32 at least: bf16/fp16 logits lose the tail of the distribution otherwise.
-    scores = apply_temperature(logits.float(), temperature)
-    scores = top_k_filter(scores, top_k)
-    scores = top_p_filter(scores, top_p)
-    probs = scores.softmax(dim=-1)
+    probs = warp(logits, temperature, top_k, top_p, min_p).softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-@torch.inference_mode()
-def generate(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    eos_id: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Extend `input_ids` (B, T) by up to `max_new_tokens` sampled tokens -> (B, T + n).
-
-    Each step feeds the last `model.config.max_seq_len` tokens (the model has learned positions only
-    that far), so outputs may be longer than the context window. Rows are unpadded and share one
-    length. With `eos_id`, a row that has emitted it keeps emitting it, and the loop stops as soon as
-    every row has, so n can be < max_new_tokens. The model runs in eval mode (no dropout) and every
-    submodule's train/eval flag is restored afterwards, even on error.
-    """
-    _check_temperature(temperature)
-    _check_top_p(top_p)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if input_ids.dim() != 2 or input_ids.size(1) == 0:
-        raise ValueError(
-            f"input_ids must be (batch, seq_len) with seq_len >= 1, got shape {tuple(input_ids.shape)}"
-        )
-    max_len = model.config.max_seq_len
-
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        tokens = input_ids
-        finished = torch.zeros(input_ids.size(0), dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits = model(tokens[:, -max_len:])[:, -1, :]
-            next_ids = sample_next(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-            )
-            if eos_id is not None:
-                next_ids = next_ids.masked_fill(finished, eos_id)
-                finished |= next_ids == eos_id
-            tokens = torch.cat([tokens, next_ids.to(tokens.dtype).unsqueeze(-1)], dim=-1)
-            if eos_id is not None and bool(finished.all()):
-                break
-    finally:
-        for module, was_training in modes:
-            module.training = was_training
-    return tokens

@@ -7,12 +7,14 @@ transformers is an optional dependency: it is imported inside the functions, nev
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from importlib import import_module
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
@@ -86,15 +88,60 @@ def to_hf(model: nn.Module) -> Any:
     return hf.to(next(model.parameters()).dtype).eval()
 
 
-def save_hf(model: nn.Module, tokenizer_json: str | None, out_dir: str | os.PathLike[str]) -> Path:
+def _special_ids(hf: Any, tokenizer: Any) -> None:
+    """eos/bos/pad ids into config.json and generation_config.json, where HF `generate`, vLLM and TGI look
+    for when to stop and what to pad with. Ids a family's config already fixes (T5's pad) are kept."""
+    ids = {f"{role}_token_id": tokenizer.special_id(role) for role in ("eos", "bos", "pad") if role in tokenizer.specials}
+    for key, value in ids.items():
+        if getattr(hf.config, key, None) is None:
+            setattr(hf.config, key, value)
+    if getattr(hf, "generation_config", None) is not None:
+        for key in ids:
+            setattr(hf.generation_config, key, getattr(hf.config, key))
+
+
+def _tokenizer_config(tokenizer: Any, model: nn.Module) -> dict[str, Any]:
+    """What AutoTokenizer needs beside tokenizer.json: the special tokens by role, the context, and for
+    decoders the ChatML template that lmforge's chat mode, server and SFT use (so vLLM's chat API matches)."""
+    from lmforge.data.chat import CHATML_JINJA
+
+    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+    for role in ("eos", "bos", "pad", "mask", "unk"):
+        if role in tokenizer.specials:
+            cfg[f"{role}_token"] = tokenizer.specials[role]
+    if getattr(model.config, "max_seq_len", None):
+        cfg["model_max_length"] = int(model.config.max_seq_len)
+    if model.config.kind == "decoder":
+        cfg["chat_template"] = CHATML_JINJA
+    return cfg
+
+
+def save_hf(
+    model: nn.Module, tokenizer_json: Any, out_dir: str | os.PathLike[str], dtype: torch.dtype | None = None
+) -> Path:
     """Write a directory that `AutoModel*.from_pretrained` / `AutoTokenizer.from_pretrained` open offline.
 
-    `tokenizer_json` is a path to a tokenizers `tokenizer.json` or its JSON text (`Tokenizer.to_str()`).
+    `tokenizer_json`: an lmforge `Tokenizer` (then the special tokens, their ids in config.json and
+    generation_config.json, and a chat template are written too), a path to a `tokenizer.json`, or its
+    JSON text. `dtype` (e.g. torch.bfloat16) casts the saved weights; config.json records it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    to_hf(model).save_pretrained(out, safe_serialization=True)
-    if tokenizer_json is not None:
+    hf = to_hf(model)
+    if dtype is not None:
+        hf = hf.to(dtype)
+    is_lmforge_tokenizer = hasattr(tokenizer_json, "specials") and hasattr(tokenizer_json, "hf")
+    if is_lmforge_tokenizer:
+        _special_ids(hf, tokenizer_json)
+    hf.save_pretrained(out, safe_serialization=True)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    if "dtype" in config and "torch_dtype" not in config:  # transformers 5 writes `dtype`; older readers want this
+        config["torch_dtype"] = config["dtype"]
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if is_lmforge_tokenizer:
+        (out / "tokenizer.json").write_text(tokenizer_json.hf.to_str(), encoding="utf-8")
+        (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tokenizer_json, model), indent=2) + "\n", encoding="utf-8")
+    elif tokenizer_json is not None:
         if tokenizer_json.lstrip().startswith("{"):
             (out / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
         elif Path(tokenizer_json).is_file():

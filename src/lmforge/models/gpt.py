@@ -6,6 +6,10 @@ token embedding. Weights follow GPT-2's init: N(0, 0.02), residual output projec
 
 With `position=alibi` there is no position table: attention scores get ALiBi's linear distance penalty
 instead (`layers/alibi.py`), and sequences longer than max_seq_len are allowed (length extrapolation).
+
+Incremental decoding: `forward(..., cache=model.make_cache(B, max_len))` stores every layer's keys/values
+(`layers/kv_cache.py`); the next call feeds only the new tokens, whose positions continue from the cache
+length unless `position_ids` says otherwise (left-padded batches pass them).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from lmforge.errors import ConfigError
 from lmforge.models.config import GPTConfig
 from lmforge.models.layers.alibi import alibi_attention_mask, alibi_slopes
 from lmforge.models.layers.attention import CausalSelfAttention, causal_padding_mask
+from lmforge.models.layers.kv_cache import KVCache
 from lmforge.models.layers.mlp import GeluMLP
 
 
@@ -32,13 +37,16 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
         self.mlp = GeluMLP(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, cfg.dropout, cfg.bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask)
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer. `forward(input_ids, attention_mask=None) -> logits (B, T, vocab)`."""
+    """Decoder-only transformer. `forward(input_ids, attention_mask=None, position_ids=None, cache=None)
+    -> logits (B, T, vocab)`."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -79,22 +87,36 @@ class GPT(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """`attention_mask`: (B, T) padding or (B, 1, T, T) boolean mask; with a `cache` holding `past` tokens
+        a padding mask covers all past + T keys. `position_ids` default to past .. past + T - 1."""
         B, T = input_ids.shape
-        if self.wpe is not None and T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
-        if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device)
+        past = 0 if cache is None else cache.length
+        if self.wpe is not None and past + T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {past + T} exceeds model.max_seq_len={self.config.max_seq_len}")
         x = self.wte(input_ids)
-        mask = causal_padding_mask(attention_mask, T, input_ids.device)
+        mask = causal_padding_mask(attention_mask, T, input_ids.device, past)
         if self.wpe is not None:
-            x = x + self.wpe(position_ids)
+            # a slice of the table is the embedding of consecutive positions, without an index tensor
+            x = x + (self.wpe.weight[past : past + T] if position_ids is None else self.wpe(position_ids))
         else:  # ALiBi: the positions enter as an additive bias on every layer's scores
-            mask = alibi_attention_mask(alibi_slopes(self.config.n_head, x.device), position_ids, mask, x.dtype)
-        x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, mask)
+            if position_ids is None:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)
+            key_positions = None if cache is None else cache.store_positions(position_ids)
+            mask = alibi_attention_mask(alibi_slopes(self.config.n_head, x.device), position_ids, mask, x.dtype, key_positions)
+        if self.training:
+            x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
         return self.lm_head(self.ln_f(x))
+
+    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to `max_len` tokens (prompt + generated)."""
+        cfg = self.config
+        return KVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.head_dim, max_len)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without position embeddings (the tied token embedding is the head)."""

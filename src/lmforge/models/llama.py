@@ -5,6 +5,11 @@ Token embedding → n_layer pre-norm blocks [RMSNorm → grouped-query attention
 (`sliding_window=w`: each token sees itself and the w-1 tokens before it). `position=alibi` swaps RoPE for
 ALiBi biases. Module names follow the Hugging Face checkpoints (q/k/v/o_proj, gate/up/down_proj) so the
 converter in `lmforge.interop.hf_llama` is a key map.
+
+Incremental decoding: `forward(..., cache=model.make_cache(B, max_len))` stores every layer's rotated keys and
+values (n_kv_head heads, `layers/kv_cache.py`); later calls feed only the new tokens, rotated at their absolute
+positions (past .. past + T - 1 unless `position_ids` says otherwise). The sliding window is applied by the
+mask over the full-length cache.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from lmforge.errors import ConfigError
 from lmforge.models.config import ATTN_BACKENDS, FamilyConfig, require_choice, require_positive_ints
 from lmforge.models.layers.alibi import alibi_attention_mask, alibi_slopes
 from lmforge.models.layers.gqa import GroupedQueryAttention
+from lmforge.models.layers.kv_cache import KVCache
 from lmforge.models.layers.masks import build_attention_mask
 from lmforge.models.layers.mlp import SwiGLU
 from lmforge.models.layers.norm import RMSNorm
@@ -107,14 +113,20 @@ class LlamaBlock(nn.Module):
         self.mlp = mlp if mlp is not None else SwiGLU(cfg.n_embd, cfg.intermediate_size, cfg.bias)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+        layer: int = 0,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, mask)
+        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Llama(nn.Module):
-    """Decoder-only transformer. `forward(input_ids, attention_mask=None, position_ids=None) -> logits (B, T, V)`."""
+    """Decoder-only transformer. `forward(input_ids, attention_mask=None, position_ids=None, cache=None)
+    -> logits (B, T, V)`."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -149,34 +161,82 @@ class Llama(nn.Module):
                 module.reset_parameters()
 
     def attention_inputs(
-        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor, T: int, dtype: torch.dtype
+        self,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        T: int,
+        dtype: torch.dtype,
+        past_len: int = 0,
+        key_positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        default_start: int | None = None,
     ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
         """(rope cos/sin or None, mask) shared by all blocks: a boolean mask for RoPE (None = fused causal),
-        an additive float mask carrying the biases for ALiBi."""
+        an additive float mask carrying the biases for ALiBi. `past_len` cached tokens precede the T new ones;
+        `key_positions` are the positions of all past_len + T keys (ALiBi with a cache); `cache` and
+        `default_start` go to `rotary`."""
         cfg = self.config
-        window = cfg.sliding_window if cfg.sliding_window is not None and cfg.sliding_window < T else None
-        allowed = build_attention_mask(attention_mask, T, position_ids.device, causal=True, sliding_window=window)
+        total = past_len + T
+        window = cfg.sliding_window if cfg.sliding_window is not None and cfg.sliding_window < total else None
+        allowed = build_attention_mask(
+            attention_mask, T, position_ids.device, causal=True, sliding_window=window, past_len=past_len
+        )
         if self.rope is not None:
-            return self.rope(position_ids, dtype), allowed
+            return self.rotary(position_ids, dtype, cache, default_start), allowed
         slopes = alibi_slopes(cfg.n_head, position_ids.device)
-        return None, alibi_attention_mask(slopes, position_ids, allowed, dtype)
+        return None, alibi_attention_mask(slopes, position_ids, allowed, dtype, key_positions)
+
+    def rotary(
+        self, position_ids: torch.Tensor, dtype: torch.dtype, cache: KVCache | None = None, start: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) of `position_ids`. While decoding with a cache, the table of every position up to
+        the cache's length is computed once and indexed each step (the same float32 values: each entry depends
+        on its own position only); dynamic NTK scaling depends on the current length, so it is recomputed.
+        `start` says the positions are start .. start + T - 1 (the defaults): the table is then sliced."""
+        assert self.rope is not None
+        if cache is None or (self.rope.scaling is not None and self.rope.scaling["type"] == "dynamic"):
+            return self.rope(position_ids, dtype)
+        table = cache.memo.get("rope")
+        if table is None or table[0].dtype != dtype or table[0].device != position_ids.device:
+            table = cache.memo["rope"] = self.rope(torch.arange(cache.max_len, device=position_ids.device), dtype)
+        cos, sin = table  # (1, max_len, head_dim)
+        if start is not None:
+            end = start + position_ids.size(-1)
+            return cos[:, start:end], sin[:, start:end]
+        ids = position_ids if position_ids.dim() == 2 else position_ids[None]
+        return cos[0][ids], sin[0][ids]
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
+        """`attention_mask`: (B, T) padding or (B, 1, T, T) boolean mask; with a `cache` holding `past` tokens
+        a padding mask covers all past + T keys. `position_ids` default to past .. past + T - 1."""
         B, T = input_ids.shape
-        if self.config.position == "rope" and T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.config.max_seq_len}")
+        past = 0 if cache is None else cache.length
+        if self.config.position == "rope" and past + T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {past + T} exceeds model.max_seq_len={self.config.max_seq_len}")
+        default_start = past if position_ids is None else None
         if position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device)
+            position_ids = torch.arange(past, past + T, device=input_ids.device)
         x = self.wte(input_ids)
-        rope, mask = self.attention_inputs(attention_mask, position_ids, T, x.dtype)
-        for block in self.blocks:
-            x = block(x, rope, mask)
+        key_positions = cache.store_positions(position_ids) if cache is not None and self.rope is None else None
+        rope, mask = self.attention_inputs(
+            attention_mask, position_ids, T, x.dtype, past, key_positions, cache, default_start
+        )
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
         return self.lm_head(self.norm(x))
+
+    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to `max_len` tokens; stores n_kv_head heads."""
+        cfg = self.config
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the input embedding table unless it is tied (then it is the head)."""

@@ -8,6 +8,9 @@ Everything but the MLP is Llama's (`lmforge.models.llama`). After each forward t
     "expert_load": (E,) float *count* of token→expert assignments summed over all layers of the last
     forward (padding excluded when a (B, T) mask is given; sums to real tokens · k · n_layer)}.
 
+With a KV cache (incremental decoding, `forward(..., cache=)`) the routing statistics are not computed:
+`aux_loss` is None and `moe_metrics` empty, since generation needs neither.
+
 The load-balancing loss pools all layers' router logits exactly as HF `load_balancing_loss_func` does,
 so it equals the `aux_loss` a MixtralForCausalLM reports for the same weights and input.
 """
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.models.layers.kv_cache import KVCache
 from lmforge.models.layers.moe import MoEMLP, routing_stats
 from lmforge.models.llama import Llama, LlamaConfig
 
@@ -69,12 +73,16 @@ class Mixtral(Llama):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        logits = super().forward(input_ids, attention_mask, position_ids)
+        logits = super().forward(input_ids, attention_mask, position_ids, cache)
         router_logits = []
         for block in self.blocks:
             router_logits.append(block.mlp.router_logits)
             block.mlp.router_logits = None  # don't keep the graph alive past this call
+        if cache is not None:  # decoding: no loss to balance, and the statistics cost a pass over every layer
+            self.aux_loss, self.moe_metrics = None, {}
+            return logits
         token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         cfg = self.config
         balance, z_loss, load = routing_stats(router_logits, cfg.n_expert, cfg.n_expert_per_token, token_mask)

@@ -12,6 +12,11 @@ same logits:
 
 Masks follow `layers/masks.py` (boolean, True = attend) and are turned into one additive float bias per stack
 (position bias + masks), which both attention backends add to the scores.
+
+Incremental decoding: `decode(..., cache=model.make_cache(B, max_len))` stores the decoder's self-attention
+keys/values and, at the first call, each layer's cross-attention K/V of the encoder output, which later calls
+reuse (they may then pass `memory=None`). Position biases of the new tokens are those of their absolute
+decoder positions.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.models.config import ATTN_BACKENDS, FamilyConfig, require_choice, require_positive_ints
-from lmforge.models.layers.masks import build_attention_mask
+from lmforge.models.layers.kv_cache import KVCache
+from lmforge.models.layers.masks import build_attention_mask, causal_tril
 from lmforge.models.layers.norm import RMSNorm
 from lmforge.models.layers.relative_position import RelativePositionBias
 
@@ -138,15 +144,34 @@ class T5Attention(nn.Module):
         self.o = nn.Linear(inner, n_embd, bias=False)
 
     def forward(
-        self, x: torch.Tensor, bias: torch.Tensor | None, memory: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        memory: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        cross: bool = False,
     ) -> torch.Tensor:
         """x: (B, T, C) queries; memory: (B, S, C) keys/values for cross-attention (None = self-attention);
-        bias: additive, broadcastable to (B, n_head, T, S)."""
+        bias: additive, broadcastable to (B, n_head, T, S). With a `cache`, self-attention stores its keys and
+        values under `layer` and attends over all cached ones; cross-attention (`cross=True`) computes the
+        memory's K/V once and reuses them (memory may then be None)."""
         B, T, _ = x.shape
-        kv = x if memory is None else memory
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k(kv).view(B, -1, self.n_head, self.head_dim).transpose(1, 2)
-        v = self.v(kv).view(B, -1, self.n_head, self.head_dim).transpose(1, 2)
+        stored = cache.cross_kv(layer) if cache is not None and cross else None
+        if stored is not None:
+            k, v = stored
+        else:
+            kv = memory if cross else x
+            if kv is None:
+                raise ValueError("cross-attention needs the encoder output (memory) or a cache holding its K/V")
+            k = self.k(kv).view(B, -1, self.n_head, self.head_dim).transpose(1, 2)
+            v = self.v(kv).view(B, -1, self.n_head, self.head_dim).transpose(1, 2)
+            if cache is not None:
+                if cross:
+                    cache.set_cross_kv(layer, k, v)
+                else:
+                    k, v = cache.update(layer, k, v)
         p = self.dropout if self.training else 0.0
         if self.backend == "sdpa":
             mask = None if bias is None else bias.to(q.dtype)
@@ -189,6 +214,7 @@ class T5Block(nn.Module):
 
     def __init__(self, cfg: T5Config, cross: bool) -> None:
         super().__init__()
+        self.cross = cross
         self.ln_1 = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.attn = T5Attention(cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.dropout, cfg.attn_backend)
         if cross:
@@ -206,10 +232,12 @@ class T5Block(nn.Module):
         bias: torch.Tensor | None,
         memory: torch.Tensor | None = None,
         memory_bias: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
     ) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), bias))
-        if memory is not None:
-            x = x + self.drop(self.cross_attn(self.ln_cross(x), memory_bias, memory))
+        x = x + self.drop(self.attn(self.ln_1(x), bias, None, cache, layer))
+        if self.cross and (memory is not None or cache is not None):
+            x = x + self.drop(self.cross_attn(self.ln_cross(x), memory_bias, memory, cache, layer, cross=True))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -235,16 +263,21 @@ class T5Stack(nn.Module):
         mask: torch.Tensor | None,
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """x: (B, T, C) embeddings; mask: bool self-attention mask or None; memory_mask: bool (B, 1, 1, S)."""
+        """x: (B, T, C) embeddings; mask: bool self-attention mask (over past + T keys with a cache) or None;
+        memory_mask: bool (B, 1, 1, S); cache: the decoder's KV cache (`past` stored tokens precede x)."""
         T = x.size(1)
-        bias = self.position_bias(T, T).to(x.dtype)
+        past = 0 if cache is None else cache.length
+        bias = self.position_bias(T, past + T, past).to(x.dtype)
         if mask is not None:
             bias = bias + additive_mask(mask, bias.dtype)
         memory_bias = None if memory_mask is None else additive_mask(memory_mask, bias.dtype)
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, bias, memory, memory_bias)
+        for i, block in enumerate(self.blocks):
+            x = block(x, bias, memory, memory_bias, cache, i)
+        if cache is not None:
+            cache.advance(T)
         return self.drop(self.ln_f(x))
 
 
@@ -308,20 +341,25 @@ class T5(nn.Module):
     def decode(
         self,
         decoder_input_ids: torch.Tensor,
-        memory: torch.Tensor,
+        memory: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Decoder over (B, T) ids attending to `memory` (the encoder output) -> logits (B, T, vocab).
 
         `attention_mask` is the encoder's padding mask; `decoder_attention_mask` a (B, T) padding mask or a
-        complete (B, 1, T, T) boolean mask (causality is then the caller's business)."""
+        complete (B, 1, T, T) boolean mask (causality is then the caller's business). With a `cache` (from
+        `make_cache`) the ids are the new tokens after `cache.length` stored ones, a padding mask covers all
+        of them, and `memory` is only read at the first call (its K/V are cached)."""
         T = decoder_input_ids.size(1)
-        mask = build_attention_mask(decoder_attention_mask, T, decoder_input_ids.device, causal=True)
-        if mask is None:  # the bias is additive anyway: spell the causal mask out
-            mask = torch.ones(T, T, dtype=torch.bool, device=decoder_input_ids.device).tril()[None, None]
+        device = decoder_input_ids.device
+        past = 0 if cache is None else cache.length
+        mask = build_attention_mask(decoder_attention_mask, T, device, causal=True, past_len=past)
+        if mask is None and T > 1:  # the bias is additive anyway: spell the causal mask out
+            mask = causal_tril(T, past + T, device)[None, None]
         memory_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-        h = self.decoder(self.shared(decoder_input_ids), mask, memory, memory_mask)
+        h = self.decoder(self.shared(decoder_input_ids), mask, memory, memory_mask, cache)
         if self.config.tie_embeddings:
             h = h * self.config.n_embd**-0.5  # the tied N(0, 1) embedding would otherwise give huge logits
         return self.lm_head(h)
@@ -335,6 +373,11 @@ class T5(nn.Module):
     ) -> torch.Tensor:
         memory = self.encode(input_ids, attention_mask)
         return self.decode(decoder_input_ids, memory, attention_mask, decoder_attention_mask)
+
+    def make_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty decoder cache (self-attention K/V for up to `max_len` decoder tokens + cross-attention K/V)."""
+        cfg = self.config
+        return KVCache(cfg.decoder_depth, batch_size, cfg.n_head, cfg.head_dim, max_len)
 
     def shift_right(self, labels: torch.Tensor) -> torch.Tensor:
         """Decoder inputs for teacher forcing: [start, labels[:-1]], IGNORE_INDEX replaced by the pad id."""

@@ -18,5 +18,6 @@ class CausalLM(Objective):
         self.ignore_index = ignore_index
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}  # packed documents (data.document_mask)
+        logits = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), **extra)
         return token_nll(logits, batch["targets"], self.ignore_index)

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from lmforge.models.layers.masks import causal_tril
+
 
 def alibi_slopes(n_head: int, device: torch.device | None = None) -> torch.Tensor:
     """(n_head,) float32 slopes, computed as float32 powers like Bloom's so both give identical values."""
@@ -27,29 +29,38 @@ def alibi_slopes(n_head: int, device: torch.device | None = None) -> torch.Tenso
     return slopes
 
 
-def alibi_bias(slopes: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-    """(B or 1, H, T, T) float32 bias `slope_h · (pos_j - pos_i)`: 0 on the diagonal, negative to the past.
+def alibi_bias(slopes: torch.Tensor, position_ids: torch.Tensor, key_position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B or 1, H, T_q, T_k) float32 bias `slope_h · (pos_k - pos_q)`: 0 on the diagonal, negative to the past.
 
     Built from `position_ids` (not from array indices), so packed documents whose positions restart at 0
     get the same biases as if each were alone; left padding only shifts positions, which changes nothing.
+    `key_position_ids` (default: the queries' own) are the positions of all keys, e.g. cached ones + new.
     """
     if position_ids.dim() == 1:
         position_ids = position_ids[None]
-    pos = position_ids.float()
-    distance = pos[:, None, None, :] - pos[:, None, :, None]  # (B, 1, T_q, T_k): pos_k - pos_q
-    return slopes.to(pos.device)[None, :, None, None] * distance
+    if key_position_ids is None:
+        key_position_ids = position_ids
+    elif key_position_ids.dim() == 1:
+        key_position_ids = key_position_ids[None]
+    q_pos, k_pos = position_ids.float(), key_position_ids.float()
+    distance = k_pos[:, None, None, :] - q_pos[:, None, :, None]  # (B, 1, T_q, T_k): pos_k - pos_q
+    return slopes.to(q_pos.device)[None, :, None, None] * distance
 
 
 def alibi_attention_mask(
-    slopes: torch.Tensor, position_ids: torch.Tensor, allowed: torch.Tensor | None, dtype: torch.dtype
+    slopes: torch.Tensor,
+    position_ids: torch.Tensor,
+    allowed: torch.Tensor | None,
+    dtype: torch.dtype,
+    key_position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive float mask for attention: the ALiBi bias where `allowed`, -inf elsewhere.
 
-    `allowed` is the boolean mask of `masks.build_attention_mask` (None = plain causal). Attention layers
-    add a float mask to the scores (SDPA does the same with a float `attn_mask`).
+    `allowed` is the boolean mask of `masks.build_attention_mask` (None = plain causal, bottom-right aligned
+    when the keys outnumber the queries, as in a cached decode step). Attention layers add a float mask to
+    the scores (SDPA does the same with a float `attn_mask`).
     """
-    bias = alibi_bias(slopes, position_ids)
+    bias = alibi_bias(slopes, position_ids, key_position_ids)
     if allowed is None:
-        T = bias.size(-1)
-        allowed = torch.ones(T, T, dtype=torch.bool, device=bias.device).tril()
+        allowed = causal_tril(bias.size(-2), bias.size(-1), bias.device)
     return bias.masked_fill(~allowed, float("-inf")).to(dtype)

@@ -2,6 +2,8 @@
 
 `sdpa` (default) calls torch's scaled_dot_product_attention, which picks flash / memory-efficient / math
 kernels per device; `eager` spells the softmax out and is the readable reference the tests compare against.
+With a `KVCache` (layers/kv_cache.py) the new tokens' keys/values are stored and attention runs over all
+stored ones.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.models.layers.masks import build_attention_mask
+from lmforge.models.layers.kv_cache import KVCache
+from lmforge.models.layers.masks import build_attention_mask, causal_tril, is_causal_query
 
 
-def causal_padding_mask(attention_mask: torch.Tensor | None, seq_len: int, device: torch.device) -> torch.Tensor | None:
+def causal_padding_mask(
+    attention_mask: torch.Tensor | None, seq_len: int, device: torch.device, past_len: int = 0
+) -> torch.Tensor | None:
     """Causal AND not-padding boolean mask (True = may attend); see `masks.build_attention_mask`."""
-    return build_attention_mask(attention_mask, seq_len, device, causal=True)
+    return build_attention_mask(attention_mask, seq_len, device, causal=True, past_len=past_len)
 
 
 class CausalSelfAttention(nn.Module):
@@ -33,26 +38,30 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, C); mask: optional bool (B, 1, T, T) from `causal_padding_mask` (True = attend), or a
-        float (B or 1, H, T, T) mask added to the scores (ALiBi biases, -inf where not allowed)."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        """x: (B, T, C); mask: optional bool (B, 1, T, T_k) from `causal_padding_mask` (True = attend), or a
+        float (B or 1, H, T, T_k) mask added to the scores (ALiBi biases, -inf where not allowed).
+        `cache`: store this layer's (`layer`) keys/values and attend over every cached token (T_k = past + T)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         p = self.dropout if self.training else 0.0
         if mask is not None and mask.is_floating_point():
             mask = mask.to(q.dtype)  # an additive mask (ALiBi) in the query's dtype, as SDPA wants
         if self.backend == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal_query(mask, T))
         else:
             y = self._eager(q, k, v, mask, p)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.resid_dropout(self.proj(y))
+        y = self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.resid_dropout(y) if self.training else y  # eval: skip a no-op module call per layer and step
 
     def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
-        T = q.size(-2)
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
         if mask is None:
-            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            mask = causal_tril(q.size(-2), k.size(-2), q.device)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         weights = F.dropout(scores.softmax(dim=-1), p=p, training=p > 0)
         return weights @ v

@@ -7,7 +7,9 @@ and the K/V projections without changing anything else.
 `sdpa` calls torch's fused kernels (with `enable_gqa`, so K/V are never materialised per query head);
 `eager` spells the softmax out and is the readable reference. Both take the same mask: None (plain
 causal), a boolean (B or 1, 1, T, T) mask (True = may attend), or a float (B or 1, H, T, T) additive mask
-(e.g. ALiBi biases with -inf where attention is not allowed).
+(e.g. ALiBi biases with -inf where attention is not allowed). With a `KVCache` the keys/values of the new
+tokens (after RoPE: the cache stores rotated keys) are stored as n_kv_head heads and attention runs over all
+cached tokens; the mask then has past + T key columns.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.layers.kv_cache import KVCache
+from lmforge.models.layers.masks import causal_tril, is_causal_query
 from lmforge.models.layers.rope import apply_rotary
 
 
@@ -32,21 +36,29 @@ class GroupedQueryAttention(nn.Module):
         self.o_proj = nn.Linear(n_head * head_dim, n_embd, bias=bias)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None, mask: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
     ) -> torch.Tensor:
-        """x: (B, T, C); rope: (cos, sin) from `RotaryEmbedding` or None (e.g. ALiBi); mask: see module doc."""
+        """x: (B, T, C); rope: (cos, sin) from `RotaryEmbedding` or None (e.g. ALiBi); mask: see module doc;
+        cache: where this layer (`layer`) stores its keys/values, or None."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         if mask is not None and mask.is_floating_point():
             mask = mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype (bf16 under autocast)
         p = self.dropout if self.training else 0.0
         if self.backend == "sdpa":
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None, enable_gqa=self.n_kv_head != self.n_head
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal_query(mask, T), enable_gqa=self.n_kv_head != self.n_head
             )
         else:
             y = self._eager(q, k, v, mask, p)
@@ -56,9 +68,8 @@ class GroupedQueryAttention(nn.Module):
         group = self.n_head // self.n_kv_head
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # kv head j serves queries j·g .. j·g+g-1
         scores = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
-        T = q.size(-2)
         if mask is None:
-            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+            mask = causal_tril(q.size(-2), k.size(-2), q.device)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
         weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
         weights = F.dropout(weights, p=p, training=p > 0)

@@ -18,7 +18,8 @@ class GeluMLP(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.act(self.fc(x))))
+        y = self.proj(self.act(self.fc(x)))
+        return self.dropout(y) if self.training else y  # eval: skip a no-op module call (decoding runs this per token)
 
 
 class SwiGLU(nn.Module):

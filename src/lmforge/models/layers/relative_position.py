@@ -41,16 +41,18 @@ def relative_position_bucket(
 
 
 class RelativePositionBias(nn.Module):
-    """`forward(q_len, k_len) -> (1, n_head, q_len, k_len)`: the additive attention bias of a whole stack."""
+    """`forward(q_len, k_len, query_offset=0) -> (1, n_head, q_len, k_len)`: the additive attention bias of a
+    whole stack. `query_offset` places the queries at positions offset .. offset + q_len - 1 (the new tokens of
+    a cached decode step, after `offset` stored ones); keys are at 0 .. k_len - 1."""
 
     def __init__(self, n_head: int, num_buckets: int, max_distance: int, bidirectional: bool) -> None:
         super().__init__()
         self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
         self.relative_attention_bias = nn.Embedding(num_buckets, n_head)
 
-    def forward(self, q_len: int, k_len: int) -> torch.Tensor:
+    def forward(self, q_len: int, k_len: int, query_offset: int = 0) -> torch.Tensor:
         device = self.relative_attention_bias.weight.device
-        query = torch.arange(q_len, dtype=torch.long, device=device)[:, None]
+        query = torch.arange(query_offset, query_offset + q_len, dtype=torch.long, device=device)[:, None]
         key = torch.arange(k_len, dtype=torch.long, device=device)[None, :]
         bucket = relative_position_bucket(
             key - query, self.bidirectional, self.num_buckets, self.max_distance
