@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from functools import cache
 from pathlib import Path
@@ -271,7 +272,7 @@ def _capped(texts: Iterable[str], max_bytes: int | None) -> Iterator[str]:
             return
 
 
-class TokenizerSpec:
+class TokenizerSpec(ABC):
     """Settings of a tokenizer kind, training it on a corpus, and the cache keyed by corpus + settings.
 
     `special_tokens` maps roles to tokens (eos is required: it joins documents in the packed stream);
@@ -312,8 +313,9 @@ class TokenizerSpec:
     def special_list(self) -> list[str]:
         return list(dict.fromkeys(self.special_tokens.values()))
 
+    @abstractmethod
     def train(self, texts: Iterable[str]) -> Tokenizer:
-        raise NotImplementedError(f"{type(self).__name__} does not train")
+        """Fit a tokenizer of this kind on the train texts (a pretrained spec loads instead)."""
 
     def load_or_train(self, texts: Iterable[str], corpus_fingerprint: str, cache_dir: str | Path) -> Tokenizer:
         """Reuse `<cache_dir>/tokenizers/<hash>/tokenizer.json` when corpus and settings are unchanged."""

@@ -11,6 +11,7 @@ one (IGNORE_INDEX where nothing is to be predicted); objectives that need the un
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -31,7 +32,7 @@ class LossOutput:
     targets: torch.Tensor  # target ids, IGNORE_INDEX where not counted (bytes of counted ones -> val/bpb)
 
 
-class Objective:
+class Objective(ABC):
     """Base of all objectives: which model kinds it trains, which special tokens it needs."""
 
     name: ClassVar[str] = "objective"
@@ -41,15 +42,16 @@ class Objective:
         """Role -> token that must exist in the tokenizer (added when missing)."""
         return {}
 
-    def bind(self, tokenizer: Tokenizer) -> None:
+    def bind(self, tokenizer: Tokenizer) -> None:  # noqa: B027 - optional hook: clm and prefix_lm need no ids
         """Read the special ids this objective needs, once the tokenizer is final."""
 
     def model_seq_len(self, block_size: int, kind: str = "decoder") -> int:
         """Longest sequence a model of `kind` is fed for data blocks of `block_size` (checked against max_seq_len)."""
         return block_size
 
+    @abstractmethod
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        raise NotImplementedError
+        """Loss of `model` on `batch`, with the counts token-weighted metrics need."""
 
 
 def full_blocks(batch: dict[str, torch.Tensor]) -> torch.Tensor:
