@@ -35,11 +35,12 @@ def load_init_source(path: str | Path) -> InitSource:
     if not path.exists():
         raise CheckpointError(f"init_from={str(path)!r} does not exist. Fix: pass an lmforge .ckpt or a Hugging Face model directory.")
     if path.is_dir():
+        from lmforge.generation.loading import load_hf_tokenizer
         from lmforge.interop.hf import load_hf
 
         model = load_hf(path)
-        tok_file = path / "tokenizer.json"
-        tokenizer = Tokenizer.load(tok_file) if tok_file.is_file() else None
+        # eos/bos/pad roles from tokenizer_config.json, so a foreign tokenizer (Llama's </s>) keeps its specials
+        tokenizer = load_hf_tokenizer(path) if (path / "tokenizer.json").is_file() else None
         return InitSource(_model_cfg_dict(model.config), {k: v.float() for k, v in model.state_dict().items()}, tokenizer)
     ckpt = load_checkpoint(path)
     meta = ckpt["lmforge"]
