@@ -137,22 +137,9 @@ def run(argv: list[str]) -> list[dict]:
 
 
 def main(argv: list[str]) -> None:
-    rows = run(argv)
-    from rich.console import Console
-    from rich.table import Table
+    from lmforge.utils.bench_report import append_results, print_rows
 
+    rows = run(argv)
     for bench in ("generate", "speculative"):
-        subset = [r for r in rows if r["bench"] == bench]
-        if not subset:
-            continue
-        table = Table(title=f"lmforge {bench} (CPU, greedy)")
-        for key in subset[0]:
-            table.add_column(key)
-        for row in subset:
-            table.add_row(*(str(v) for v in row.values()))
-        Console().print(table)
-    out = ROOT / "logs" / "benchmark" / "results.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+        print_rows([r for r in rows if r["bench"] == bench], f"lmforge {bench} (CPU, greedy)")
+    append_results(rows, ROOT)

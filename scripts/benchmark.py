@@ -13,7 +13,6 @@ logs/benchmark/results.jsonl with the machine and settings, so numbers in the RE
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from lmforge.flops import device_peak_flops, model_flops_per_token  # noqa: E402
 from lmforge.models import build  # noqa: E402
 from lmforge.precision import resolve_precision  # noqa: E402
+from lmforge.utils.bench_report import append_results, print_rows  # noqa: E402
 
 
 def load_preset(name: str) -> dict:
@@ -122,21 +122,8 @@ def bench_data(argv: list[str]) -> None:
         dt = time.perf_counter() - t0
         rows.append({"bench": "train loader", "block": args.block, "batch": args.batch, "batches": n_batches,
                      "seconds": round(dt, 3), "ms_per_batch": round(1e3 * dt / n_batches, 3), **machine})
-    from rich.console import Console
-    from rich.table import Table
-
-    for row in rows:
-        table = Table(title=f"lmforge data: {row['bench']}")
-        table.add_column("key")
-        table.add_column("value")
-        for key, value in row.items():
-            table.add_row(key, str(value))
-        Console().print(table)
-    out = ROOT / "logs" / "benchmark" / "results.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+    print_rows(rows, "lmforge data", vertical=True)
+    append_results(rows, ROOT)
 
 
 def main() -> None:
@@ -163,20 +150,8 @@ def main() -> None:
     torch.manual_seed(0)
     device = torch.device(args.device)
     rows = [bench(name, args, device) for name in args.models]
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="lmforge training-step throughput")
-    for key in rows[0]:
-        table.add_column(key)
-    for row in rows:
-        table.add_row(*(str(v) for v in row.values()))
-    Console().print(table)
-    out = ROOT / "logs" / "benchmark" / "results.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as fh:
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
+    print_rows(rows, "lmforge training-step throughput")
+    append_results(rows, ROOT)
 
 
 if __name__ == "__main__":
