@@ -240,17 +240,10 @@ class SpanCorruption(Objective):
         return inputs, input_mask, labels
 
     def text_blocks(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(blocks (B, T+1), n_real (B,)): `full_blocks` with each row's text first, padding (val tail) after.
-
-        full_blocks pads a tail row from its last real input on, but the row's last real token is its last
-        real target: it is put back, so the tail's n_real = (real targets) + 1 tokens are all corrupted.
-        """
-        blocks, targets = full_blocks(batch), batch["targets"]
-        n_targets = (targets != self.ignore_index).sum(dim=1, keepdim=True)
-        last = targets.gather(1, (n_targets - 1).clamp(min=0)).where(
-            n_targets > 0, blocks.gather(1, n_targets)
-        )
-        return blocks.scatter(1, n_targets, last), n_targets.squeeze(1) + 1
+        """(blocks (B, T+1), n_real (B,)): `full_blocks` (each row's text first, the val tail's padding after)
+        and the number of text tokens per row (real targets + the first input)."""
+        n_targets = (batch["targets"] != self.ignore_index).sum(dim=1)
+        return full_blocks(batch), n_targets + 1
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
         blocks, n_real = self.text_blocks(batch)
