@@ -215,6 +215,16 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """`attention_mask`: (B, T) padding or (B, 1, T, T) boolean mask; with a `cache` holding `past` tokens
         a padding mask covers all past + T keys. `position_ids` default to past .. past + T - 1."""
+        return self.lm_head(self.hidden_states(input_ids, attention_mask, position_ids, cache))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The final normed hidden states (B, T, n_embd): what reward and value heads read instead of logits."""
         B, T = input_ids.shape
         past = 0 if cache is None else cache.length
         if self.config.position == "rope" and past + T > self.config.max_seq_len:
@@ -231,7 +241,7 @@ class Llama(nn.Module):
             x = block(x, rope, mask, cache, i)
         if cache is not None:
             cache.advance(T)
-        return self.lm_head(self.norm(x))
+        return self.norm(x)
 
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` tokens; stores n_kv_head heads."""

@@ -68,27 +68,28 @@ class Mixtral(Llama):
     def make_mlp(self, cfg: MixtralConfig) -> nn.Module:  # type: ignore[override]
         return MoEMLP(cfg.n_embd, cfg.intermediate_size, cfg.n_expert, cfg.n_expert_per_token)
 
-    def forward(
+    def hidden_states(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
-        logits = super().forward(input_ids, attention_mask, position_ids, cache)
+        """Llama's hidden states, plus the routing statistics of this pass (`aux_loss`, `moe_metrics`)."""
+        hidden = super().hidden_states(input_ids, attention_mask, position_ids, cache)
         router_logits = []
         for block in self.blocks:
             router_logits.append(block.mlp.router_logits)
             block.mlp.router_logits = None  # don't keep the graph alive past this call
         if cache is not None:  # decoding: no loss to balance, and the statistics cost a pass over every layer
             self.aux_loss, self.moe_metrics = None, {}
-            return logits
+            return hidden
         token_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
         cfg = self.config
         balance, z_loss, load = routing_stats(router_logits, cfg.n_expert, cfg.n_expert_per_token, token_mask)
         self.aux_loss = cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z_loss
         self.moe_metrics = {"aux_loss": balance.detach(), "z_loss": z_loss.detach(), "expert_load": load.detach()}
-        return logits
+        return hidden
 
     def expert_params(self) -> int:
         """Parameters of one expert (all experts of all layers have the same shape)."""
