@@ -11,9 +11,16 @@ from omegaconf import DictConfig  # noqa: E402
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from lmforge.cli import run_entry
-    from lmforge.run import train
 
-    metrics = run_entry(train, cfg)
+    def checked_train(cfg: DictConfig) -> dict[str, float]:
+        from lmforge.preflight import preflight
+
+        preflight(cfg)  # a bad config fails here in seconds, before Lightning is imported or data is read
+        from lmforge.run import train
+
+        return train(cfg)
+
+    metrics = run_entry(checked_train, cfg)
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric and metrics else None  # what Hydra sweepers optimise
 

@@ -45,3 +45,17 @@ def load_init_source(path: str | Path) -> InitSource:
     ckpt = load_checkpoint(path)
     meta = ckpt["lmforge"]
     return InitSource(dict(meta["config"]["model"]), model_state_dict(ckpt), Tokenizer.from_json(meta["tokenizer"]))
+
+
+def grow_vocab(state_dict: dict[str, torch.Tensor], old_vocab: int, new_vocab: int) -> dict[str, torch.Tensor]:
+    """Add rows for tokens the run added (ChatML markers for SFT) to every (vocab, d) table: the embedding
+    and an untied LM head. New rows are the mean of the old ones (as HF's `resize_token_embeddings`), so the
+    new tokens start at an average embedding instead of noise that would dominate the first logits."""
+    if new_vocab <= old_vocab:
+        return state_dict
+    grown = dict(state_dict)
+    for key, tensor in state_dict.items():
+        if tensor.dim() == 2 and tensor.size(0) == old_vocab and key.endswith(("wte.weight", "lm_head.weight", "embed_tokens.weight", "shared.weight")):
+            extra = tensor.float().mean(dim=0, keepdim=True).expand(new_vocab - old_vocab, -1).to(tensor.dtype)
+            grown[key] = torch.cat([tensor, extra], dim=0)
+    return grown

@@ -22,11 +22,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lmforge.checkpoint import load_checkpoint, model_state_dict, resolve_ckpt_path
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import ConfigError
-from lmforge.init_from import load_init_source
-from lmforge.models import config_from
+from lmforge.init_from import grow_vocab, load_init_source
 from lmforge.objectives import Objective
-from lmforge.objectives.registry import objectives_for
 from lmforge.precision import resolve_precision
+from lmforge.preflight import build_objective, check_config
 from lmforge.utils.config_tree import print_config_tree
 from lmforge.utils.io import atomic_write_text
 
@@ -55,6 +54,9 @@ def build_data(
     datamodule = instantiate(cfg.data, _convert_="all")
     corpus = datamodule.corpus
     tokenizer = tokenizer or build_tokenizer(cfg, corpus)
+    specials = datamodule.special_tokens() if hasattr(datamodule, "special_tokens") else {}
+    if specials and tokenizer.add_special_tokens(specials):  # e.g. ChatML markers for SFT, before the vocab is sized
+        log.info("data %s added special tokens %s", type(datamodule).__name__, sorted(specials.values()))
     if objective is not None:
         if cfg.data.get("document_mask") and objective.name != "clm":
             raise ConfigError("data.document_mask", f"is supported with objective=clm only, not {objective.name}", "set data.document_mask=false")
@@ -71,33 +73,6 @@ def bind_objective(objective: Objective, tokenizer: Tokenizer) -> None:
     objective.bind(tokenizer)
 
 
-def build_objective(cfg: DictConfig) -> Objective:
-    """Instantiate the objective and check it can train this model family (bert + clm is refused here)."""
-    objective = instantiate(cfg.objective, _convert_="all")
-    kind = config_from(cfg.model, vocab_size=cfg.model.get("vocab_size") or 1).kind
-    if kind not in objective.supported_kinds:
-        fits = objectives_for(kind)
-        raise ConfigError(
-            "objective",
-            f"{objective.name} cannot train model.family={cfg.model.family} (model kind: {kind}; "
-            f"{objective.name} trains: {' or '.join(objective.supported_kinds)})",
-            f"use objective={' or objective='.join(fits)}" if fits else "choose another model family",
-        )
-    return objective
-
-
-def check_config(cfg: DictConfig) -> Objective:
-    """Cross-group checks no single group can make; each names the key and the fix. Returns the objective."""
-    model_cfg = config_from(cfg.model, vocab_size=cfg.model.get("vocab_size") or 1)  # model errors before any data work
-    objective = build_objective(cfg)
-    block, max_len = cfg.data.block_size, cfg.model.max_seq_len
-    needed = objective.model_seq_len(block, model_cfg.kind)
-    if needed > max_len:
-        what = f"{block}" if needed == block else f"{block} ({objective.name} feeds the model {needed} tokens)"
-        raise ConfigError("data.block_size", f"{what} exceeds model.max_seq_len={max_len}", f"lower data.block_size or raise model.max_seq_len to >= {needed}")
-    return objective
-
-
 def build_stage(
     cfg: DictConfig, tokenizer: Tokenizer, metadata: dict[str, Any], for_training: bool = True, objective: Objective | None = None
 ) -> L.LightningModule:
@@ -105,9 +80,11 @@ def build_stage(
     if objective is None:
         objective = build_objective(cfg)
         bind_objective(objective, tokenizer)
-    return instantiate(
+    peft = OmegaConf.to_container(cfg.peft, resolve=True) if cfg.get("peft") is not None else None
+    stage = instantiate(
         cfg.stage,
         model_cfg=model_cfg,
+        peft=peft,
         objective=objective,
         optimizer=instantiate(cfg.optimizer, _convert_="all") if for_training else None,
         scheduler=instantiate(cfg.scheduler, _convert_="all") if for_training and cfg.get("scheduler") else None,
@@ -116,6 +93,8 @@ def build_stage(
         _convert_="all",
         _recursive_=False,  # metadata holds the resolved config, whose `_target_`s are data, not objects
     )
+    stage.tokenizer = tokenizer
+    return stage
 
 
 def wandb_offline_needed() -> bool:
@@ -138,6 +117,20 @@ def build_loggers(cfg: DictConfig, wandb_id: str | None) -> tuple[list[Any], str
             loggers.append(instantiate(node, _convert_="all"))
         log.debug("logger %s: %s", name, node._target_)
     return loggers, wandb_id
+
+
+def adapt_to_stage(cfg: DictConfig, stage: L.LightningModule) -> None:
+    """Stage-specific trainer settings: RL stages optimise manually (several PPO epochs per batch of rollouts),
+    so Lightning's clipping moves into the stage; stages that are judged by reward checkpoint on it."""
+    with open_dict(cfg):
+        if not stage.automatic_optimization:
+            stage.max_grad_norm = cfg.trainer.get("gradient_clip_val")
+            cfg.trainer.gradient_clip_val = None
+            cfg.trainer.accumulate_grad_batches = 1
+        monitor = getattr(stage, "checkpoint_monitor", None)
+        checkpoint = (cfg.get("callbacks") or {}).get("checkpoint")
+        if monitor is not None and checkpoint is not None and checkpoint.get("monitor") == "val/loss":
+            checkpoint.monitor, checkpoint.mode = monitor
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -207,6 +200,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             cfg.model.vocab_size = tokenizer.vocab_size
         if ckpt_path:
             cfg.ckpt_path = ckpt_path
+    if init is not None and tokenizer.vocab_size > cfg.model.vocab_size:  # the data added tokens (ChatML): grow the tables
+        init.state_dict = grow_vocab(init.state_dict, cfg.model.vocab_size, tokenizer.vocab_size)
+        log.info("init_from: vocab %d -> %d (new rows = mean embedding)", cfg.model.vocab_size, tokenizer.vocab_size)
+        with open_dict(cfg):
+            cfg.model.vocab_size = tokenizer.vocab_size
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}", "leave model.vocab_size=null")
 
@@ -219,12 +217,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     stage = build_stage(cfg, tokenizer, metadata, objective=objective)
     if init is not None:
         stage.initial_weights = init.state_dict
+    adapt_to_stage(cfg, stage)
     trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
     try:
         for lg in loggers:
             lg.log_hyperparams(resolved)
         trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         save_final_last(trainer)
+        if stage.peft_cfg is not None and trainer.is_global_zero:  # the small file to share: trainable weights only
+            from lmforge.peft import save_adapter
+
+            save_adapter(stage.model, output_dir / "checkpoints" / "adapter.safetensors", stage.peft_cfg)
         metrics = _floats(trainer.callback_metrics)
         if cfg.get("validate_full_at_end", True) and trainer.state.status.value == "finished":
             trainer.limit_val_batches = 1.0  # the reported figure covers the whole val split

@@ -34,8 +34,8 @@ class SampleGeneration(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self.prompts or trainer.datamodule is None:
             return
-        if getattr(pl_module.model.config, "kind", "decoder") != "decoder":
-            return  # left-to-right sampling needs a decoder; encoders (BERT) and T5 are skipped
+        if getattr(pl_module.model.config, "kind", "decoder") != "decoder" or not hasattr(pl_module.model, "lm_head"):
+            return  # left-to-right sampling needs a decoder LM; encoders (BERT), T5 and reward models are skipped
         tokenizer = trainer.datamodule.tokenizer
         gen = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         rows = []

@@ -42,8 +42,9 @@ class PerfMonitor(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         peak = self.peak_flops or device_peak_flops(pl_module.device)
         self._throughput = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window_size)
-        seq_len = trainer.datamodule.block_size if trainer.datamodule is not None else pl_module.model.config.max_seq_len
-        self._flops_per_token = model_flops_per_token(pl_module.model, seq_len)
+        data = trainer.datamodule
+        seq_len = getattr(data, "block_size", None) or getattr(data, "max_length", None) or pl_module.model.config.max_seq_len
+        self._flops_per_token = model_flops_per_token(getattr(pl_module.model, "backbone", pl_module.model), seq_len)
         self._elapsed, self._batches, self._samples, self._tokens = 0.0, 0, 0, 0
         self._log_every = self.log_every_n_steps or trainer.log_every_n_steps
         self._prev_end: float | None = None  # end of the previous training step (None after validation)
@@ -68,9 +69,10 @@ class PerfMonitor(L.Callback):
         self._elapsed += now - self._t0
         self._busy += now - self._t0
         self._prev_end = now
-        tokens = int(batch["input_ids"].numel())
+        id_keys = [k for k in batch if k.endswith("input_ids")]  # preference batches: chosen_ + rejected_input_ids
+        tokens = sum(int(batch[k].numel()) for k in id_keys)
         self._batches += 1
-        self._samples += int(batch["input_ids"].size(0))
+        self._samples += int(batch[id_keys[0]].size(0)) if id_keys else 0
         self._tokens += tokens
         assert self._throughput is not None
         self._throughput.update(

@@ -34,9 +34,13 @@ class LMStage(L.LightningModule):
         token_bytes: torch.Tensor | None = None,
         compile: bool | str = False,
         metadata: dict[str, Any] | None = None,
+        peft: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model_cfg = model_cfg
+        self.peft_cfg = peft if peft and peft.get("method", "none") != "none" else None
+        self.peft_report: Any = None
+        self.tokenizer: Any = None  # set by run.py: stages that decode (RL rewards) or stop on special ids need it
         self.objective = objective
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -53,12 +57,33 @@ class LMStage(L.LightningModule):
         """Build here (not in __init__) so strategies can build under init_module / shard per block."""
         if self.model is not None:
             return
-        self.model = build(self.model_cfg)
-        if self.initial_weights is not None:
-            self.model.load_state_dict(self.initial_weights, strict=True)
-            self.initial_weights = None  # a reference to GBs of tensors is not kept for the whole run
+        self.model = self.build_model()
+        self.initial_weights = None  # a reference to GBs of tensors is not kept for the whole run
+        self.build_frozen_models()
+        if self.peft_cfg is not None:
+            from lmforge.peft import apply_peft
+
+            self.peft_report = apply_peft(self.model, self.peft_cfg)
         if self.should_compile():
             self.model.compile()  # in place: state_dict keys stay free of `_orig_mod.`
+
+    def build_model(self) -> nn.Module:
+        """The trained module, with `init_from` weights loaded. Reward models wrap it in a scalar head."""
+        model = build(self.model_cfg)
+        if self.initial_weights is not None:
+            model.load_state_dict(self.initial_weights, strict=True)
+        return model
+
+    def build_frozen_models(self) -> None:  # noqa: B027 - optional hook: DPO / RL stages add a reference model here
+        """Frozen companions (reference policy, reward model), built after the model and before PEFT wraps it."""
+
+    def on_fit_start(self) -> None:
+        """Log how much of the model trains (LoRA: ~1%): the first thing to check in a PEFT run."""
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        stats = {"model/trainable_params": float(trainable), "model/trainable_pct": 100.0 * trainable / max(total, 1)}
+        for logger in self.loggers:  # apply_peft already logged the same line for PEFT runs
+            logger.log_metrics(stats, step=0)
 
     def should_compile(self) -> bool:
         """`compile: auto` compiles on CUDA only: on CPU it measured no faster for small GPTs, after ~30 s of compiling."""
@@ -75,13 +100,16 @@ class LMStage(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.objective(self.model, batch)
         self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True)
-        if self.trainer is not None and self.trainer.optimizers:
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=False)
+        self.log_lr()
         aux = getattr(self.model, "aux_loss", None)  # mixture-of-experts: weighted load-balancing + z-loss
         if aux is None:
             return out.loss
         self.log_moe_metrics()
         return out.loss + aux
+
+    def log_lr(self) -> None:
+        if self._trainer is not None and self.trainer.optimizers:
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, prog_bar=False)
 
     def log_moe_metrics(self) -> None:
         """`moe/aux_loss`, `moe/z_loss` and the share of routed tokens per expert (`moe/expert_load/e<i>`)."""
@@ -135,4 +163,4 @@ class LMStage(L.LightningModule):
     # --- checkpoints ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Everything eval/generate need besides weights: resolved config, tokenizer, W&B run id."""
-        checkpoint["lmforge"] = {"schema_version": SCHEMA_VERSION, **self.metadata}
+        checkpoint["lmforge"] = {"schema_version": SCHEMA_VERSION, **self.metadata, "peft": self.peft_cfg, "stage": type(self).__name__}

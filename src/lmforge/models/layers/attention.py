@@ -9,6 +9,7 @@ stored ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,13 @@ from torch import nn
 
 from lmforge.models.layers.kv_cache import KVCache
 from lmforge.models.layers.masks import build_attention_mask, causal_tril, is_causal_query
+
+# Prefix tuning's hook (lmforge.peft.prefix): (k, v, mask, q_len) -> (k, v, mask) with learned keys/values
+# put before the tokens' ones. It runs after the cache update: the cache and token positions are untouched.
+KVPrefixHook = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor | None, int],
+    tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+]
 
 
 def causal_padding_mask(
@@ -27,6 +35,8 @@ def causal_padding_mask(
 
 class CausalSelfAttention(nn.Module):
     """Causal multi-head attention, GPT-2 layout: one Linear for Q, K, V and one output projection."""
+
+    kv_prefix: KVPrefixHook | None = None  # set per instance by prefix tuning (lmforge.peft.prefix)
 
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, backend: str = "sdpa") -> None:
         super().__init__()
@@ -48,6 +58,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if self.kv_prefix is not None:
+            k, v, mask = self.kv_prefix(k, v, mask, T)
         p = self.dropout if self.training else 0.0
         if mask is not None and mask.is_floating_point():
             mask = mask.to(q.dtype)  # an additive mask (ALiBi) in the query's dtype, as SDPA wants

@@ -18,12 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.layers.attention import KVPrefixHook
 from lmforge.models.layers.kv_cache import KVCache
 from lmforge.models.layers.masks import causal_tril, is_causal_query
 from lmforge.models.layers.rope import apply_rotary
 
 
 class GroupedQueryAttention(nn.Module):
+    kv_prefix: KVPrefixHook | None = None  # set per instance by prefix tuning (lmforge.peft.prefix)
+
     def __init__(
         self, n_embd: int, n_head: int, n_kv_head: int, head_dim: int, dropout: float = 0.0, bias: bool = False, backend: str = "sdpa"
     ) -> None:
@@ -53,6 +56,8 @@ class GroupedQueryAttention(nn.Module):
             q, k = apply_rotary(q, k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if self.kv_prefix is not None:
+            k, v, mask = self.kv_prefix(k, v, mask, T)
         if mask is not None and mask.is_floating_point():
             mask = mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype (bf16 under autocast)
         p = self.dropout if self.training else 0.0

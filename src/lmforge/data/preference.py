@@ -1,0 +1,80 @@
+"""Preference data (reward model, DPO): a prompt with a chosen and a rejected completion.
+
+Prompts are rendered exactly as for SFT, so a SFT model is in-distribution. Batch (right-padded, chosen and
+rejected to the same width T so a stage can run them as one (2B, T) forward):
+`chosen_input_ids`, `chosen_targets`, `chosen_attention_mask`, `rejected_input_ids`, `rejected_targets`,
+`rejected_attention_mask`. Targets are -100 except on the completion and its end tokens; both completions
+keep the same (left-truncated) prompt tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+
+from lmforge.data.examples import Example, RecordsDataModule, build_pair, check_max_length, pad_examples
+from lmforge.data.tokenizer import Tokenizer
+
+
+def collate_pairs(batch: Sequence[tuple[Example, Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(max(len(c), len(r)) for c, r in batch)
+    out = {}
+    for name, side in (("chosen", 0), ("rejected", 1)):
+        for key, value in pad_examples([pair[side] for pair in batch], pad_id, width).items():
+            out[f"{name}_{key}"] = value
+    return out
+
+
+class PreferenceDataModule(RecordsDataModule):
+    """`source`: {kind: shakespeare|jsonl|hf, ...} (shakespeare: rejected = the next speech, words shuffled);
+    `max_length`: input positions per completion sequence (prompt + completion + end)."""
+
+    record_kind = "preference"
+
+    def __init__(
+        self,
+        source: Mapping[str, Any] | None = None,
+        template: str = "chatml",
+        system_prompt: str | None = None,
+        max_length: int = 128,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        seed: int | None = 0,
+        num_workers: int = 0,
+        max_examples: int | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        check_max_length(max_length, [0, 0])
+        super().__init__(
+            source,
+            template,
+            system_prompt,
+            batch_size,
+            val_batch_size,
+            seed,
+            num_workers,
+            max_examples,
+            tokenizer,
+        )
+        self.max_length = max_length
+
+    def pairs(self, records: list[dict[str, Any]]) -> list[tuple[Example, Example]]:
+        template = self.template()
+        check_max_length(self.max_length, template.end_ids)
+        prompts = template.encode_prompts([r["prompt"] for r in records])
+        chosen = template.encode_completions([r["chosen"] for r in records])
+        rejected = template.encode_completions([r["rejected"] for r in records])
+        return [
+            build_pair(p, c, r, template.end_ids, self.max_length)
+            for p, c, r in zip(prompts, chosen, rejected)
+        ]
+
+    def _tokenize(self, split: str, records: list[dict[str, Any]]) -> list[Any]:
+        return self.pairs(records)
+
+    def _collate(self) -> Any:
+        assert self.tokenizer is not None
+        return partial(collate_pairs, pad_id=self.tokenizer.pad_id)

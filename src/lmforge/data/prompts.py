@@ -1,0 +1,100 @@
+"""Prompts for on-policy stages (PPO, GRPO): the policy completes them, a reward scores the completions.
+
+Prompts are rendered as for SFT (chatml: through `<|im_start|>assistant\\n`; plain: prompt + "\\n"), so the
+completion starts where a SFT response would. Batch: `input_ids` (B, P) LEFT-padded (every row ends at the
+last column, where generation continues), `attention_mask` (B, P) 1 = real token, `prompts` (list[str], the
+prompt as plain text) and `metadata` (list[dict], the record's other fields, e.g. `next_speaker`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+
+from lmforge.data.examples import RecordsDataModule
+from lmforge.data.records import prompt_text
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    ids: tuple[int, ...]
+    prompt: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def collate_prompts(batch: Sequence[PromptItem], pad_id: int) -> dict[str, Any]:
+    width = max(len(item.ids) for item in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, item in enumerate(batch):
+        n = len(item.ids)
+        ids[i, width - n :] = torch.tensor(item.ids, dtype=torch.long)
+        mask[i, width - n :] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "prompts": [b.prompt for b in batch],
+        "metadata": [dict(b.metadata) for b in batch],
+    }
+
+
+class PromptDataModule(RecordsDataModule):
+    """`source`: {kind: shakespeare|jsonl|hf, ...}; `max_prompt_length`: prompt tokens kept (from the
+    right, so
+    the assistant header stays; the completion budget is the stage's `max_new_tokens`)."""
+
+    record_kind = "prompts"
+
+    def __init__(
+        self,
+        source: Mapping[str, Any] | None = None,
+        template: str = "chatml",
+        system_prompt: str | None = None,
+        max_prompt_length: int = 96,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        seed: int | None = 0,
+        num_workers: int = 0,
+        max_examples: int | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        if not isinstance(max_prompt_length, int) or max_prompt_length < 1:
+            raise ConfigError(
+                "data.max_prompt_length",
+                f"must be a positive integer, got {max_prompt_length!r}",
+                "set data.max_prompt_length=96",
+            )
+        super().__init__(
+            source,
+            template,
+            system_prompt,
+            batch_size,
+            val_batch_size,
+            seed,
+            num_workers,
+            max_examples,
+            tokenizer,
+        )
+        self.max_prompt_length = max_prompt_length
+
+    def items(self, records: list[dict[str, Any]]) -> list[PromptItem]:
+        encoded = self.template().encode_prompts([r["prompt"] for r in records])
+        return [
+            PromptItem(
+                tuple(ids[-self.max_prompt_length :]), prompt_text(r["prompt"]), dict(r.get("metadata") or {})
+            )
+            for ids, r in zip(encoded, records)
+        ]
+
+    def _tokenize(self, split: str, records: list[dict[str, Any]]) -> list[Any]:
+        return self.items(records)
+
+    def _collate(self) -> Any:
+        assert self.tokenizer is not None
+        return partial(collate_prompts, pad_id=self.tokenizer.pad_id)

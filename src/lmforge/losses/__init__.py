@@ -1,0 +1,61 @@
+"""Pure loss functions for post-training stages (SFT, reward modelling, DPO, PPO, GRPO): tensors in, tensors out."""
+
+from lmforge.losses.logprobs import (
+    entropy_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    sequence_logprobs,
+    token_logprobs,
+)
+from lmforge.losses.policy import (
+    GRPO_NORMALIZATIONS,
+    KL_KINDS,
+    SCALE_REWARDS,
+    GRPOLossOutput,
+    PPOPolicyLossOutput,
+    PPOValueLossOutput,
+    gae,
+    group_advantages,
+    grpo_loss,
+    kl_penalty,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from lmforge.losses.preference import (
+    DPO_LOSS_TYPES,
+    DPOLossOutput,
+    PreferenceLossOutput,
+    bradley_terry_loss,
+    dpo_loss,
+    dpo_uses_average_logps,
+)
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "GRPO_NORMALIZATIONS",
+    "KL_KINDS",
+    "SCALE_REWARDS",
+    "DPOLossOutput",
+    "GRPOLossOutput",
+    "PPOPolicyLossOutput",
+    "PPOValueLossOutput",
+    "PreferenceLossOutput",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "dpo_uses_average_logps",
+    "entropy_from_logits",
+    "gae",
+    "group_advantages",
+    "grpo_loss",
+    "kl_penalty",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "sequence_logprobs",
+    "token_logprobs",
+]

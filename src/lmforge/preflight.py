@@ -1,0 +1,104 @@
+"""Checks a composed config before any work starts: no data is read and Lightning is not imported.
+
+A misconfigured run must fail in seconds with the key, the bad value and the fix, not after minutes of
+tokenization or deep inside Lightning. Each check here is cross-group (no single group can make it) or
+about the machine (CUDA-only strategies). `run.train` calls the same checks again after `init_from` has
+replaced the model, so they hold for the architecture that actually trains.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from lmforge.errors import ConfigError
+from lmforge.models import config_from
+from lmforge.objectives import Objective
+from lmforge.objectives.registry import objectives_for
+
+# Which datamodules each stage can train on (by class name: the classes import Lightning, this module doesn't).
+STAGE_DATA: dict[str, tuple[tuple[str, ...], str]] = {
+    "PretrainStage": (("PackedTextDataModule",), "data=shakespeare (or text_files, hf_dataset, mixture)"),
+    "SFTStage": (("SFTDataModule",), "data=sft_shakespeare or data=sft_jsonl"),
+    "RewardStage": (("PreferenceDataModule",), "data=pref_shakespeare or data=pref_jsonl"),
+    "DPOStage": (("PreferenceDataModule",), "data=pref_shakespeare or data=pref_jsonl"),
+    "PPOStage": (("PromptDataModule",), "data=prompts_shakespeare or data=prompts_jsonl"),
+    "GRPOStage": (("PromptDataModule",), "data=prompts_shakespeare or data=prompts_jsonl"),
+}
+CUDA_ONLY_STRATEGIES = ("DeepSpeedStrategy",)
+PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
+
+
+def _class_name(node: Any) -> str:
+    target = node.get("_target_", "") if isinstance(node, (dict, DictConfig)) else ""
+    return str(target).rsplit(".", 1)[-1]
+
+
+def build_objective(cfg: DictConfig) -> Objective:
+    """Instantiate the objective and check it can train this model family (bert + clm is refused here)."""
+    objective = instantiate(cfg.objective, _convert_="all")
+    kind = config_from(cfg.model, vocab_size=cfg.model.get("vocab_size") or 1).kind
+    if kind not in objective.supported_kinds:
+        fits = objectives_for(kind)
+        raise ConfigError(
+            "objective",
+            f"{objective.name} cannot train model.family={cfg.model.family} (model kind: {kind}; "
+            f"{objective.name} trains: {' or '.join(objective.supported_kinds)})",
+            f"use objective={' or objective='.join(fits)}" if fits else "choose another model family",
+        )
+    return objective
+
+
+def check_config(cfg: DictConfig) -> Objective:
+    """Model, objective and sequence-length checks; returns the objective (run.py binds it to the tokenizer)."""
+    model_cfg = config_from(cfg.model, vocab_size=cfg.model.get("vocab_size") or 1)  # model errors before any data work
+    objective = build_objective(cfg)
+    block = cfg.data.get("block_size", cfg.data.get("max_length"))
+    max_len = cfg.model.max_seq_len
+    if block is not None:
+        needed = objective.model_seq_len(block, model_cfg.kind)
+        key = "data.block_size" if "block_size" in cfg.data else "data.max_length"
+        if needed > max_len:
+            what = f"{block}" if needed == block else f"{block} ({objective.name} feeds the model {needed} tokens)"
+            raise ConfigError(key, f"{what} exceeds model.max_seq_len={max_len}", f"lower {key} or raise model.max_seq_len to >= {needed}")
+    return objective
+
+
+def check_stage_data(cfg: DictConfig) -> None:
+    """`stage=dpo` on raw text (or pretraining on preference pairs) would fail late or train on garbage."""
+    stage, data = _class_name(cfg.get("stage")), _class_name(cfg.get("data"))
+    allowed = STAGE_DATA.get(stage)
+    if allowed is not None and data and data not in allowed[0]:
+        raise ConfigError("data", f"{data} cannot feed stage {stage}", f"use {allowed[1]}")
+
+
+def check_machine(cfg: DictConfig) -> None:
+    """Strategies and accelerators that need CUDA, and precision spelling, checked before anything loads."""
+    import torch
+
+    trainer = cfg.get("trainer") or {}
+    precision = str(trainer.get("precision", "auto"))
+    if precision not in PRECISIONS:
+        raise ConfigError("trainer.precision", f"{precision!r} is not a Lightning precision", f"use one of {list(PRECISIONS)}")
+    if torch.cuda.is_available():
+        return
+    strategy = _class_name(cfg.get("strategy") or {})
+    if strategy in CUDA_ONLY_STRATEGIES:
+        raise ConfigError("strategy", f"{strategy} needs CUDA GPUs and none is visible (Lightning refuses it on CPU)",
+                          "use strategy=ddp or strategy=fsdp on CPU, or run on a GPU machine")
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda"):
+        raise ConfigError("trainer.accelerator", f"{accelerator} but no CUDA GPU is visible", "use trainer.accelerator=auto (or cpu)")
+    if precision in ("16-mixed", "16-true"):
+        raise ConfigError("trainer.precision", f"{precision} needs a CUDA GPU (fp16 on CPU is emulated and unstable)",
+                          "use trainer.precision=32-true or bf16-mixed on CPU")
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Every check that needs no data: called by train.py before Lightning is even imported."""
+    check_machine(cfg)
+    check_stage_data(cfg)
+    if not cfg.get("init_from"):  # with init_from the checkpoint decides the model: run.train checks it after loading
+        check_config(cfg)

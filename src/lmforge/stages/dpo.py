@@ -1,0 +1,79 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) against a frozen reference policy.
+
+The reference is a frozen copy of the starting (SFT) weights, or — under PEFT — the same model with its
+adapters switched off (no second copy in memory). Sequence log-probabilities are summed over completion
+tokens (averaged for IPO, as TRL does); losses: `sigmoid` (DPO, with label smoothing = conservative DPO),
+`ipo` (Azar et al. 2023), `robust` (Chowdhury et al. 2024). The reference is part of the checkpoint, so a
+resumed run keeps comparing against the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lmforge.losses import dpo_loss, dpo_uses_average_logps, sequence_logprobs
+from lmforge.stages.base import LMStage
+from lmforge.stages.pairs import stack_pairs
+
+METRICS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy")
+
+
+class DPOStage(LMStage):
+    def __init__(self, *args: Any, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        dpo_loss(*(torch.zeros(1),) * 4, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)  # bad settings fail at start
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.reference: nn.Module | None = None
+        self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in METRICS})
+
+    def build_frozen_models(self) -> None:
+        if self.peft_cfg is None:  # under PEFT the reference is the base model with adapters disabled
+            self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
+
+    def reference_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if self.reference is not None:
+                self.reference.eval()  # Lightning's model.train() reaches it too: keep dropout off
+                return self.reference(ids, attention_mask=mask)
+            from lmforge.peft import adapters_disabled
+
+            with adapters_disabled(self.model):
+                return self.model(ids, attention_mask=mask)
+
+    def step(self, batch: dict[str, torch.Tensor]) -> Any:
+        ids, mask, targets = stack_pairs(batch)
+        average = dpo_uses_average_logps(self.loss_type)
+        policy = sequence_logprobs(self.model(ids, attention_mask=mask), targets, average=average)
+        reference = sequence_logprobs(self.reference_logits(ids, mask), targets, average=average)
+        pc, pr = policy.chunk(2)
+        rc, rr = reference.chunk(2)
+        return dpo_loss(pc, pr, rc, rr, beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.step(batch)
+        self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True)
+        self.log_dict({
+            "dpo/chosen_reward": out.chosen_rewards.mean(), "dpo/rejected_reward": out.rejected_rewards.mean(),
+            "dpo/margin": out.margin, "dpo/accuracy": out.accuracy,
+        }, on_step=True)
+        self.log_lr()
+        return out.loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self.step(batch)
+        n = batch["chosen_input_ids"].size(0)
+        values = {"loss": out.loss, "chosen_reward": out.chosen_rewards.mean(), "rejected_reward": out.rejected_rewards.mean(),
+                  "margin": out.margin, "accuracy": out.accuracy}
+        for name, value in values.items():
+            self.val_metrics[name].update(value.detach().float(), n)
+
+    def on_validation_epoch_end(self) -> None:
+        values = {name: metric.compute() for name, metric in self.val_metrics.items()}
+        self.log_dict({"val/loss": values.pop("loss"), **{f"val/dpo/{k}": v for k, v in values.items()}}, prog_bar=True)
+        for metric in self.val_metrics.values():
+            metric.reset()

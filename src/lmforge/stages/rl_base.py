@@ -1,0 +1,177 @@
+"""What PPO and GRPO share: sampling rollouts inside the training step, rewards, the frozen reference policy,
+manual optimisation (several updates per batch of rollouts) and reward-based validation.
+
+Rewards come from a Python function (`reward: keyword`, `length`, or a `_target_`; see `lmforge.rewards`)
+or a reward-model checkpoint (`reward_model: <path>`, trained with `stage=reward`). Validation samples one
+greedy completion per held-out prompt and logs `val/reward_mean`, which checkpoints monitor (higher is
+better). `max_steps` counts optimizer steps: `updates_per_batch` of them per batch of prompts.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from lmforge.checkpoint import load_checkpoint
+from lmforge.errors import ConfigError
+from lmforge.losses import masked_mean
+from lmforge.models.heads import ScalarHeadModel, scalar_model_from_state
+from lmforge.stages.base import LMStage
+from lmforge.stages.rollout import Rollout, rollout_logprobs, sample_rollout
+
+
+def load_reward_model(path: str, vocab_size: int) -> ScalarHeadModel:
+    """A frozen reward model from a `stage=reward` checkpoint; its tokenizer must be the policy's."""
+    ckpt = load_checkpoint(path)
+    meta = ckpt["lmforge"]
+    if meta.get("stage") != "RewardStage":
+        raise ConfigError("stage.reward_model", f"{path} was written by {meta.get('stage') or 'an older lmforge'}, not stage=reward", "pass a checkpoint from `python train.py stage=reward ...`")
+    model_cfg = dict(meta["config"]["model"])
+    if model_cfg.get("vocab_size") != vocab_size:
+        raise ConfigError("stage.reward_model", f"its vocab ({model_cfg.get('vocab_size')}) differs from the policy's ({vocab_size})",
+                          "train the reward model from the same SFT checkpoint (same tokenizer) as the policy")
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    return scalar_model_from_state(model_cfg, state).requires_grad_(False).eval()
+
+
+class RLStage(LMStage):
+    """Base of PPO and GRPO. Subclasses implement `update(rollout)`: the optimisation on one batch of rollouts."""
+
+    checkpoint_monitor = ("val/reward_mean", "max")
+
+    def __init__(
+        self,
+        *args: Any,
+        reward: str | Mapping[str, Any] | None = "keyword",
+        reward_model: str | None = None,
+        num_generations: int = 1,
+        max_new_tokens: int = 48,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        beta: float = 0.0,
+        updates_per_batch: int = 1,
+        val_max_new_tokens: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.automatic_optimization = False
+        if reward_model is None and reward is None:
+            raise ConfigError("stage.reward", "is null and no stage.reward_model is given", "set stage.reward=keyword (or length) or stage.reward_model=<reward ckpt>")
+        for key, value in (("num_generations", num_generations), ("max_new_tokens", max_new_tokens), ("updates_per_batch", updates_per_batch)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"stage.{key}", f"must be a positive integer, got {value!r}", f"set stage.{key}=<int >= 1>")
+        if beta < 0:
+            raise ConfigError("stage.beta", f"must be >= 0, got {beta}", "set stage.beta=0 (no KL term) or a small positive value")
+        self.reward_fn: Callable[..., torch.Tensor] | None = None
+        if reward_model is None:
+            from lmforge.rewards import build_reward
+
+            self.reward_fn = build_reward(reward)
+        self.reward_model_path = reward_model
+        self.num_generations, self.max_new_tokens = num_generations, max_new_tokens
+        self.val_max_new_tokens = val_max_new_tokens or max_new_tokens
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.beta, self.updates_per_batch = beta, updates_per_batch
+        self.max_grad_norm: float | None = None  # run.py moves trainer.gradient_clip_val here (manual optimisation)
+        self.reference: nn.Module | None = None
+        self.reward_model: ScalarHeadModel | None = None
+        self.val_reward, self.val_length = MeanMetric(), MeanMetric()
+
+    # --- models --------------------------------------------------------------------------------------
+    def needs_reference(self) -> bool:
+        return self.beta > 0
+
+    def build_frozen_models(self) -> None:
+        if self.needs_reference() and self.peft_cfg is None:
+            self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if self.reward_model_path is not None:
+            self.reward_model = load_reward_model(self.reward_model_path, self.model.config.vocab_size)
+
+    def reference_context(self) -> AbstractContextManager[Any]:
+        if self.reference is not None:
+            return nullcontext()
+        from lmforge.peft import adapters_disabled
+
+        return adapters_disabled(self.model)
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        model = self.reference if self.reference is not None else self.model
+        if self.reference is not None:
+            self.reference.eval()  # Lightning's .train() on the stage reaches it too: keep dropout off
+        with self.reference_context():
+            return rollout_logprobs(model, rollout)[0]
+
+    # --- rollouts and rewards ------------------------------------------------------------------------
+    def stop_ids(self) -> list[int]:
+        tok = self.tokenizer
+        ids = [tok.eos_id] if tok.eos_id is not None else []
+        im_end = tok.hf.token_to_id("<|im_end|>")
+        return ids + ([im_end] if im_end is not None else [])
+
+    def rollout(self, batch: dict[str, Any], greedy: bool = False) -> Rollout:
+        return sample_rollout(
+            self.model, batch, tokenizer=self.tokenizer, num_generations=1 if greedy else self.num_generations,
+            max_new_tokens=self.val_max_new_tokens if greedy else self.max_new_tokens, stop_ids=self.stop_ids(),
+            pad_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0,
+            temperature=0.0 if greedy else self.temperature, top_k=None if greedy else self.top_k, top_p=None if greedy else self.top_p,
+        )
+
+    @torch.no_grad()
+    def scores(self, rollout: Rollout) -> torch.Tensor:
+        """One reward per completion (N,), float32 on the model's device."""
+        if self.reward_model is not None:
+            self.reward_model.eval()
+            return self.reward_model.score(rollout.ids, rollout.attention_mask, rollout.position_ids).float()
+        assert self.reward_fn is not None
+        return self.reward_fn(rollout.prompts, rollout.completions, rollout.metadata).to(self.device).float()
+
+    # --- optimisation --------------------------------------------------------------------------------
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """One manual update: backward, clip, step, schedule (what automatic optimisation would do)."""
+        optimizer = self.optimizers()
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        rollout = self.rollout(batch)
+        rewards = self.scores(rollout)
+        logs = self.update(rollout, rewards)  # defined by PPOStage / GRPOStage: returns the rl/* metrics
+        lengths = rollout.lengths().float()
+        self.log_dict({
+            "rl/reward_mean": rewards.mean(), "rl/reward_std": rewards.std() if rewards.numel() > 1 else torch.zeros(()),
+            "rl/completion_len": lengths.mean(), **logs,
+        }, on_step=True, prog_bar=False)
+        self.log("train/loss", logs["rl/loss"], on_step=True, prog_bar=True)
+        self.log_lr()
+
+    # --- validation ----------------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        rollout = self.rollout(batch, greedy=True)
+        rewards = self.scores(rollout)
+        self.val_reward.update(rewards)
+        self.val_length.update(rollout.lengths().float())
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({"val/reward_mean": self.val_reward.compute(), "val/completion_len": self.val_length.compute()}, prog_bar=True)
+        self.val_reward.reset()
+        self.val_length.reset()
+
+
+def mean_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(policy || reference) per sequence (summed over its tokens, k1 estimate), averaged over sequences."""
+    per_seq = ((logp - ref_logp) * mask).sum(dim=1)
+    return per_seq.mean() if per_seq.numel() else masked_mean(logp, mask)

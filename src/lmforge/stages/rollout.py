@@ -1,0 +1,97 @@
+"""Rollouts for RL stages: sample completions with the KV-cached generator, then score them token by token.
+
+A rollout holds prompt + completion ids, the completion mask (tokens up to and including the first stop
+token: what the policy is accountable for) and the texts the reward functions read. Log-probabilities of a
+rollout are recomputed with one teacher-forced forward using the positions generation used (counted from
+each row's first real token), so the PPO/GRPO ratio starts at exactly 1 up to float noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.generation import generate
+from lmforge.generation.state import positions_from_mask
+from lmforge.losses import entropy_from_logits, token_logprobs
+from lmforge.objectives.base import IGNORE_INDEX
+
+
+@dataclass
+class Rollout:
+    ids: torch.Tensor  # (N, P + L) prompt (left-padded) + completion
+    attention_mask: torch.Tensor  # (N, P + L): prompt padding and everything after the stop token are 0
+    prompt_len: int  # P
+    completion_mask: torch.Tensor  # (N, L) bool
+    prompts: list[str]
+    completions: list[str] = field(default_factory=list)
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """Completion tokens as next-token targets of positions P-1 .. P+L-2 (IGNORE_INDEX after the stop)."""
+        completion = self.ids[:, self.prompt_len :]
+        return completion.masked_fill(~self.completion_mask, IGNORE_INDEX)
+
+    @property
+    def position_ids(self) -> torch.Tensor:
+        return positions_from_mask(self.attention_mask)
+
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(dim=1)
+
+
+def completion_mask(completion: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+    """True up to and including each row's first stop token (all True when the row never stopped)."""
+    if not stop_ids:
+        return torch.ones_like(completion, dtype=torch.bool)
+    is_stop = torch.isin(completion, torch.tensor(list(stop_ids), device=completion.device))
+    stopped_before = (is_stop.long().cumsum(dim=1) - is_stop.long()) > 0
+    return ~stopped_before
+
+
+@torch.no_grad()
+def sample_rollout(
+    model: nn.Module,
+    batch: dict[str, Any],
+    *,
+    tokenizer: Any,
+    num_generations: int,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """`num_generations` completions of every prompt in `batch` (rows i·G .. i·G+G-1 share prompt i)."""
+    ids = batch["input_ids"].repeat_interleave(num_generations, dim=0)
+    mask = batch["attention_mask"].repeat_interleave(num_generations, dim=0)
+    seqs = generate(
+        model, ids, attention_mask=mask, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, eos_token_id=list(stop_ids) or None, pad_token_id=pad_id, generator=generator,
+    )
+    seqs = seqs.clone()  # out of inference mode: the training forward saves these ids for backward
+    P = ids.size(1)
+    completion = seqs[:, P:]
+    done = completion_mask(completion, stop_ids)
+    full_mask = torch.cat([mask.long(), done.long()], dim=1)
+    prompts = [p for p in batch["prompts"] for _ in range(num_generations)]
+    metadata = [m for m in batch.get("metadata", [{}] * len(batch["prompts"])) for _ in range(num_generations)]
+    stops = set(stop_ids)
+    texts = [tokenizer.decode([t for t in row[: int(n)].tolist() if t not in stops]) for row, n in zip(completion, done.sum(1))]
+    return Rollout(seqs, full_mask, P, done, prompts, texts, metadata)
+
+
+def rollout_logprobs(model: nn.Module, rollout: Rollout, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (N, L) of the completion under `model` (0 where masked), and optionally entropies."""
+    logits = model(rollout.ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids)
+    logits = logits[:, rollout.prompt_len - 1 : -1]
+    logp = token_logprobs(logits, rollout.targets)
+    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+    return logp, entropy

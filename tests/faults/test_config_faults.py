@@ -1,0 +1,81 @@
+"""Bad configs fail before any work starts, in-process, with the key, the bad value and the fix.
+
+Each case composes the real `conf/` tree with Hydra's compose API and runs `lmforge.preflight` (what
+train.py runs before importing Lightning or reading data), so the whole table runs in about a second.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import CONF, ROOT
+from hydra import compose, initialize_config_dir
+
+from lmforge.errors import LmforgeError
+from lmforge.preflight import preflight
+
+CASES = {
+    "n_kv_head not dividing n_head": (["model.n_kv_head=3"], "model.n_kv_head: n_kv_head=3 does not divide n_head=4"),
+    "n_embd not divisible by n_head": (["model.n_embd=130"], "model.n_embd: n_embd=130 is not divisible by n_head=4"),
+    "odd RoPE head dim": (["model.n_embd=100"], "model.n_embd: head_dim=25 is odd"),
+    "block_size above max_seq_len": (["data.block_size=512"], "data.block_size: 512 exceeds model.max_seq_len=256"),
+    "objective that cannot train the family": (["model=bert-tiny"], "objective: clm cannot train model.family=bert"),
+    "mlm on a decoder": (["objective=mlm"], "objective: mlm cannot train model.family=llama"),
+    "unknown model key": (["+model.n_layers=3"], "model.n_layers: unknown key"),
+    "wrong type for a model key": (["model.n_layer=two"], "model.n_layer"),
+    "negative layer count": (["model.n_layer=-1"], "model.n_layer"),
+    "deepspeed on a CPU machine": (["strategy=deepspeed_zero2"], "strategy: DeepSpeedStrategy needs CUDA GPUs"),
+    "deepspeed offload on a CPU machine": (["strategy=deepspeed_zero3_offload"], "strategy: DeepSpeedStrategy needs CUDA GPUs"),
+    "fp16 on CPU": (["trainer.precision=16-mixed"], "trainer.precision: 16-mixed needs a CUDA GPU"),
+    "misspelled precision": (["trainer.precision=bf16-mixd"], "trainer.precision: 'bf16-mixd' is not a Lightning precision"),
+    "gpu accelerator without a GPU": (["trainer.accelerator=gpu"], "trainer.accelerator: gpu but no CUDA GPU is visible"),
+    "dpo on raw text": (["stage=dpo"], "data: PackedTextDataModule cannot feed stage DPOStage. Fix: use data=pref_shakespeare"),
+    "reward model on raw text": (["stage=reward"], "data: PackedTextDataModule cannot feed stage RewardStage"),
+    "grpo without prompts": (["stage=grpo", "data=sft_shakespeare"], "data: SFTDataModule cannot feed stage GRPOStage"),
+    "pretraining on preference pairs": (["data=pref_shakespeare"], "data: PreferenceDataModule cannot feed stage PretrainStage"),
+    "sliding window not positive": (["model.sliding_window=0"], "model.sliding_window"),
+    "unknown rope scaling": (["+model.rope_scaling={type: cubic, factor: 2.0}"], "model.rope_scaling"),
+}
+
+
+def composed(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_config_fails_in_preflight_with_key_and_fix(name: str, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # CI has no GPU; a dev box with one gets the same answer
+    overrides, expected = CASES[name]
+    cfg = composed(overrides)
+    with pytest.raises(LmforgeError) as info:
+        preflight(cfg)
+    assert expected in str(info.value)
+    assert "Fix:" in str(info.value)
+
+
+def test_misspelled_override_key_is_refused_by_hydra_before_any_import():
+    """A typo'd key on the command line never reaches lmforge: Hydra's struct mode refuses it."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="max_stpes"):
+        composed(["trainer.max_stpes=10"])
+
+
+def test_default_config_passes_preflight():
+    preflight(composed([]))
+
+
+@pytest.mark.slow
+def test_cli_config_error_does_not_import_lightning(tmp_path):
+    """The CLI path: a bad config exits 2 with one line, and Lightning (7 s of imports here) is never loaded."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "train.py"), "model.n_kv_head=3", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "error: model.n_kv_head" in proc.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")]
+    assert imported and not any(name == "lightning" or name.startswith("lightning.") for name in imported)
