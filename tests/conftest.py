@@ -38,3 +38,18 @@ def run_cli(script: str, *overrides: str, timeout: int = 300, env: dict[str, str
 @pytest.fixture(scope="session")
 def cli():
     return run_cli
+
+
+def train_in_process(overrides: list[str], output_dir: Path) -> dict[str, float]:
+    """`python train.py overrides...` without a subprocess (saves ~5 s of imports per run): compose the same
+    config, point the run dir at `output_dir`, and run preflight + train as train.py does."""
+    from hydra import compose, initialize_config_dir
+
+    from lmforge.preflight import preflight
+    from lmforge.run import train
+
+    os.environ.setdefault("LMFORGE_ROOT", str(ROOT))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+    preflight(cfg)
+    return train(cfg)

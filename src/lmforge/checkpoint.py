@@ -46,5 +46,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def model_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The bare model's weights from a stage checkpoint (drops the `model.` prefix)."""
-    return {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    """The bare model's weights from a stage checkpoint (drops the `model.` prefix).
+
+    A LoRA run's checkpoint holds base + low-rank weights; they are merged here (W + α/r·BA), so every consumer
+    (generate, eval, export, init_from) gets plain weights with the architecture's own keys."""
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    meta = ckpt.get("lmforge", {})
+    peft = meta.get("peft")
+    if not peft:
+        return state
+    if peft.get("method") != "lora":
+        raise CheckpointError(
+            f"this checkpoint was trained with peft={peft.get('method')}, whose weights cannot be merged into the base model. "
+            "Fix: load it on the base with lmforge.peft.load_adapter(model, <run dir>/checkpoints/adapter.safetensors), "
+            "or train with peft=lora for a mergeable checkpoint"
+        )
+    from lmforge.models import build
+    from lmforge.models.heads import ScalarHeadModel
+    from lmforge.peft import apply_peft, merge_peft
+
+    model = build(dict(meta["config"]["model"]))
+    if meta.get("stage") == "RewardStage":
+        model = ScalarHeadModel(model)
+    apply_peft(model, peft)
+    model.load_state_dict(state, strict=True)
+    return merge_peft(model).state_dict()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,11 +21,12 @@ from lmforge.errors import ConfigError
 RewardFn = Callable[[list[str], list[str], list[dict]], torch.Tensor]
 
 
-class Reward:
+class Reward(ABC):
     """Base: subclasses score one completion in `one`; `__call__` batches it."""
 
+    @abstractmethod
     def one(self, prompt: str, completion: str, metadata: Mapping[str, Any]) -> float:
-        raise NotImplementedError
+        """The reward of one completion (higher = better)."""
 
     def __call__(
         self,
@@ -41,13 +43,14 @@ class Reward:
 class KeywordReward(Reward):
     """`per_hit` for each keyword occurrence, counted up to `max_hits` (None: no cap). Whole words by default
     ("king" does not hit "kingdom"); the defaults are words the plays use so often that a small model already
-    says them now and then, so RL has a signal to amplify from the first batch. Case-insensitive by default,
-    so a speaker name counts too ("KING LEAR: ..."): case_sensitive=True counts only the lowercase words."""
+    says them now and then, so RL has a signal to amplify from the first batch. Case-sensitive by default: the
+    completions start with an upper-case speaker name ("KING LEAR: ..."), which would otherwise score for free
+    (a Shakespeare SFT model's greedy answers scored 1.0 case-insensitive, 0.05 case-sensitive: no room to learn)."""
 
     def __init__(
         self,
         keywords: Sequence[str] = ("love", "lord", "king"),
-        case_sensitive: bool = False,
+        case_sensitive: bool = True,
         per_hit: float = 1.0,
         max_hits: int | None = 1,
         whole_word: bool = True,

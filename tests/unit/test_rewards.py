@@ -17,9 +17,11 @@ def values(reward, completions: list[str], metadata=None) -> list[float]:
 
 def test_keyword_reward() -> None:
     texts = ["My LORD, the king!", "kingdom and lovely", "love love love", "nothing here"]
-    assert values(KeywordReward(), texts) == [1.0, 0.0, 1.0, 0.0]  # whole words, capped at one hit
-    assert values(KeywordReward(max_hits=None, per_hit=0.5), texts) == [1.0, 0.0, 1.5, 0.0]
-    assert values(KeywordReward(max_hits=2), texts) == [2.0, 0.0, 2.0, 0.0]
+    assert values(KeywordReward(case_sensitive=False), texts) == [1.0, 0.0, 1.0, 0.0]  # whole words, capped at one hit
+    assert values(KeywordReward(), texts) == [1.0, 0.0, 1.0, 0.0]  # case-sensitive: "king" still hits, "LORD" doesn't
+    assert values(KeywordReward(max_hits=None, per_hit=0.5, case_sensitive=False), texts) == [1.0, 0.0, 1.5, 0.0]
+    assert values(KeywordReward(max_hits=2, case_sensitive=False), texts) == [2.0, 0.0, 2.0, 0.0]
+    assert values(KeywordReward(max_hits=2), texts) == [1.0, 0.0, 2.0, 0.0]
     assert values(KeywordReward(["lord"], case_sensitive=True), texts) == [0.0, 0.0, 0.0, 0.0]
     assert values(KeywordReward(["king", "love"], whole_word=False, max_hits=None), texts) == [
         1.0,

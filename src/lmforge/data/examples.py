@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -227,7 +228,7 @@ def subsample(records: list[Any], n: int | None) -> list[Any]:
 
 
 # --- the datamodule base ---------------------------------------------------------------------------
-class RecordsDataModule(L.LightningDataModule):
+class RecordsDataModule(L.LightningDataModule, ABC):
     """Records from `source` (`records.load_source`) → token examples in `setup` → seeded, resumable batches.
 
     Subclasses set `record_kind` and implement `_tokenize(split, records)` and `_collate()`. `.corpus` holds
@@ -294,11 +295,13 @@ class RecordsDataModule(L.LightningDataModule):
             )
         return Template(self.template_name, self.tokenizer, self.system_prompt)
 
+    @abstractmethod
     def _tokenize(self, split: str, records: list[dict[str, Any]]) -> list[Any]:
-        raise NotImplementedError
+        """The split's records as token examples (what the loaders batch)."""
 
+    @abstractmethod
     def _collate(self) -> Any:
-        raise NotImplementedError
+        """The collate function of this kind's batches."""
 
     def setup(self, stage: str | None = None) -> None:
         """Tokenize both splits once (kept in memory: post-training sets are small)."""

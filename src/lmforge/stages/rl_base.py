@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lmforge.checkpoint import load_checkpoint
+from lmforge.checkpoint import load_checkpoint, model_state_dict
 from lmforge.errors import ConfigError
 from lmforge.losses import masked_mean
 from lmforge.models.heads import ScalarHeadModel, scalar_model_from_state
@@ -36,8 +36,7 @@ def load_reward_model(path: str, vocab_size: int) -> ScalarHeadModel:
     if model_cfg.get("vocab_size") != vocab_size:
         raise ConfigError("stage.reward_model", f"its vocab ({model_cfg.get('vocab_size')}) differs from the policy's ({vocab_size})",
                           "train the reward model from the same SFT checkpoint (same tokenizer) as the policy")
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    return scalar_model_from_state(model_cfg, state).requires_grad_(False).eval()
+    return scalar_model_from_state(model_cfg, model_state_dict(ckpt)).requires_grad_(False).eval()
 
 
 class RLStage(LMStage):
