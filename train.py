@@ -21,8 +21,9 @@ def main(cfg: DictConfig) -> float | None:
         return train(cfg)
 
     metrics = run_entry(checked_train, cfg)
-    metric = cfg.get("optimized_metric")
-    return metrics.get(metric) if metric and metrics else None  # what Hydra sweepers optimise
+    from lmforge.sweeps import trial_score  # a diverged run or a missing/NaN metric: a bad score, not a crash
+
+    return trial_score(metrics, cfg) if cfg.get("optimized_metric") else None  # what Hydra sweepers optimise
 
 
 if __name__ == "__main__":

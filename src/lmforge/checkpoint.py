@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +12,35 @@ import torch
 
 from lmforge.errors import CheckpointError
 
+log = logging.getLogger("lmforge")
+
 
 def find_last_checkpoint(log_dir: str | Path, task_name: str, exclude: str | Path | None = None) -> Path:
-    """`ckpt_path=last`: the newest `last.ckpt` among this task's runs."""
+    """`ckpt_path=last`: the newest *loadable* checkpoint among this task's runs.
+
+    Candidates are every run's `checkpoints/last.ckpt` and periodic `step-*.ckpt` (callbacks.periodic), newest first,
+    last.ckpt first on a tie. A truncated or corrupted file (a kill mid-write by a tool that does not write
+    atomically, a full disk, a bad copy) is skipped with a warning naming it, so one bad file does not lose the run."""
     runs = Path(log_dir) / task_name / "runs"
-    found = [p for p in runs.glob("*/checkpoints/last.ckpt") if exclude is None or Path(exclude) not in p.parents]
+    found = [p for pattern in ("*/checkpoints/last.ckpt", "*/checkpoints/step-*.ckpt") for p in runs.glob(pattern)
+             if exclude is None or Path(exclude) not in p.parents]
     if not found:
         raise CheckpointError(f"ckpt_path=last: no {runs}/*/checkpoints/last.ckpt exists. Fix: train first, or pass ckpt_path=<file>.")
-    return max(found, key=lambda p: p.stat().st_mtime)
+    bad: list[str] = []
+    for path in sorted(found, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True):
+        try:
+            load_checkpoint(path)
+        except CheckpointError as err:
+            bad.append(str(path))
+            warnings.warn(f"ckpt_path=last: skipping unreadable checkpoint {path}: {err}", stacklevel=2)
+            continue
+        if bad:
+            log.warning("ckpt_path=last: %d newer checkpoint(s) unreadable (%s); resuming from %s", len(bad), ", ".join(bad), path)
+        return path
+    raise CheckpointError(
+        f"ckpt_path=last: none of the {len(found)} checkpoint(s) under {runs}/*/checkpoints is readable "
+        f"(newest: {bad[0]}). Fix: pass ckpt_path=<a good .ckpt file>, or start fresh with ckpt_path=null."
+    )
 
 
 def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str, exclude: str | Path | None = None) -> str | None:

@@ -1,4 +1,5 @@
-"""Shared wrapper for the Hydra entry points: user errors become one clear line and exit code 2."""
+"""Shared wrapper for the Hydra entry points: user errors become one clear line and exit code 2; any other
+exception leaves `<run dir>/crash.txt` (traceback, time, step) before it propagates."""
 
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ def run_entry(fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     except Exception as err:
         cause = user_error(err)
         if cause is None:
+            from lmforge.tracking import record_crash
+
+            record_crash(cfg, err)
             raise
         print(f"error: {cause}", file=sys.stderr, flush=True)
         sys.exit(2)

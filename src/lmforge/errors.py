@@ -21,3 +21,7 @@ class DataError(LmforgeError):
 
 class CheckpointError(LmforgeError):
     """A checkpoint path is missing or the file is not an lmforge checkpoint."""
+
+
+class TrainingDivergedError(LmforgeError):
+    """Too many optimizer steps were skipped for a non-finite loss or gradient (`stage.max_skipped_steps`)."""

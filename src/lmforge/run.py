@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmforge.checkpoint import load_checkpoint, model_state_dict, resolve_ckpt_path
+from lmforge.checkpoint_io import AtomicCheckpointIO
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import ConfigError
 from lmforge.init_from import grow_vocab, load_init_source
@@ -106,13 +107,16 @@ def wandb_offline_needed() -> bool:
 
 
 def build_loggers(cfg: DictConfig, wandb_id: str | None) -> tuple[list[Any], str | None]:
+    from lmforge.tracking import wandb_overrides  # offline without a key, sweep group, no upload offline
+
     loggers: list[Any] = []
     for name, node in (cfg.get("logger") or {}).items():
         if node is None or "_target_" not in node:
             continue
         if node._target_.endswith("WandbLogger"):
             wandb_id = wandb_id or secrets.token_hex(4)  # chosen here so checkpoints can carry it for resume
-            loggers.append(instantiate(node, id=wandb_id, offline=bool(node.get("offline")) or wandb_offline_needed(), _convert_="all"))
+            offline = bool(node.get("offline")) or wandb_offline_needed()
+            loggers.append(instantiate(node, id=wandb_id, **wandb_overrides(cfg, node, offline), _convert_="all"))
         else:
             loggers.append(instantiate(node, _convert_="all"))
         log.debug("logger %s: %s", name, node._target_)
@@ -152,7 +156,11 @@ def resolve_trainer_precision(cfg: DictConfig) -> None:
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Any]) -> L.Trainer:
     resolve_trainer_precision(cfg)
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=build_strategy(cfg), _convert_="all")
+    strategy = build_strategy(cfg)
+    # checkpoints written atomically (temp + fsync + rename); DeepSpeed/FSDP instances write their own shards
+    plugins = [AtomicCheckpointIO()] if isinstance(strategy, str) and cfg.trainer.get("plugins") is None else None
+    extra = {"plugins": plugins} if plugins else {}
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy, _convert_="all", **extra)
 
 
 def save_final_last(trainer: L.Trainer) -> None:
@@ -211,7 +219,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     resolve_trainer_precision(cfg)  # before the config is saved, so it records what actually runs
     loggers, wandb_id = build_loggers(cfg, resume_meta.get("wandb_id"))
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    metadata = {"config": resolved, "tokenizer": tokenizer.to_json(), "wandb_id": wandb_id}
+    from lmforge.tracking import log_hyperparams, run_metadata
+
+    run_meta = run_metadata(cfg, tokenizer, datamodule)  # + <run dir>/run_meta.json (and git.diff when dirty)
+    metadata = {"config": resolved, "tokenizer": tokenizer.to_json(), "wandb_id": wandb_id, "run": run_meta}
     if L.fabric.utilities.rank_zero.rank_zero_only.rank == 0:
         print_config_tree(cfg, save_to=output_dir / "config.yaml")
     stage = build_stage(cfg, tokenizer, metadata, objective=objective)
@@ -220,8 +231,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     adapt_to_stage(cfg, stage)
     trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
     try:
-        for lg in loggers:
-            lg.log_hyperparams(resolved)
+        log_hyperparams(loggers, resolved, run_meta)  # config (nested for W&B, dotted keys elsewhere) + meta/*
         trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         save_final_last(trainer)
         if stage.peft_cfg is not None and trainer.is_global_zero:  # the small file to share: trainable weights only
@@ -231,7 +241,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics = _floats(trainer.callback_metrics)
         if cfg.get("validate_full_at_end", True) and trainer.state.status.value == "finished":
             trainer.limit_val_batches = 1.0  # the reported figure covers the whole val split
-            metrics.update(_floats(trainer.validate(stage, datamodule=datamodule, verbose=False)[0]))
+            metrics.update(_floats(trainer.validate(stage, datamodule=datamodule, verbose=False, weights_only=True)[0]))
         if trainer.is_global_zero:
             atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
             log.info("final metrics: %s", json.dumps({k: round(v, 4) for k, v in metrics.items() if k.startswith("val/")}))
@@ -274,7 +284,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             with open_dict(cfg):
                 cfg.trainer.accelerator, cfg.trainer.precision = "cpu", "32-true"
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
-    metrics = _floats(trainer.validate(stage, datamodule=datamodule, verbose=False)[0])
+    metrics = _floats(trainer.validate(stage, datamodule=datamodule, verbose=False, weights_only=True)[0])
     head = {"ckpt_path": str(cfg.ckpt_path), **({"quantize": cfg.quantize} if cfg.get("quantize") else {})}
     print(json.dumps({**head, **{k: round(v, 5) for k, v in metrics.items()}}, indent=2))
     atomic_write_text(Path(cfg.paths.output_dir) / "metrics.json", json.dumps(metrics, indent=2))

@@ -55,4 +55,5 @@ def test_checkpoint_carries_metadata():
     s = stage(metadata={"config": {"a": 1}, "tokenizer": "{}", "wandb_id": "abc"})
     ckpt: dict = {}
     s.on_save_checkpoint(ckpt)
-    assert ckpt["lmforge"] == {"schema_version": SCHEMA_VERSION, "config": {"a": 1}, "tokenizer": "{}", "wandb_id": "abc"}
+    assert ckpt["lmforge"] == {"schema_version": SCHEMA_VERSION, "config": {"a": 1}, "tokenizer": "{}", "wandb_id": "abc",
+                               "peft": None, "stage": "LMStage"}  # PEFT config and stage class: loaders merge / refuse by them

@@ -7,6 +7,7 @@ metrics (loss, perplexity, bits per byte) that are exact over however many batch
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -16,12 +17,15 @@ from torch import nn
 from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
+from lmforge.errors import TrainingDivergedError
 from lmforge.metrics import bits_per_byte, mean_loss, perplexity
 from lmforge.models import build
 from lmforge.objectives.base import LossOutput
 from lmforge.optim.param_groups import decay_param_groups, muon_param_groups
 
 SCHEMA_VERSION = 1
+
+log = logging.getLogger("lmforge")
 
 
 class LMStage(L.LightningModule):
@@ -35,6 +39,7 @@ class LMStage(L.LightningModule):
         compile: bool | str = False,
         metadata: dict[str, Any] | None = None,
         peft: dict[str, Any] | None = None,
+        max_skipped_steps: int | None = 10,
     ) -> None:
         super().__init__()
         self.model_cfg = model_cfg
@@ -51,6 +56,8 @@ class LMStage(L.LightningModule):
         # bytes per token id (0 for specials): bits-per-byte denominator, comparable across tokenizers
         self.register_buffer("token_bytes", token_bytes if token_bytes is not None else torch.zeros(0, dtype=torch.long), persistent=False)
         self.val_nll, self.val_tokens, self.val_bytes = SumMetric(), SumMetric(), SumMetric()
+        self.max_skipped_steps = max_skipped_steps  # null: never give up
+        self.skipped_steps = 0  # per process: a resumed run starts counting again
 
     # --- model ---------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -97,15 +104,40 @@ class LMStage(L.LightningModule):
         return self.model(*args, **kwargs)
 
     # --- steps ---------------------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         out = self.objective(self.model, batch)
         self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True)
         self.log_lr()
         aux = getattr(self.model, "aux_loss", None)  # mixture-of-experts: weighted load-balancing + z-loss
-        if aux is None:
-            return out.loss
-        self.log_moe_metrics()
-        return out.loss + aux
+        loss = out.loss if aux is None else out.loss + aux
+        if aux is not None:
+            self.log_moe_metrics()
+        if not self.loss_is_finite(loss):  # None: Lightning skips backward; the optimizer sees no grads
+            self.skip_step(f"loss={loss.item()}")
+            return None
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+        return loss
+
+    # --- non-finite steps: skipped (weights untouched), counted, fatal past stage.max_skipped_steps --------
+    def loss_is_finite(self, loss: torch.Tensor) -> bool:
+        """Decided by all ranks together: one rank skipping backward alone would hang DDP's gradient all-reduce."""
+        bad = (~torch.isfinite(loss.detach())).any().float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+        return not bool(bad)
+
+    def skip_step(self, why: str) -> None:
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+        step = self.trainer.global_step if self._trainer is not None else -1
+        log.warning("step %d skipped: non-finite %s (%d skipped so far)", step, why, self.skipped_steps)
+        if self.max_skipped_steps is not None and self.skipped_steps > self.max_skipped_steps:
+            raise TrainingDivergedError(
+                f"training diverged: {self.skipped_steps} steps skipped for a non-finite loss or gradient norm "
+                f"(last at step {step}: {why}), more than stage.max_skipped_steps={self.max_skipped_steps}. "
+                "Fix: lower optimizer.lr or raise scheduler.warmup_steps, check the data, then resume from an "
+                "earlier checkpoint (ckpt_path=<run dir>/checkpoints/last.ckpt); the checkpoints already written are kept"
+            )
 
     def log_lr(self) -> None:
         if self._trainer is not None and self.trainer.optimizers:
@@ -124,11 +156,19 @@ class LMStage(L.LightningModule):
             self.log("moe/expert_load_max_over_mean", share.max() * share.numel(), on_step=True)
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        """Total gradient L2 norm before clipping: the first thing to look at when a loss spikes."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-            self.log("train/grad_norm", norm, on_step=True)
+        """Total gradient L2 norm before clipping: the first thing to look at when a loss spikes. A non-finite
+        norm after a finite loss skips the update: the grads are dropped, so the optimizer leaves every weight
+        (and its moments) as it was, while the step and LR schedule advance as usual (resume stays exact)."""
+        params = [p for p in self.parameters() if p.grad is not None]
+        if not params:
+            return
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params], 2.0)), 2.0)
+        if not torch.isfinite(norm) and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            for p in params:  # fp16's GradScaler skips overflowing steps itself and must still see them
+                p.grad = None
+            self.skip_step(f"grad_norm={norm.item()}")
+            return
+        self.log("train/grad_norm", norm, on_step=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self.objective(self.model, batch)

@@ -57,6 +57,7 @@ class RLStage(LMStage):
         beta: float = 0.0,
         updates_per_batch: int = 1,
         val_max_new_tokens: int | None = None,
+        missing_eos_penalty: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -78,10 +79,11 @@ class RLStage(LMStage):
         self.val_max_new_tokens = val_max_new_tokens or max_new_tokens
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.beta, self.updates_per_batch = beta, updates_per_batch
+        self.missing_eos_penalty = missing_eos_penalty
         self.max_grad_norm: float | None = None  # run.py moves trainer.gradient_clip_val here (manual optimisation)
         self.reference: nn.Module | None = None
         self.reward_model: ScalarHeadModel | None = None
-        self.val_reward, self.val_length = MeanMetric(), MeanMetric()
+        self.val_reward, self.val_length, self.val_stop = MeanMetric(), MeanMetric(), MeanMetric()
 
     # --- models --------------------------------------------------------------------------------------
     def needs_reference(self) -> bool:
@@ -125,12 +127,17 @@ class RLStage(LMStage):
 
     @torch.no_grad()
     def scores(self, rollout: Rollout) -> torch.Tensor:
-        """One reward per completion (N,), float32 on the model's device."""
+        """One reward per completion (N,), float32 on the model's device, less `missing_eos_penalty` for a
+        completion that never ended its turn (TRL's option: otherwise a policy learns to ramble to the limit)."""
         if self.reward_model is not None:
             self.reward_model.eval()
-            return self.reward_model.score(rollout.ids, rollout.attention_mask, rollout.position_ids).float()
-        assert self.reward_fn is not None
-        return self.reward_fn(rollout.prompts, rollout.completions, rollout.metadata).to(self.device).float()
+            scores = self.reward_model.score(rollout.ids, rollout.attention_mask, rollout.position_ids).float()
+        else:
+            assert self.reward_fn is not None
+            scores = self.reward_fn(rollout.prompts, rollout.completions, rollout.metadata).to(self.device).float()
+        if self.missing_eos_penalty and rollout.stopped is not None:
+            scores = scores - self.missing_eos_penalty * (~rollout.stopped).float()
+        return scores
 
     # --- optimisation --------------------------------------------------------------------------------
     def optimizer_step(self, loss: torch.Tensor) -> None:
@@ -150,6 +157,8 @@ class RLStage(LMStage):
         rewards = self.scores(rollout)
         logs = self.update(rollout, rewards)  # defined by PPOStage / GRPOStage: returns the rl/* metrics
         lengths = rollout.lengths().float()
+        if rollout.stopped is not None:
+            logs["rl/stop_rate"] = rollout.stopped.float().mean()
         self.log_dict({
             "rl/reward_mean": rewards.mean(), "rl/reward_std": rewards.std() if rewards.numel() > 1 else torch.zeros(()),
             "rl/completion_len": lengths.mean(), **logs,
@@ -163,11 +172,14 @@ class RLStage(LMStage):
         rewards = self.scores(rollout)
         self.val_reward.update(rewards)
         self.val_length.update(rollout.lengths().float())
+        if rollout.stopped is not None:
+            self.val_stop.update(rollout.stopped.float())
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({"val/reward_mean": self.val_reward.compute(), "val/completion_len": self.val_length.compute()}, prog_bar=True)
-        self.val_reward.reset()
-        self.val_length.reset()
+        self.log_dict({"val/reward_mean": self.val_reward.compute(), "val/completion_len": self.val_length.compute(),
+                       "val/stop_rate": self.val_stop.compute()}, prog_bar=True)
+        for metric in (self.val_reward, self.val_length, self.val_stop):
+            metric.reset()
 
 
 def mean_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ class Rollout:
     prompts: list[str]
     completions: list[str] = field(default_factory=list)
     metadata: list[dict[str, Any]] = field(default_factory=list)
+    stopped: torch.Tensor | None = None  # (N,) bool: ended with a stop token (else cut at max_new_tokens)
 
     @property
     def targets(self) -> torch.Tensor:
@@ -85,7 +86,8 @@ def sample_rollout(
     metadata = [m for m in batch.get("metadata", [{}] * len(batch["prompts"])) for _ in range(num_generations)]
     stops = set(stop_ids)
     texts = [tokenizer.decode([t for t in row[: int(n)].tolist() if t not in stops]) for row, n in zip(completion, done.sum(1))]
-    return Rollout(seqs, full_mask, P, done, prompts, texts, metadata)
+    stopped = torch.isin(completion, torch.tensor(list(stop_ids), device=completion.device)).any(dim=1)
+    return Rollout(seqs, full_mask, P, done, prompts, texts, metadata, stopped)
 
 
 def rollout_logprobs(model: nn.Module, rollout: Rollout, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

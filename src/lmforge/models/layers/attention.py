@@ -4,6 +4,10 @@
 kernels per device; `eager` spells the softmax out and is the readable reference the tests compare against.
 With a `KVCache` (layers/kv_cache.py) the new tokens' keys/values are stored and attention runs over all
 stored ones.
+
+`capture_weights = True` (set per instance, e.g. by `lmforge.callbacks.attention_maps`) runs the eager math
+whatever the backend and keeps the softmax weights, detached, in `last_weights` (B, H, T, T_k): for
+inspection only; the default path pays one attribute check.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class CausalSelfAttention(nn.Module):
     """Causal multi-head attention, GPT-2 layout: one Linear for Q, K, V and one output projection."""
 
     kv_prefix: KVPrefixHook | None = None  # set per instance by prefix tuning (lmforge.peft.prefix)
+    capture_weights: bool = False  # set per instance: eager math + `last_weights` (see module doc)
+    last_weights: torch.Tensor | None = None
 
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, backend: str = "sdpa") -> None:
         super().__init__()
@@ -63,7 +69,7 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if mask is not None and mask.is_floating_point():
             mask = mask.to(q.dtype)  # an additive mask (ALiBi) in the query's dtype, as SDPA wants
-        if self.backend == "sdpa":
+        if self.backend == "sdpa" and not self.capture_weights:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal_query(mask, T))
         else:
             y = self._eager(q, k, v, mask, p)
@@ -75,5 +81,8 @@ class CausalSelfAttention(nn.Module):
         if mask is None:
             mask = causal_tril(q.size(-2), k.size(-2), q.device)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        weights = F.dropout(scores.softmax(dim=-1), p=p, training=p > 0)
+        weights = scores.softmax(dim=-1)
+        if self.capture_weights:
+            self.last_weights = weights.detach()
+        weights = F.dropout(weights, p=p, training=p > 0)
         return weights @ v

@@ -10,6 +10,9 @@ causal), a boolean (B or 1, 1, T, T) mask (True = may attend), or a float (B or 
 (e.g. ALiBi biases with -inf where attention is not allowed). With a `KVCache` the keys/values of the new
 tokens (after RoPE: the cache stores rotated keys) are stored as n_kv_head heads and attention runs over all
 cached tokens; the mask then has past + T key columns.
+
+`capture_weights = True` (set per instance) runs the eager math whatever the backend and keeps the float32
+softmax weights, detached and per query head, in `last_weights` (B, n_head, T, T_k); see attention.py.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from lmforge.models.layers.rope import apply_rotary
 
 class GroupedQueryAttention(nn.Module):
     kv_prefix: KVPrefixHook | None = None  # set per instance by prefix tuning (lmforge.peft.prefix)
+    capture_weights: bool = False  # set per instance: eager math + `last_weights` (see module doc)
+    last_weights: torch.Tensor | None = None
 
     def __init__(
         self, n_embd: int, n_head: int, n_kv_head: int, head_dim: int, dropout: float = 0.0, bias: bool = False, backend: str = "sdpa"
@@ -61,7 +66,7 @@ class GroupedQueryAttention(nn.Module):
         if mask is not None and mask.is_floating_point():
             mask = mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype (bf16 under autocast)
         p = self.dropout if self.training else 0.0
-        if self.backend == "sdpa":
+        if self.backend == "sdpa" and not self.capture_weights:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal_query(mask, T), enable_gqa=self.n_kv_head != self.n_head
             )
@@ -76,6 +81,8 @@ class GroupedQueryAttention(nn.Module):
         if mask is None:
             mask = causal_tril(q.size(-2), k.size(-2), q.device)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-        weights = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-        weights = F.dropout(weights, p=p, training=p > 0)
+        weights = scores.softmax(dim=-1, dtype=torch.float32)
+        if self.capture_weights:
+            self.last_weights = weights.detach()
+        weights = F.dropout(weights.to(q.dtype), p=p, training=p > 0)
         return weights @ v

@@ -1,0 +1,89 @@
+"""Save `last.ckpt` and stop when the job is told to go (SIGTERM from a scheduler / `kill`, SIGUSR1 from SLURM's
+`--signal=USR1@90`), so a preempted run resumes with `ckpt_path=last` losing at most the step in flight.
+
+Why not Lightning alone: outside SLURM it only raises SIGTERMException after the batch, saving nothing, and
+SIGUSR1's default action kills the process. The handler itself only records the signal (saving from inside a
+signal handler could interrupt a write in progress); the save happens at the next `on_train_batch_end`, the point
+where ModelCheckpoint saves too, so the file resumes mid-epoch exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger("lmforge")
+
+SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class PreemptionCheckpoint(L.Callback):
+    """On SIGTERM / SIGUSR1: save `<dirpath>/last.ckpt` (atomically, through the trainer's CheckpointIO) at the end
+    of the current batch and stop. Exit status: Lightning then raises SIGTERMException (a SystemExit with code 0)."""
+
+    def __init__(self, dirpath: str | None = None, signals: tuple[str, ...] | list[str] = SIGNALS) -> None:
+        self.dirpath = dirpath
+        self.signals = [getattr(signal, name) for name in signals if hasattr(signal, name)]  # no SIGUSR1 on Windows
+        self.received: int | None = None
+        self.saved_path: Path | None = None
+        self.saved_step: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    # --- signal handling -----------------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Installed here, after Lightning registered its own handlers, so they are chained rather than replaced."""
+        self.received = None
+        for signum in self.signals:
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signum
+        previous = self._previous.get(signum)
+        if callable(previous):  # Lightning's SIGTERM notifier; SLURM's requeue handler for SIGUSR1
+            previous(signum, frame)
+        elif signum != signal.SIGTERM:  # a bare SIGUSR1: stop the same way as for SIGTERM
+            sigterm = self._previous.get(signal.SIGTERM)
+            if callable(sigterm):
+                sigterm(signal.SIGTERM, frame)
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A signal during validation: Lightning stops there, before the next `on_train_batch_end`; save now."""
+        self._restore()
+        if isinstance(exception, SIGTERMException) and (self.received is not None or trainer.received_sigterm):
+            self._save_and_stop(trainer)
+
+    # --- saving --------------------------------------------------------------------------------------------
+    def checkpoint_path(self, trainer: L.Trainer) -> Path:
+        """`dirpath`, else the ModelCheckpoint's directory (so `ckpt_path=last` finds it), else the root dir."""
+        cb = trainer.checkpoint_callback
+        dirpath = self.dirpath or (cb.dirpath if cb is not None and cb.dirpath else None)
+        return Path(dirpath or Path(trainer.default_root_dir) / "checkpoints") / "last.ckpt"
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.received is not None or trainer.received_sigterm:  # the latter: rank 0's signal, broadcast (DDP)
+            self._save_and_stop(trainer)
+
+    def _save_and_stop(self, trainer: L.Trainer) -> None:
+        if self.saved_step == trainer.global_step:  # saved at this batch's end; Lightning's exit follows
+            return
+        path = self.checkpoint_path(trainer)
+        trainer.save_checkpoint(path)  # collective: every rank calls it, rank 0 writes
+        self.saved_path, self.saved_step = path, trainer.global_step
+        name = signal.Signals(self.received).name if self.received is not None else "SIGTERM"
+        log.warning("%s received: saved %s at step %d; stopping. Resume with ckpt_path=last", name, path, trainer.global_step)
+        trainer.should_stop = True

@@ -1,0 +1,76 @@
+"""Attention capture equals the softmax written out by hand; the callback draws PNGs in a tiny in-process run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import train_in_process
+
+from lmforge.callbacks.attention_maps import attention_modules, capture_attention
+from lmforge.models import build
+
+GPT = {"family": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 32, "max_seq_len": 16, "vocab_size": 50}
+LLAMA = {"family": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32, "intermediate_size": 64,
+         "max_seq_len": 16, "vocab_size": 50}
+
+
+def test_captured_weights_are_causal_softmax_of_qk():
+    torch.manual_seed(0)
+    model = build(GPT).eval()
+    ids = torch.randint(0, 50, (1, 10))
+    inputs: list[torch.Tensor] = []
+    attn = model.blocks[1].attn
+    handle = attn.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    weights = capture_attention(model, ids, [-1])
+    handle.remove()
+    B, T, C = inputs[0].shape
+    q, k, _ = attn.qkv(inputs[0]).view(B, T, 3, 2, C // 2).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(C // 2)
+    expected = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    assert list(weights) == [1] and weights[1].shape == (1, 2, T, T)
+    torch.testing.assert_close(weights[1], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(weights[1].sum(-1), torch.ones(1, 2, T), atol=1e-6, rtol=0)
+    assert not attn.capture_weights and attn.last_weights is None  # switched back off
+
+
+@pytest.mark.parametrize("cfg", [GPT, LLAMA], ids=["gpt", "llama-gqa"])
+def test_capture_leaves_outputs_unchanged(cfg: dict):
+    torch.manual_seed(0)
+    model = build(cfg).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        before = model(ids)
+    weights = capture_attention(model, ids, [0, -1, 7])  # 7: out of range, left out
+    assert sorted(weights) == [0, 1] and weights[0].shape == (2, cfg["n_head"], 12, 12)
+    assert torch.triu(weights[0], diagonal=1).abs().max() == 0  # causal
+    for m in attention_modules(model):
+        m.capture_weights = True
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), before, atol=1e-5, rtol=1e-5)  # eager math == sdpa
+
+
+def test_callback_writes_pngs_in_a_tiny_run(cache_dir: Path, tmp_path: Path):
+    pytest.importorskip("matplotlib")
+    corpus = tmp_path / "corpus"  # a few KB instead of Shakespeare: nothing to tokenize for seconds
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"{i:02d}.txt").write_text(f"Document {i}. " + "To be, or not to be, that is the question. " * 6)
+    overrides = ["debug=fast", "tokenizer=byte", "data=text_files", f"data.corpus.train_glob={corpus}/*.txt", "data.clean=null",
+                 "callbacks.progress_bar=null", "callbacks.samples=null",
+                 "callbacks.model_summary=null", "callbacks.checkpoint=null", "callbacks.throughput=null",
+                 "model=gpt-nano", "model.n_layer=2", "model.n_embd=32", "data.block_size=16", "data.batch_size=4",
+                 "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+                 f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path / 'logs'}",
+                 "callbacks.attention_maps.enabled=true", "callbacks.attention_maps.heads=[0,-1]",
+                 "callbacks.attention_maps.layers=[-1]"]
+    train_in_process(overrides, tmp_path / "run")
+    pngs = sorted(p.name for p in (tmp_path / "run" / "attention").glob("*.png"))
+    assert pngs == ["step_2_layer1_head0.png", "step_2_layer1_head3.png"]
+    meta = json.loads((tmp_path / "run" / "run_meta.json").read_text())
+    assert meta["params_total"] > 0 and meta["tokenizer_fingerprint"] and meta["data_fingerprint"]
+    hparams = (tmp_path / "run" / "csv" / "hparams.yaml").read_text()
+    assert "model.n_layer: 2" in hparams and "meta/git_commit" in hparams

@@ -1,0 +1,65 @@
+"""RL rollouts: the completion mask stops at the first stop token, and the teacher-forced log-probs of a
+rollout are the ones generation sampled from (same positions under left padding), so PPO/GRPO ratios start at 1."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.models import build
+from lmforge.models.heads import ScalarHeadModel, last_token_index
+from lmforge.stages.rollout import completion_mask, rollout_logprobs, sample_rollout
+
+
+class ByteTok:
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def tiny(family: str = "llama") -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = {"family": family, "n_layer": 2, "n_head": 4, "n_embd": 32, "vocab_size": 40, "max_seq_len": 64}
+    if family == "llama":
+        cfg.update(n_kv_head=2, intermediate_size=64)
+    return build(cfg).eval()
+
+
+def test_completion_mask_keeps_tokens_up_to_the_first_stop():
+    completion = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9], [2, 5, 5, 5, 5]])
+    expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(completion_mask(completion, [2]), expected)
+    assert completion_mask(completion, []).all()
+
+
+def test_greedy_rollout_logprobs_are_the_argmax_of_the_teacher_forced_logits():
+    model = tiny()
+    ids = torch.tensor([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]])  # row 0 left-padded by two
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    batch = {"input_ids": ids, "attention_mask": mask, "prompts": ["a", "b"]}
+    rollout = sample_rollout(model, batch, tokenizer=ByteTok(), num_generations=2, max_new_tokens=6, stop_ids=[3],
+                             pad_id=0, temperature=0.0)
+    assert rollout.ids.shape == (4, 11) and rollout.prompt_len == 5
+    assert torch.equal(rollout.ids[0], rollout.ids[1])  # greedy: the two generations of a prompt agree
+    with torch.no_grad():
+        logp, entropy = rollout_logprobs(model, rollout, with_entropy=True)
+        logits = model(rollout.ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids)
+    best = logits[:, 4:-1].log_softmax(-1).max(-1).values
+    m = rollout.completion_mask
+    torch.testing.assert_close(logp[m], best[m], atol=1e-5, rtol=0)  # every greedy token was the argmax
+    assert (logp[~m] == 0).all() and (entropy >= 0).all()
+    # the left-padded prompt continues exactly as it does alone: positions follow the real tokens
+    alone = sample_rollout(model, {"input_ids": ids[:1, 2:], "attention_mask": mask[:1, 2:], "prompts": ["a"]},
+                           tokenizer=ByteTok(), num_generations=1, max_new_tokens=6, stop_ids=[3], pad_id=0, temperature=0.0)
+    assert torch.equal(alone.ids[0, 3:], rollout.ids[0, 5:])
+
+
+def test_scalar_head_reads_the_last_real_token_for_either_padding_side():
+    mask_right = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    mask_left = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 1]])
+    ids = torch.ones(2, 4, dtype=torch.long)
+    assert last_token_index(mask_right, ids).tolist() == [2, 3]
+    assert last_token_index(mask_left, ids).tolist() == [3, 3]
+    rm = ScalarHeadModel(tiny("gpt"))
+    assert torch.equal(rm.score(ids, mask_right), torch.zeros(2))  # zero-initialised head: every sequence scores 0
+    torch.nn.init.normal_(rm.head.weight)
+    per_token = rm(ids, mask_right)
+    torch.testing.assert_close(rm.score(ids, mask_right), per_token[[0, 1], [2, 3]])
