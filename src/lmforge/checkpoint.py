@@ -68,13 +68,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
-def model_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+def model_state_dict(ckpt: dict[str, Any], scalar_head: bool = False) -> dict[str, torch.Tensor]:
     """The bare model's weights from a stage checkpoint (drops the `model.` prefix).
 
     A LoRA run's checkpoint holds base + low-rank weights; they are merged here (W + α/r·BA), so every consumer
     (generate, eval, export, init_from) gets plain weights with the architecture's own keys."""
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     meta = ckpt.get("lmforge", {})
+    if (meta.get("stage") == "RewardStage") != scalar_head:
+        raise CheckpointError(
+            "this checkpoint holds a reward model (a scalar head, no language-model output): it scores text, it does not "
+            "generate or get a perplexity. Fix: pass it as stage.reward_model=<path> to stage=ppo/grpo, or use an LM checkpoint"
+            if not scalar_head else
+            "stage.reward_model must be a checkpoint written by stage=reward. Fix: train one with `python train.py stage=reward ...`"
+        )
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     peft = meta.get("peft")
     if not peft:
         return state

@@ -266,6 +266,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     ckpt, saved, tokenizer = load_for_inference(cfg)
     with open_dict(saved):
         saved.paths.cache_dir = cfg.paths.cache_dir
+        if cfg.get("data") is None and not str(saved.data.get("_target_", "")).endswith(("PackedTextDataModule", "SFTDataModule")):
+            raise ConfigError("data", f"the checkpoint was trained on {saved.data._target_.rsplit('.', 1)[-1]} (pairs or prompts), "
+                              "which has no text to measure loss on", "pass a text data config, e.g. data=shakespeare or data=sft_shakespeare")
+        if not str(saved.stage._target_).endswith(("PretrainStage", "SFTStage")):  # eval.py measures LM loss / ppl / bpb
+            saved.stage = OmegaConf.create({"_target_": "lmforge.stages.pretrain.PretrainStage"})
         saved.stage.compile = False
         if cfg.get("data") is not None:  # evaluate on another dataset with the checkpoint's tokenizer
             saved.data = cfg.data

@@ -121,3 +121,16 @@ def test_ppo_with_a_reward_model_checkpoint(chain, tmp_path):
         assert name in header
     ckpt = load_checkpoint(tmp_path / "ppo" / "checkpoints" / "last.ckpt")
     assert any(k.startswith("critic.") for k in ckpt["state_dict"]) and ckpt["lmforge"]["stage"] == "PPOStage"
+
+
+def test_dpo_with_precomputed_reference_keeps_logps_not_weights(chain, tmp_path):
+    metrics = train_in_process(
+        [*chain["common"], "stage=dpo", "data=pref_shakespeare", "data.max_examples=32", "data.batch_size=8",
+         f"init_from={chain['sft']}", "stage.precompute_reference=true", "trainer.max_steps=1", "trainer.val_check_interval=1",
+         "scheduler=constant", "optimizer.lr=1e-12", "validate_full_at_end=false"],
+        tmp_path,
+    )
+    assert metrics["val/loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-4)  # looked-up logps = policy's
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]
+    assert state["reference_train"].shape == (32, 2) and not torch.isnan(state["reference_train"]).any()
+    assert not any(k.startswith("reference.") for k in state)  # no reference weights kept

@@ -174,3 +174,15 @@ def test_model_state_dict_prefix_rules() -> None:
     out = model_state_dict({"state_dict": {"model.wte.weight": a, "model.model.x": b, "modelx.y": c, "other.z": c}})
     assert set(out) == {"wte.weight", "model.x"}  # only the first `model.` is stripped
     assert out["wte.weight"] is a and out["model.x"] is b
+
+
+def test_reward_checkpoints_are_refused_where_a_language_model_is_expected():
+    from lmforge.checkpoint import model_state_dict
+    from lmforge.errors import CheckpointError
+
+    ckpt = {"state_dict": {"model.head.weight": torch.zeros(1, 4)}, "lmforge": {"stage": "RewardStage"}}
+    with pytest.raises(CheckpointError, match="holds a reward model.*stage.reward_model"):
+        model_state_dict(ckpt)
+    assert set(model_state_dict(ckpt, scalar_head=True)) == {"head.weight"}
+    with pytest.raises(CheckpointError, match="must be a checkpoint written by stage=reward"):
+        model_state_dict({"state_dict": {}, "lmforge": {"stage": "SFTStage"}}, scalar_head=True)

@@ -312,8 +312,9 @@ def test_preference_batch(tmp_path: Path, tok: Tokenizer) -> None:
     names = [
         f"{side}_{k}" for side in ("chosen", "rejected") for k in ("input_ids", "targets", "attention_mask")
     ]
-    assert sorted(batch) == sorted(names)
-    assert len({tuple(v.shape) for v in batch.values()}) == 1  # chosen and rejected share the width
+    assert sorted(batch) == sorted([*names, "index"])  # index: the pair's position in its split (DPO reference cache)
+    assert batch["index"].tolist() == list(range(len(batch["index"])))
+    assert len({tuple(batch[k].shape) for k in names}) == 1  # chosen and rejected share the width
     assert trained(tok, batch["chosen_targets"][0]) == f"a fine answer{IM_END}<|eos|>"
     assert trained(tok, batch["rejected_targets"][0]) == f"no{IM_END}<|eos|>"
     n_prompt = (batch["chosen_targets"][0] == IGNORE).nonzero()[0].item()  # first untrained position

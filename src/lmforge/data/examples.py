@@ -333,10 +333,15 @@ class RecordsDataModule(L.LightningDataModule, ABC):
         )
 
     def val_dataloader(self) -> DataLoader:
-        self.setup("validate")
+        return self.ordered_dataloader("val")
+
+    def ordered_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """Every item of `split` once, in order, unsharded: for passes over a whole split (validation, or
+        DPO's one-off reference log-probs, which every rank needs for whatever its sampler later picks)."""
+        self.setup("validate" if split == "val" else "fit")
         return DataLoader(
-            self.datasets["val"],
-            batch_size=self.val_batch_size,
+            self.datasets[split],
+            batch_size=batch_size or self.val_batch_size,
             shuffle=False,
             num_workers=self.num_workers,
             collate_fn=self._collate(),

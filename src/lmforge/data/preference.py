@@ -19,12 +19,14 @@ from lmforge.data.examples import Example, RecordsDataModule, build_pair, check_
 from lmforge.data.tokenizer import Tokenizer
 
 
-def collate_pairs(batch: Sequence[tuple[Example, Example]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(max(len(c), len(r)) for c, r in batch)
+def collate_pairs(batch: Sequence[tuple[Example, Example, int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pairs → the batch dict; `index` is each pair's position in its split (keys for cached reference log-probs)."""
+    width = max(max(len(item[0]), len(item[1])) for item in batch)
     out = {}
     for name, side in (("chosen", 0), ("rejected", 1)):
-        for key, value in pad_examples([pair[side] for pair in batch], pad_id, width).items():
+        for key, value in pad_examples([item[side] for item in batch], pad_id, width).items():
             out[f"{name}_{key}"] = value
+    out["index"] = torch.tensor([item[2] for item in batch], dtype=torch.long)
     return out
 
 
@@ -73,7 +75,7 @@ class PreferenceDataModule(RecordsDataModule):
         ]
 
     def _tokenize(self, split: str, records: list[dict[str, Any]]) -> list[Any]:
-        return self.pairs(records)
+        return [(chosen, rejected, i) for i, (chosen, rejected) in enumerate(self.pairs(records))]
 
     def _collate(self) -> Any:
         assert self.tokenizer is not None

@@ -1,10 +1,13 @@
 """Direct Preference Optimization (Rafailov et al. 2023) against a frozen reference policy.
 
 The reference is a frozen copy of the starting (SFT) weights, or — under PEFT — the same model with its
-adapters switched off (no second copy in memory). Sequence log-probabilities are summed over completion
-tokens (averaged for IPO, as TRL does); losses: `sigmoid` (DPO, with label smoothing = conservative DPO),
-`ipo` (Azar et al. 2023), `robust` (Chowdhury et al. 2024). The reference is part of the checkpoint, so a
-resumed run keeps comparing against the same weights.
+adapters switched off (no second copy in memory), or, with `precompute_reference`, only its log-probabilities:
+computed once over both splits at the start of training, kept as buffers (in the checkpoint, so a resume
+never recomputes them) and looked up by example index — no reference forward per step and no reference
+weights in memory afterwards. Sequence log-probabilities are summed over completion tokens (averaged for IPO,
+as TRL does); losses: `sigmoid` (DPO, with label smoothing = conservative DPO), `ipo` (Azar et al. 2023),
+`robust` (Chowdhury et al. 2024). A reference copy is part of the checkpoint too, so a resumed run keeps
+comparing against the same weights.
 """
 
 from __future__ import annotations
@@ -24,32 +27,68 @@ METRICS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy")
 
 
 class DPOStage(LMStage):
-    def __init__(self, *args: Any, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+        precompute_reference: bool = False, **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
+        self.precompute_reference = precompute_reference
         dpo_loss(*(torch.zeros(1),) * 4, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)  # bad settings fail at start
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.reference: nn.Module | None = None
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in METRICS})
 
     def build_frozen_models(self) -> None:
-        if self.peft_cfg is None:  # under PEFT the reference is the base model with adapters disabled
+        if self.precompute_reference:  # (N, 2) chosen/rejected log-probs per split, filled in on_fit_start
+            sizes = {split: len(self.trainer.datamodule.datasets[split]) for split in ("train", "val")}
+            for split, n in sizes.items():
+                self.register_buffer(f"reference_{split}", torch.full((n, 2), float("nan")))
+            if self.peft_cfg is None:  # a temporary copy, not registered: it never reaches the checkpoint
+                self.__dict__["_reference_copy"] = copy.deepcopy(self.model).requires_grad_(False).eval()
+        elif self.peft_cfg is None:  # under PEFT the reference is the base model with adapters disabled
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
 
     def reference_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            if self.reference is not None:
-                self.reference.eval()  # Lightning's model.train() reaches it too: keep dropout off
-                return self.reference(ids, attention_mask=mask)
+            reference = self.reference if self.reference is not None else self.__dict__.get("_reference_copy")
+            if reference is not None:
+                reference.eval()  # Lightning's model.train() reaches it too: keep dropout off
+                return reference(ids, attention_mask=mask)
             from lmforge.peft import adapters_disabled
 
             with adapters_disabled(self.model):
                 return self.model(ids, attention_mask=mask)
 
+    def reference_logps(self, batch: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(2B,) reference sequence log-probs: looked up when precomputed, else one no-grad forward."""
+        if self.precompute_reference and "index" in batch:
+            table = self.reference_train if self.training else self.reference_val
+            pairs = table[batch["index"]]
+            return torch.cat([pairs[:, 0], pairs[:, 1]])
+        return sequence_logprobs(self.reference_logits(ids, mask), targets, average=dpo_uses_average_logps(self.loss_type))
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if not self.precompute_reference or not bool(torch.isnan(self.reference_train).any() or torch.isnan(self.reference_val).any()):
+            return  # nothing to do, or restored from a checkpoint
+        reference = self.__dict__.get("_reference_copy")
+        if reference is not None:
+            reference.to(self.device)
+        datamodule = self.trainer.datamodule
+        for split in ("train", "val"):
+            table = getattr(self, f"reference_{split}")
+            for batch in datamodule.ordered_dataloader(split):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                ids, mask, targets = stack_pairs(batch)
+                logps = sequence_logprobs(self.reference_logits(ids, mask), targets, average=dpo_uses_average_logps(self.loss_type))
+                table[batch["index"]] = torch.stack(logps.float().chunk(2), dim=1)
+        self.__dict__.pop("_reference_copy", None)  # the weights are no longer needed: free them
+
     def step(self, batch: dict[str, torch.Tensor]) -> Any:
         ids, mask, targets = stack_pairs(batch)
         average = dpo_uses_average_logps(self.loss_type)
         policy = sequence_logprobs(self.model(ids, attention_mask=mask), targets, average=average)
-        reference = sequence_logprobs(self.reference_logits(ids, mask), targets, average=average)
+        reference = self.reference_logps(batch, ids, mask, targets)
         pc, pr = policy.chunk(2)
         rc, rr = reference.chunk(2)
         return dpo_loss(pc, pr, rc, rr, beta=self.beta, loss_type=self.loss_type, label_smoothing=self.label_smoothing)

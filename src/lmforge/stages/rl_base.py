@@ -36,7 +36,7 @@ def load_reward_model(path: str, vocab_size: int) -> ScalarHeadModel:
     if model_cfg.get("vocab_size") != vocab_size:
         raise ConfigError("stage.reward_model", f"its vocab ({model_cfg.get('vocab_size')}) differs from the policy's ({vocab_size})",
                           "train the reward model from the same SFT checkpoint (same tokenizer) as the policy")
-    return scalar_model_from_state(model_cfg, model_state_dict(ckpt)).requires_grad_(False).eval()
+    return scalar_model_from_state(model_cfg, model_state_dict(ckpt, scalar_head=True)).requires_grad_(False).eval()
 
 
 class RLStage(LMStage):
