@@ -39,11 +39,13 @@ class LMStage(L.LightningModule):
         compile: bool | str = False,
         metadata: dict[str, Any] | None = None,
         peft: dict[str, Any] | None = None,
+        activation_checkpointing: int = 0,
         max_skipped_steps: int | None = 10,
     ) -> None:
         super().__init__()
         self.model_cfg = model_cfg
         self.peft_cfg = peft if peft and peft.get("method", "none") != "none" else None
+        self.activation_checkpointing = activation_checkpointing
         self.peft_report: Any = None
         self.tokenizer: Any = None  # set by run.py: stages that decode (RL rewards) or stop on special ids need it
         self.objective = objective
@@ -71,6 +73,10 @@ class LMStage(L.LightningModule):
             from lmforge.peft import apply_peft
 
             self.peft_report = apply_peft(self.model, self.peft_cfg)
+        if self.activation_checkpointing:
+            from lmforge.models.activation_checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(self.model, self.activation_checkpointing)
         if self.should_compile():
             self.model.compile()  # in place: state_dict keys stay free of `_orig_mod.`
 
