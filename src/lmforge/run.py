@@ -260,9 +260,14 @@ def load_for_inference(cfg: DictConfig) -> tuple[dict[str, Any], DictConfig, Tok
     return ckpt, saved, Tokenizer.from_json(ckpt["lmforge"]["tokenizer"])
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Loss, perplexity and bits per byte of a checkpoint over the whole val split of its data config."""
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """task=lm: loss, perplexity and bits per byte (+ val/mlm_accuracy for MLM) of a checkpoint over the whole
+    val split of its data config; task=mc | bleu | lm_eval: see lmforge.evaluation."""
+    from lmforge.evaluation import check_task, results_files, run_task, write_results
+
     seed_everything(cfg.get("seed"))
+    if check_task(cfg.get("task", "lm")) != "lm":
+        return run_task(cfg)
     ckpt, saved, tokenizer = load_for_inference(cfg)
     with open_dict(saved):
         saved.paths.cache_dir = cfg.paths.cache_dir
@@ -293,6 +298,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     head = {"ckpt_path": str(cfg.ckpt_path), **({"quantize": cfg.quantize} if cfg.get("quantize") else {})}
     print(json.dumps({**head, **{k: round(v, 5) for k, v in metrics.items()}}, indent=2))
     atomic_write_text(Path(cfg.paths.output_dir) / "metrics.json", json.dumps(metrics, indent=2))
+    log.info("eval lm on %s: %s", cfg.ckpt_path, json.dumps(metrics))
+    ckpt_file = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, cfg.get("train_task_name", "train"))
+    write_results({"task": "lm", **head, **metrics}, results_files(str(ckpt_file), cfg.paths.output_dir, "lm"))
     return metrics
 
 

@@ -30,6 +30,7 @@ class LossOutput:
     nll_sum: torch.Tensor  # summed NLL in nats, for token-weighted val/loss and val/bpb
     n_tokens: torch.Tensor  # number of counted target tokens
     targets: torch.Tensor  # target ids, IGNORE_INDEX where not counted (bytes of counted ones -> val/bpb)
+    correct: torch.Tensor | None = None  # counted targets the argmax predicts (MLM in eval mode -> val/mlm_accuracy)
 
 
 class Objective(ABC):

@@ -17,6 +17,7 @@ the batch content, so that val/loss is the same at every evaluation and across r
 Metrics: val/loss and val/ppl are over the selected tokens; val/bpb = their NLL in bits / the UTF-8 bytes
 of the *original* tokens at those positions (LossOutput.targets holds exactly those ids). MLM numbers are
 therefore not comparable to a causal LM's: each prediction sees both-side context, minus the corruption.
+val/mlm_accuracy = selected positions whose argmax is the original token / selected positions (eval mode only).
 """
 
 from __future__ import annotations
@@ -140,4 +141,8 @@ class MaskedLM(Objective):
         # only padded batches (the val tail) pay for a mask; full blocks keep the fused unmasked attention
         attention_mask = None if bool(real.all()) else real.long()
         logits = model(inputs, attention_mask=attention_mask)
-        return token_nll(logits, targets, self.ignore_index)
+        out = token_nll(logits, targets, self.ignore_index)
+        if not model.training:  # val/mlm_accuracy: an argmax over (B, T, V) that training steps need not pay for
+            with torch.no_grad():
+                out.correct = ((logits.argmax(-1) == targets) & (targets != self.ignore_index)).sum()
+        return out

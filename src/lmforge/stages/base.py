@@ -58,6 +58,8 @@ class LMStage(L.LightningModule):
         # bytes per token id (0 for specials): bits-per-byte denominator, comparable across tokenizers
         self.register_buffer("token_bytes", token_bytes if token_bytes is not None else torch.zeros(0, dtype=torch.long), persistent=False)
         self.val_nll, self.val_tokens, self.val_bytes = SumMetric(), SumMetric(), SumMetric()
+        self.val_correct = SumMetric()  # MLM only: masked positions predicted right (val/mlm_accuracy)
+        self.val_has_correct = False
         self.max_skipped_steps = max_skipped_steps  # null: never give up
         self.skipped_steps = 0  # per process: a resumed run starts counting again
 
@@ -183,15 +185,21 @@ class LMStage(L.LightningModule):
         if self.token_bytes.numel():
             counted = out.targets != -100
             self.val_bytes.update(self.token_bytes[out.targets.clamp(min=0)][counted].sum().float())
+        if getattr(out, "correct", None) is not None:  # objectives that count argmax hits (MLM)
+            self.val_correct.update(out.correct.float())
+            self.val_has_correct = True
 
     def on_validation_epoch_end(self) -> None:
         nll, n = self.val_nll.compute(), self.val_tokens.compute()  # summed over ranks
         metrics = {"val/loss": mean_loss(nll, n), "val/ppl": perplexity(nll, n), "val/tokens": n}
         if self.token_bytes.numel():
             metrics["val/bpb"] = bits_per_byte(nll, self.val_bytes.compute())
+        if self.val_has_correct:  # token-weighted over the masked positions of all batches (and ranks)
+            metrics["val/mlm_accuracy"] = self.val_correct.compute() / n.clamp(min=1)
         self.log_dict(metrics, prog_bar=True, sync_dist=False)
-        for m in (self.val_nll, self.val_tokens, self.val_bytes):
+        for m in (self.val_nll, self.val_tokens, self.val_bytes, self.val_correct):
             m.reset()
+        self.val_has_correct = False
 
     # --- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
