@@ -1,4 +1,5 @@
-"""Evaluate a checkpoint on the whole val split: `python eval.py ckpt_path=logs/train/runs/<ts>/checkpoints/last.ckpt`."""
+"""Evaluate a checkpoint: `python eval.py ckpt_path=logs/train/runs/<ts>/checkpoints/last.ckpt` (loss / ppl / bpb
+on the whole val split), or task=mc tasks_file=<jsonl> | task=bleu pairs_file=<tsv> | task=lm_eval lm_eval.tasks=[...]."""
 
 import os
 

@@ -40,7 +40,9 @@ def input_file(path: object, key: str, what: str) -> Path:
     return file
 
 
-def read_jsonl(path: Path, required: Mapping[str, type | tuple[type, ...]]) -> list[tuple[int, dict[str, Any]]]:
+def read_jsonl(
+    path: Path, required: Mapping[str, type | tuple[type, ...]]
+) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) of each non-blank line; a bad line is a DataError naming file:line and why."""
     rows: list[tuple[int, dict[str, Any]]] = []
     with open(path, encoding="utf-8") as f:
@@ -50,14 +52,21 @@ def read_jsonl(path: Path, required: Mapping[str, type | tuple[type, ...]]) -> l
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg}). Fix: one JSON object per line") from err
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({err.msg}). Fix: one JSON object per line"
+                ) from err
             if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}. Fix: one object per line")
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}. "
+                    "Fix: one object per line"
+                )
             for key, kind in required.items():
                 if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool) and kind is int:
                     names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-                    raise DataError(f"{path}:{lineno}: field {key!r} must be a {names}, got {record.get(key)!r}. "
-                                    f"Fix: give every line the fields {', '.join(required)}")
+                    raise DataError(
+                        f"{path}:{lineno}: field {key!r} must be a {names}, got {record.get(key)!r}. "
+                        f"Fix: give every line the fields {', '.join(required)}"
+                    )
             rows.append((lineno, record))
     if not rows:
         raise DataError(f"{path}: no examples (the file is empty). Fix: one JSON object per line")
@@ -84,8 +93,13 @@ def write_results(results: Mapping[str, Any], files: list[Path]) -> list[Path]:
     return written
 
 
-def report(task: str, model_name: str, metrics: Mapping[str, Any], output_dir: str | Path,
-           extra: Mapping[str, Any] | None = None) -> None:
+def report(
+    task: str,
+    model_name: str,
+    metrics: Mapping[str, Any],
+    output_dir: str | Path,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
     """Print, log and write one task's results (the shared tail of every task)."""
     head = {"task": task, "ckpt_path": model_name, **(extra or {})}
     shown = {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
@@ -101,29 +115,56 @@ def run_task(cfg: DictConfig) -> dict[str, Any]:
 
     task = check_task(cfg.get("task", "lm"))
     ckpt_path = None if OmegaConf.is_missing(cfg, "ckpt_path") else cfg.get("ckpt_path")
-    loaded = load_model(ckpt_path, cfg.get("hf_dir"), device=cfg.get("device", "auto"), dtype=cfg.get("dtype", "fp32"),
-                        quantize=cfg.get("quantize"), log_dir=cfg.paths.log_dir,
-                        task_name=cfg.get("train_task_name", "train"))
+    loaded = load_model(
+        ckpt_path,
+        cfg.get("hf_dir"),
+        device=cfg.get("device", "auto"),
+        dtype=cfg.get("dtype", "fp32"),
+        quantize=cfg.get("quantize"),
+        log_dir=cfg.paths.log_dir,
+        task_name=cfg.get("train_task_name", "train"),
+    )
     batch_size = int(cfg.get("batch_size") or 8)
     extra: dict[str, Any] = {}
     if task == "mc":
         from lmforge.evaluation.multiple_choice import evaluate_mc, load_mc_examples
 
-        examples = load_mc_examples(input_file(cfg.get("tasks_file"), "tasks_file", "jsonl of {context, choices, label}"))
-        metrics: dict[str, Any] = evaluate_mc(loaded.model, loaded.tokenizer, examples, num_fewshot=int(cfg.get("num_fewshot") or 0),
-                                              seed=int(cfg.get("seed") or 0), batch_size=batch_size, limit=cfg.get("limit")).metrics
+        examples = load_mc_examples(
+            input_file(cfg.get("tasks_file"), "tasks_file", "jsonl of {context, choices, label}")
+        )
+        metrics: dict[str, Any] = evaluate_mc(
+            loaded.model,
+            loaded.tokenizer,
+            examples,
+            num_fewshot=int(cfg.get("num_fewshot") or 0),
+            seed=int(cfg.get("seed") or 0),
+            batch_size=batch_size,
+            limit=cfg.get("limit"),
+        ).metrics
         extra = {"tasks_file": str(cfg.tasks_file), "num_fewshot": int(cfg.get("num_fewshot") or 0)}
     elif task == "bleu":
         from lmforge.evaluation.bleu import evaluate_bleu, load_pairs
 
-        pairs = load_pairs(input_file(cfg.get("pairs_file"), "pairs_file", "tsv (source<TAB>target) or jsonl of {source, target}"))
-        metrics = evaluate_bleu(loaded.model, loaded.tokenizer, pairs, max_new_tokens=int(cfg.get("max_new_tokens") or 128),
-                                batch_size=batch_size, limit=cfg.get("limit"))
+        pairs = load_pairs(
+            input_file(
+                cfg.get("pairs_file"), "pairs_file", "tsv (source<TAB>target) or jsonl of {source, target}"
+            )
+        )
+        metrics = evaluate_bleu(
+            loaded.model,
+            loaded.tokenizer,
+            pairs,
+            max_new_tokens=int(cfg.get("max_new_tokens") or 128),
+            batch_size=batch_size,
+            limit=cfg.get("limit"),
+        )
         extra = {"pairs_file": str(cfg.pairs_file)}
     else:
         from lmforge.evaluation.lm_eval_adapter import run_lm_eval
 
         opts = OmegaConf.to_container(cfg.get("lm_eval") or {}, resolve=True)
-        metrics = run_lm_eval(loaded.model, loaded.tokenizer, batch_size=batch_size, seed=cfg.get("seed"), **opts)
+        metrics = run_lm_eval(
+            loaded.model, loaded.tokenizer, batch_size=batch_size, seed=cfg.get("seed"), **opts
+        )
     report(task, loaded.name, metrics, cfg.paths.output_dir, extra)
     return metrics

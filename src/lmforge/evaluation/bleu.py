@@ -30,15 +30,20 @@ def load_pairs(path: Path) -> list[tuple[str, str]]:
                 continue
             parts = line.split("\t")
             if len(parts) != 2:
-                raise DataError(f"{path}:{lineno}: expected 'source<TAB>target' (2 tab-separated fields), got {len(parts)}. "
-                                "Fix: one pair per line, or a .jsonl of {\"source\", \"target\"}")
+                raise DataError(
+                    f"{path}:{lineno}: expected 'source<TAB>target' (2 tab-separated fields), "
+                    f"got {len(parts)}. "
+                    'Fix: one pair per line, or a .jsonl of {"source", "target"}'
+                )
             pairs.append((parts[0], parts[1]))
     if not pairs:
         raise DataError(f"{path}: no pairs (the file is empty). Fix: one 'source<TAB>target' pair per line")
     return pairs
 
 
-def bleu_score(hypotheses: Sequence[str], references: Sequence[str], n_gram: int = 4, smooth: bool = False) -> float:
+def bleu_score(
+    hypotheses: Sequence[str], references: Sequence[str], n_gram: int = 4, smooth: bool = False
+) -> float:
     """Corpus BLEU in [0, 1] of hypotheses against one reference each."""
     from torchmetrics.text import BLEUScore
 
@@ -46,21 +51,35 @@ def bleu_score(hypotheses: Sequence[str], references: Sequence[str], n_gram: int
     return float(metric(list(hypotheses), [[r] for r in references]))
 
 
-def translate(model: nn.Module, tokenizer: Tokenizer, sources: Sequence[str], max_new_tokens: int = 128,
-              batch_size: int = 8) -> list[str]:
+def translate(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    sources: Sequence[str],
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+) -> list[str]:
     """Greedy outputs, cut at EOS, in batches (left-padded for decoders, as generate.py does)."""
     from lmforge.generation.engine import TextGenerator
 
     engine = TextGenerator(model, tokenizer)
     out: list[str] = []
     for start in range(0, len(sources), batch_size):
-        done = engine.complete(list(sources[start:start + batch_size]), max_new_tokens=max_new_tokens, temperature=0.0)
+        done = engine.complete(
+            list(sources[start : start + batch_size]), max_new_tokens=max_new_tokens, temperature=0.0
+        )
         out.extend(c.text.strip() for c in done)
     return out
 
 
-def evaluate_bleu(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *, max_new_tokens: int = 128,
-                  batch_size: int = 8, limit: int | None = None) -> dict[str, float]:
+def evaluate_bleu(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    limit: int | None = None,
+) -> dict[str, float]:
     """bleu (0..100, as papers report it) and n over the first `limit` pairs."""
     chosen = list(pairs if limit is None else pairs[: int(limit)])
     hyps = translate(model, tokenizer, [s for s, _ in chosen], max_new_tokens, batch_size)

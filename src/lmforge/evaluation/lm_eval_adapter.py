@@ -1,4 +1,4 @@
-"""EleutherAI lm-eval-harness over an lmforge model + tokenizer, so standard benchmarks run on our checkpoints.
+"""EleutherAI lm-eval-harness over an lmforge model + tokenizer: standard benchmarks on our checkpoints.
 
 `HarnessLM` implements the harness's three request types on plain `.args` tuples (testable without the
 harness installed); `make_lm_eval_model` mixes it into `lm_eval.api.model.LM` when the optional extra is
@@ -28,7 +28,9 @@ INSTALL_HINT = "pip install lm-eval (or pip install 'lmforge[lm_eval]')"
 class HarnessLM:
     """lm-eval's LM methods over an lmforge model; requests are anything with `.args`."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, batch_size: int = 8, max_gen_toks: int = 256) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: Tokenizer, batch_size: int = 8, max_gen_toks: int = 256
+    ) -> None:
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_gen_toks = int(batch_size), int(max_gen_toks)
 
@@ -64,8 +66,12 @@ class HarnessLM:
             until = kwargs.get("until") or []
             stop = [until] if isinstance(until, str) else list(until)
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0
-            done = engine.complete([context], max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)),
-                                   stop=stop or None, temperature=temperature)
+            done = engine.complete(
+                [context],
+                max_new_tokens=int(kwargs.get("max_gen_toks", self.max_gen_toks)),
+                stop=stop or None,
+                temperature=temperature,
+            )
             out.append(done[0].text)
         return out
 
@@ -74,12 +80,15 @@ def import_lm_eval() -> Any:
     try:
         import lm_eval
     except ImportError as err:
-        raise ConfigError("task", "task=lm_eval needs EleutherAI's lm-eval harness, which is not installed",
-                          INSTALL_HINT) from err
+        raise ConfigError(
+            "task", "task=lm_eval needs EleutherAI's lm-eval harness, which is not installed", INSTALL_HINT
+        ) from err
     return lm_eval
 
 
-def make_lm_eval_model(model: nn.Module, tokenizer: Tokenizer, batch_size: int = 8, max_gen_toks: int = 256) -> Any:
+def make_lm_eval_model(
+    model: nn.Module, tokenizer: Tokenizer, batch_size: int = 8, max_gen_toks: int = 256
+) -> Any:
     """A `lm_eval.api.model.LM` instance whose methods are HarnessLM's."""
     import_lm_eval()
     from lm_eval.api.model import LM
@@ -93,25 +102,44 @@ def make_lm_eval_model(model: nn.Module, tokenizer: Tokenizer, batch_size: int =
 
 
 def flatten_results(results: dict[str, Any]) -> dict[str, float]:
-    """{"results": {task: {"acc,none": x, ...}}} -> {"lm_eval/<task>/acc": x} (numbers only, filter `none` dropped)."""
+    """{"results": {task: {"acc,none": x}}} -> {"lm_eval/<task>/acc": x}: numbers only, no `,none`."""
     flat: dict[str, float] = {}
     for task, metrics in (results.get("results") or {}).items():
         for name, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 metric, _, filt = str(name).partition(",")
-                flat[f"lm_eval/{task}/{metric}" + (f"_{filt}" if filt and filt != "none" else "")] = float(value)
+                flat[f"lm_eval/{task}/{metric}" + (f"_{filt}" if filt and filt != "none" else "")] = float(
+                    value
+                )
     return flat
 
 
-def run_lm_eval(model: nn.Module, tokenizer: Tokenizer, *, tasks: Sequence[str] | str | None = None, num_fewshot: int | None = None,
-                limit: int | float | None = None, batch_size: int = 8, max_gen_toks: int = 256, seed: int | None = None,
-                **kwargs: Any) -> dict[str, float]:
+def run_lm_eval(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    *,
+    tasks: Sequence[str] | str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | float | None = None,
+    batch_size: int = 8,
+    max_gen_toks: int = 256,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> dict[str, float]:
     """`lm_eval.simple_evaluate` on the named tasks; the datasets must be available (downloaded or cached)."""
     names = [tasks] if isinstance(tasks, str) else list(tasks or [])
     if not names:
-        raise ConfigError("lm_eval.tasks", "is empty", "name lm-eval tasks, e.g. lm_eval.tasks=[hellaswag,arc_easy]")
+        raise ConfigError(
+            "lm_eval.tasks", "is empty", "name lm-eval tasks, e.g. lm_eval.tasks=[hellaswag,arc_easy]"
+        )
     lm_eval = import_lm_eval()
     lm = make_lm_eval_model(model, tokenizer, batch_size, max_gen_toks)
-    extra = {"random_seed": seed, "numpy_random_seed": seed, "torch_random_seed": seed} if seed is not None else {}
-    results = lm_eval.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, **extra, **kwargs)
+    extra = (
+        {"random_seed": seed, "numpy_random_seed": seed, "torch_random_seed": seed}
+        if seed is not None
+        else {}
+    )
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, **extra, **kwargs
+    )
     return flatten_results(results or {})

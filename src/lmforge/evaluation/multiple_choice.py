@@ -48,10 +48,15 @@ def load_mc_examples(path: Path) -> list[MCExample]:
     for lineno, rec in read_jsonl(path, {"context": str, "choices": list, "label": int}):
         choices = rec["choices"]
         if not choices or not all(isinstance(c, str) for c in choices):
-            raise DataError(f"{path}:{lineno}: 'choices' must be a non-empty list of strings. Fix: e.g. \"choices\": [\"yes\", \"no\"]")
+            raise DataError(
+                f"{path}:{lineno}: 'choices' must be a non-empty list of strings. "
+                """Fix: e.g. "choices": ["yes", "no"]"""
+            )
         if not 0 <= rec["label"] < len(choices):
-            raise DataError(f"{path}:{lineno}: 'label' {rec['label']} is not an index into its {len(choices)} choices. "
-                            "Fix: label is the 0-based index of the right choice")
+            raise DataError(
+                f"{path}:{lineno}: 'label' {rec['label']} is not an index into its {len(choices)} choices. "
+                "Fix: label is the 0-based index of the right choice"
+            )
         examples.append(MCExample(rec["context"], list(choices), rec["label"]))
     return examples
 
@@ -62,23 +67,28 @@ def fewshot_prefix(examples: Sequence[MCExample], index: int, k: int, seed: int,
         return ""
     pool = [j for j in range(len(examples)) if j != index]
     picks = random.Random(f"{seed}:{index}").sample(pool, min(k, len(pool)))
-    return "".join(f"{examples[j].context}{delimiter}{examples[j].choices[examples[j].label]}\n\n" for j in picks)
+    return "".join(
+        f"{examples[j].context}{delimiter}{examples[j].choices[examples[j].label]}\n\n" for j in picks
+    )
 
 
 def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) as lm-eval splits them; an empty context becomes the EOS document break."""
+    """(context ids, continuation ids) as lm-eval splits them; an empty context is the EOS document break."""
     stripped = context.rstrip(" ")
-    continuation = context[len(stripped):] + continuation
+    continuation = context[len(stripped) :] + continuation
     ctx = tokenizer.encode(stripped) if stripped else []
     whole = tokenizer.encode(stripped + continuation)
-    cont = whole[len(ctx):] if whole[:len(ctx)] == ctx else tokenizer.encode(continuation)
+    cont = whole[len(ctx) :] if whole[: len(ctx)] == ctx else tokenizer.encode(continuation)
     return (ctx or [tokenizer.eos_id]), cont
 
 
 def check_decoder(model: nn.Module, what: str) -> None:
     if model_kind(model) != "decoder":
-        raise ConfigError("ckpt_path", f"{what} scores a decoder's log-likelihood; this is a {model_kind(model)} model",
-                          "pass a checkpoint of a decoder family (gpt, llama, mixtral)")
+        raise ConfigError(
+            "ckpt_path",
+            f"{what} scores a decoder's log-likelihood; this is a {model_kind(model)} model",
+            "pass a checkpoint of a decoder family (gpt, llama, mixtral)",
+        )
 
 
 @torch.inference_mode()
@@ -96,15 +106,15 @@ def score_rows(
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             width = max(max(len(rows[i][0]) for i in idx) - 1, 1)
             ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             targets = torch.full((len(idx), width), IGNORE_INDEX, dtype=torch.long)
             for r, i in enumerate(idx):
                 seq, n = list(rows[i][0]), rows[i][1]
-                ids[r, :len(seq) - 1] = torch.tensor(seq[:-1], dtype=torch.long)
+                ids[r, : len(seq) - 1] = torch.tensor(seq[:-1], dtype=torch.long)
                 if n:
-                    targets[r, len(seq) - 1 - n:len(seq) - 1] = torch.tensor(seq[-n:], dtype=torch.long)
+                    targets[r, len(seq) - 1 - n : len(seq) - 1] = torch.tensor(seq[-n:], dtype=torch.long)
             ids, targets = ids.to(device), targets.to(device)
             logits = model(ids)
             logp = token_logprobs(logits, targets).sum(-1)
@@ -119,13 +129,15 @@ def score_rows(
 def score_continuations(
     model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 8
 ) -> list[tuple[float, bool]]:
-    """(log p(continuation | context), whether greedy decoding would produce it) per (context, continuation)."""
+    """(log p(continuation | context), whether greedy decoding produces it) per (context, continuation)."""
     check_decoder(model, "log-likelihood scoring")
     limit = context_limit(model)
     rows = []
     for context, continuation in pairs:
         ctx, cont = encode_pair(tokenizer, context, continuation)
-        seq = (ctx + cont)[-(limit + 1):] if limit else ctx + cont  # the last `limit` inputs predict every target
+        seq = (
+            (ctx + cont)[-(limit + 1) :] if limit else ctx + cont
+        )  # the last `limit` inputs predict every target
         rows.append((seq, min(len(cont), len(seq) - 1)))
     return score_rows(model, rows, tokenizer.pad_id, batch_size)
 
@@ -144,7 +156,11 @@ def evaluate_mc(
     """mc/acc, mc/acc_norm and mc/n over the first `limit` examples (all when None)."""
     check_decoder(model, "task=mc")
     if num_fewshot < 0:
-        raise ConfigError("num_fewshot", f"must be >= 0, got {num_fewshot}", "pass num_fewshot=0 (zero-shot) or a few, e.g. 5")
+        raise ConfigError(
+            "num_fewshot",
+            f"must be >= 0, got {num_fewshot}",
+            "pass num_fewshot=0 (zero-shot) or a few, e.g. 5",
+        )
     chosen = list(range(len(examples) if limit is None else min(int(limit), len(examples))))
     pairs, owner = [], []
     for i in chosen:
