@@ -116,11 +116,36 @@ def build_loggers(cfg: DictConfig, wandb_id: str | None) -> tuple[list[Any], str
         if node._target_.endswith("WandbLogger"):
             wandb_id = wandb_id or secrets.token_hex(4)  # chosen here so checkpoints can carry it for resume
             offline = bool(node.get("offline")) or wandb_offline_needed()
-            loggers.append(instantiate(node, id=wandb_id, **wandb_overrides(cfg, node, offline), _convert_="all"))
+
+            def make(offline: bool, node: DictConfig = node, run_id: str = wandb_id) -> Any:
+                return instantiate(node, id=run_id, **wandb_overrides(cfg, node, offline), _convert_="all")
+
+            loggers.append(make(True) if offline else connect_wandb(make))
         else:
             loggers.append(instantiate(node, _convert_="all"))
         log.debug("logger %s: %s", name, node._target_)
     return loggers, wandb_id
+
+
+def connect_wandb(make: Any) -> Any:
+    """An online W&B logger, or — when the server can't be reached (network, outage, firewall) — the same run
+    offline, so a run never dies for its dashboard. `wandb.init` runs here (rank 0) instead of at the first log
+    call inside `fit`, where its CommError would end training; `WANDB_INIT_TIMEOUT` bounds the wait. Once a run
+    is up, wandb's own process buffers and retries uploads: losing the network mid-run does not stop training."""
+    logger = make(False)
+    try:
+        logger.experiment  # noqa: B018 - the property calls wandb.init on rank 0
+        return logger
+    except Exception as err:  # wandb raises CommError / UsageError / timeouts, depending on what failed
+        import wandb
+
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        log.warning("W&B unreachable (%s): logging offline into the run dir instead; upload later with "
+                    "`wandb sync <run dir>/wandb/offline-run-*`", reason)
+        if wandb.run is not None:  # a half-initialised run must not swallow the offline one's logs
+            wandb.finish()
+        wandb.teardown()  # the wandb service still holds the failed run's id: restart it for the offline run
+        return make(True)
 
 
 def adapt_to_stage(cfg: DictConfig, stage: L.LightningModule) -> None:
