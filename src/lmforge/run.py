@@ -323,7 +323,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     head = {"ckpt_path": str(cfg.ckpt_path), **({"quantize": cfg.quantize} if cfg.get("quantize") else {})}
     print(json.dumps({**head, **{k: round(v, 5) for k, v in metrics.items()}}, indent=2))
     atomic_write_text(Path(cfg.paths.output_dir) / "metrics.json", json.dumps(metrics, indent=2))
-    log.info("eval lm on %s: %s", cfg.ckpt_path, json.dumps(metrics))
+    log.info("eval lm on %s: %s", cfg.ckpt_path, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))  # key=value: stdout holds one JSON only
     ckpt_file = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, cfg.get("train_task_name", "train"))
     write_results({"task": "lm", **head, **metrics}, results_files(str(ckpt_file), cfg.paths.output_dir, "lm"))
     return metrics

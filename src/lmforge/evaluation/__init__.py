@@ -104,7 +104,7 @@ def report(
     head = {"task": task, "ckpt_path": model_name, **(extra or {})}
     shown = {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
     print(json.dumps({**head, **shown}, indent=2))
-    log.info("eval %s on %s: %s", task, model_name, json.dumps(shown))
+    log.info("eval %s on %s: %s", task, model_name, " ".join(f"{k}={v}" for k, v in shown.items()))  # stdout: one JSON only
     for file in write_results({**head, **dict(metrics)}, results_files(model_name, output_dir, task)):
         log.info("wrote %s", file)
 
