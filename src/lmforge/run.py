@@ -275,14 +275,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
         close_loggers(loggers)
 
 
-def load_for_inference(cfg: DictConfig) -> tuple[dict[str, Any], DictConfig, Tokenizer]:
+def load_for_inference(cfg: DictConfig) -> tuple[str, dict[str, Any], DictConfig, Tokenizer]:
     ckpt_path = None if OmegaConf.is_missing(cfg, "ckpt_path") else cfg.ckpt_path
     path = resolve_ckpt_path(ckpt_path, cfg.paths.log_dir, cfg.get("train_task_name", "train"))
     if path is None:
         raise ConfigError("ckpt_path", "is required", "pass ckpt_path=<run dir>/checkpoints/last.ckpt (or ckpt_path=last)")
     ckpt = load_checkpoint(path)
     saved = OmegaConf.create(ckpt["lmforge"]["config"])
-    return ckpt, saved, Tokenizer.from_json(ckpt["lmforge"]["tokenizer"])
+    return path, ckpt, saved, Tokenizer.from_json(ckpt["lmforge"]["tokenizer"])
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -293,7 +293,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     seed_everything(cfg.get("seed"))
     if check_task(cfg.get("task", "lm")) != "lm":
         return run_task(cfg)
-    ckpt, saved, tokenizer = load_for_inference(cfg)
+    ckpt_file, ckpt, saved, tokenizer = load_for_inference(cfg)
     with open_dict(saved):
         saved.paths.cache_dir = cfg.paths.cache_dir
         if cfg.get("data") is None and not str(saved.data.get("_target_", "")).endswith(("PackedTextDataModule", "SFTDataModule")):
@@ -324,7 +324,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     print(json.dumps({**head, **{k: round(v, 5) for k, v in metrics.items()}}, indent=2))
     atomic_write_text(Path(cfg.paths.output_dir) / "metrics.json", json.dumps(metrics, indent=2))
     log.info("eval lm on %s: %s", cfg.ckpt_path, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))  # key=value: stdout holds one JSON only
-    ckpt_file = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.log_dir, cfg.get("train_task_name", "train"))
     write_results({"task": "lm", **head, **metrics}, results_files(str(ckpt_file), cfg.paths.output_dir, "lm"))
     return metrics
 

@@ -8,18 +8,19 @@ the Jacobian (σ² (JᵀJ)⁻¹, σ² = SSE / (points - parameters)), mapped bac
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lmforge.models.counting import build_on_meta
+from lmforge.models.counting import param_counts as count_params
 from lmforge.utils.runs import final_metrics, load_config
 
 
@@ -245,39 +246,9 @@ def param_counts(model_cfg: dict[str, Any]) -> tuple[int, int]:
 
 @functools.cache
 def _param_counts(model_json: str) -> tuple[int, int]:
-    import torch
-    from torch import nn
-
-    from lmforge.models import build
-
-    with torch.device("meta"), _skip_init():
-        model = build(json.loads(model_json))
-    skip = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    head = getattr(model, "lm_head", None)
-    if isinstance(head, nn.Module):
-        skip |= {id(p) for p in head.parameters()}
-    non_embedding = sum(p.numel() for p in model.parameters() if id(p) not in skip)
-    n_flops = (
-        model.active_params() if hasattr(model, "active_params") else model.num_params(non_embedding=True)
-    )
-    return int(non_embedding), int(n_flops)
-
-
-@contextlib.contextmanager
-def _skip_init() -> Iterator[None]:
-    """torch.nn.init functions as no-ops while counting: initialising meta tensors computes nothing, but the
-    first call costs seconds (it imports torch._dynamo). The same trick as transformers' `no_init_weights`."""
-    from torch.nn import init
-
-    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
-    saved = {n: getattr(init, n) for n in names}
-    try:
-        for n in names:
-            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, fn in saved.items():
-            setattr(init, n, fn)
+    model = build_on_meta(json.loads(model_json))
+    n_flops = model.active_params() if hasattr(model, "active_params") else model.num_params(non_embedding=True)
+    return int(count_params(model)["params_non_embedding"]), int(n_flops)
 
 
 def tokens_seen(cfg: dict[str, Any], last_step: float | None = None) -> int:

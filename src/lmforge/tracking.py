@@ -27,6 +27,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lmforge.models.counting import build_on_meta, param_counts
+from lmforge.utils.runs import flatten
+
 log = logging.getLogger("lmforge")
 
 GIT_TIMEOUT_S = 10
@@ -100,31 +103,11 @@ def git_info(repo: str | Path, out_dir: str | Path | None = None) -> dict[str, A
     return info
 
 
-def param_counts(model: Any) -> dict[str, int]:
-    """Total, trainable and non-embedding parameters (Kaplan et al.: token/position tables excluded;
-    a head tied to the token table is that table, so it is excluded too)."""
-    from torch import nn
-
-    params = {id(p): p for p in model.parameters()}.values()
-    embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters(recurse=False)}
-    return {
-        "params_total": sum(p.numel() for p in params),
-        "params_trainable": sum(p.numel() for p in params if p.requires_grad),
-        "params_non_embedding": sum(p.numel() for p in params if id(p) not in embedding),
-    }
-
-
 def config_param_counts(cfg: Any) -> dict[str, int | None]:
     """Counts before the model exists (it is built in `configure_model`): the model built on the meta device,
     which allocates nothing. PEFT changes what trains: then `params_trainable` is None here, and the stage logs
     `model/trainable_params` at fit start."""
-    import torch
-
-    from lmforge.models import build
-
-    with torch.device("meta"):
-        model = build(cfg.model)
-    counts: dict[str, int | None] = dict(param_counts(model))
+    counts: dict[str, int | None] = dict(param_counts(build_on_meta(cfg.model)))
     if cfg.get("peft") is not None and cfg.peft.get("method", "none") != "none":
         counts["params_trainable"] = None
     return counts
@@ -208,18 +191,6 @@ def run_metadata(cfg: Any, tokenizer: Any, datamodule: Any, model: Any = None) -
 
 
 # --- hyperparameters ------------------------------------------------------------------------------------
-
-def flatten(tree: Mapping[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
-    """{"model": {"n_layer": 4}} → {"model.n_layer": 4}; lists stay values (loggers stringify what they must)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{sep}{key}" if prefix else str(key)
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, sep, name))
-        else:
-            flat[name] = value
-    return flat
-
 
 def meta_hyperparams(meta: Mapping[str, Any]) -> dict[str, Any]:
     """`meta/<key>` entries; the argv list is left out (`meta/command` holds it as one string)."""

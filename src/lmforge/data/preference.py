@@ -9,14 +9,13 @@ keep the same (left-truncated) prompt tokens.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
 import torch
 
 from lmforge.data.examples import Example, RecordsDataModule, build_pair, check_max_length, pad_examples
-from lmforge.data.tokenizer import Tokenizer
 
 
 def collate_pairs(batch: Sequence[tuple[Example, Example, int]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -38,29 +37,11 @@ class PreferenceDataModule(RecordsDataModule):
 
     def __init__(
         self,
-        source: Mapping[str, Any] | None = None,
-        template: str = "chatml",
-        system_prompt: str | None = None,
         max_length: int = 128,
-        batch_size: int = 16,
-        val_batch_size: int | None = None,
-        seed: int | None = 0,
-        num_workers: int = 0,
-        max_examples: int | None = None,
-        tokenizer: Tokenizer | None = None,
+        **common: Any,  # source, template, system_prompt, batch sizes, seed, ... (RecordsDataModule)
     ) -> None:
         check_max_length(max_length, [0, 0])
-        super().__init__(
-            source,
-            template,
-            system_prompt,
-            batch_size,
-            val_batch_size,
-            seed,
-            num_workers,
-            max_examples,
-            tokenizer,
-        )
+        super().__init__(**common)
         self.max_length = max_length
 
     def pairs(self, records: list[dict[str, Any]]) -> list[tuple[Example, Example]]:

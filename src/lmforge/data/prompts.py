@@ -8,7 +8,7 @@ prompt as plain text) and `metadata` (list[dict], the record's other fields, e.g
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -17,7 +17,6 @@ import torch
 
 from lmforge.data.examples import RecordsDataModule
 from lmforge.data.records import prompt_text
-from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import ConfigError
 
 
@@ -53,16 +52,8 @@ class PromptDataModule(RecordsDataModule):
 
     def __init__(
         self,
-        source: Mapping[str, Any] | None = None,
-        template: str = "chatml",
-        system_prompt: str | None = None,
         max_prompt_length: int = 96,
-        batch_size: int = 16,
-        val_batch_size: int | None = None,
-        seed: int | None = 0,
-        num_workers: int = 0,
-        max_examples: int | None = None,
-        tokenizer: Tokenizer | None = None,
+        **common: Any,  # source, template, system_prompt, batch sizes, seed, ... (RecordsDataModule)
     ) -> None:
         if not isinstance(max_prompt_length, int) or max_prompt_length < 1:
             raise ConfigError(
@@ -70,17 +61,7 @@ class PromptDataModule(RecordsDataModule):
                 f"must be a positive integer, got {max_prompt_length!r}",
                 "set data.max_prompt_length=96",
             )
-        super().__init__(
-            source,
-            template,
-            system_prompt,
-            batch_size,
-            val_batch_size,
-            seed,
-            num_workers,
-            max_examples,
-            tokenizer,
-        )
+        super().__init__(**common)
         self.max_prompt_length = max_prompt_length
 
     def items(self, records: list[dict[str, Any]]) -> list[PromptItem]:

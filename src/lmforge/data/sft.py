@@ -9,7 +9,6 @@ See `examples.py` for the template, the end tokens and truncation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
@@ -22,7 +21,6 @@ from lmforge.data.examples import (
     collate_packed,
     pack,
 )
-from lmforge.data.tokenizer import Tokenizer
 
 
 class SFTDataModule(RecordsDataModule):
@@ -33,30 +31,12 @@ class SFTDataModule(RecordsDataModule):
 
     def __init__(
         self,
-        source: Mapping[str, Any] | None = None,
-        template: str = "chatml",
-        system_prompt: str | None = None,
         max_length: int = 128,
-        batch_size: int = 16,
-        val_batch_size: int | None = None,
         packing: bool = False,
-        seed: int | None = 0,
-        num_workers: int = 0,
-        max_examples: int | None = None,
-        tokenizer: Tokenizer | None = None,
+        **common: Any,  # source, template, system_prompt, batch sizes, seed, ... (RecordsDataModule)
     ) -> None:
         check_max_length(max_length, [0, 0])
-        super().__init__(
-            source,
-            template,
-            system_prompt,
-            batch_size,
-            val_batch_size,
-            seed,
-            num_workers,
-            max_examples,
-            tokenizer,
-        )
+        super().__init__(**common)
         self.max_length, self.packing = max_length, bool(packing)
 
     def examples(self, records: list[dict[str, Any]]) -> list[Example]:

@@ -69,8 +69,8 @@ class DPOStage(LMStage):
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if not self.precompute_reference or not bool(torch.isnan(self.reference_train).any() or torch.isnan(self.reference_val).any()):
-            return  # nothing to do, or restored from a checkpoint
+        if not self.precompute_reference or not (self.reference_train.isnan().any() or self.reference_val.isnan().any()):
+            return  # no cache, or it was restored complete from a checkpoint
         reference = self.__dict__.get("_reference_copy")
         if reference is not None:
             reference.to(self.device)

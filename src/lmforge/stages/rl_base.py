@@ -20,7 +20,6 @@ from torchmetrics import MeanMetric
 
 from lmforge.checkpoint import load_checkpoint, model_state_dict
 from lmforge.errors import ConfigError
-from lmforge.losses import masked_mean
 from lmforge.models.heads import ScalarHeadModel, scalar_model_from_state
 from lmforge.stages.base import LMStage
 from lmforge.stages.rollout import Rollout, rollout_logprobs, sample_rollout
@@ -184,5 +183,4 @@ class RLStage(LMStage):
 
 def mean_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(policy || reference) per sequence (summed over its tokens, k1 estimate), averaged over sequences."""
-    per_seq = ((logp - ref_logp) * mask).sum(dim=1)
-    return per_seq.mean() if per_seq.numel() else masked_mean(logp, mask)
+    return ((logp - ref_logp) * mask).sum(dim=1).mean()

@@ -46,13 +46,21 @@ class Rollout:
         return self.completion_mask.sum(dim=1)
 
 
+def stop_hits(completion: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
+    """(N, L) bool: where the completion holds a stop token."""
+    if not stop_ids:
+        return torch.zeros_like(completion, dtype=torch.bool)
+    return torch.isin(completion, torch.tensor(list(stop_ids), device=completion.device))
+
+
+def mask_through_first_stop(is_stop: torch.Tensor) -> torch.Tensor:
+    """True up to and including each row's first stop (all True when the row never stopped)."""
+    return (is_stop.long().cumsum(dim=1) - is_stop.long()) == 0
+
+
 def completion_mask(completion: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
     """True up to and including each row's first stop token (all True when the row never stopped)."""
-    if not stop_ids:
-        return torch.ones_like(completion, dtype=torch.bool)
-    is_stop = torch.isin(completion, torch.tensor(list(stop_ids), device=completion.device))
-    stopped_before = (is_stop.long().cumsum(dim=1) - is_stop.long()) > 0
-    return ~stopped_before
+    return mask_through_first_stop(stop_hits(completion, stop_ids))
 
 
 @torch.no_grad()
@@ -80,13 +88,14 @@ def sample_rollout(
     seqs = seqs.clone()  # out of inference mode: the training forward saves these ids for backward
     P = ids.size(1)
     completion = seqs[:, P:]
-    done = completion_mask(completion, stop_ids)
+    is_stop = stop_hits(completion, stop_ids)
+    done = mask_through_first_stop(is_stop)
     full_mask = torch.cat([mask.long(), done.long()], dim=1)
     prompts = [p for p in batch["prompts"] for _ in range(num_generations)]
     metadata = [m for m in batch.get("metadata", [{}] * len(batch["prompts"])) for _ in range(num_generations)]
     stops = set(stop_ids)
     texts = [tokenizer.decode([t for t in row[: int(n)].tolist() if t not in stops]) for row, n in zip(completion, done.sum(1))]
-    stopped = torch.isin(completion, torch.tensor(list(stop_ids), device=completion.device)).any(dim=1)
+    stopped = is_stop.any(dim=1)
     return Rollout(seqs, full_mask, P, done, prompts, texts, metadata, stopped)
 
 
