@@ -21,11 +21,11 @@ from lmforge.objectives.registry import objectives_for
 # Which datamodules each stage can train on (by class name: the classes import Lightning, this module doesn't).
 STAGE_DATA: dict[str, tuple[tuple[str, ...], str]] = {
     "PretrainStage": (("PackedTextDataModule",), "data=shakespeare (or text_files, hf_dataset, mixture)"),
-    "SFTStage": (("SFTDataModule",), "data=sft_shakespeare or data=sft_jsonl"),
-    "RewardStage": (("PreferenceDataModule",), "data=pref_shakespeare or data=pref_jsonl"),
-    "DPOStage": (("PreferenceDataModule",), "data=pref_shakespeare or data=pref_jsonl"),
-    "PPOStage": (("PromptDataModule",), "data=prompts_shakespeare or data=prompts_jsonl"),
-    "GRPOStage": (("PromptDataModule",), "data=prompts_shakespeare or data=prompts_jsonl"),
+    "SFTStage": (("SFTDataModule",), "data=sft_shakespeare, data=sft_jsonl or data=sft_hf"),
+    "RewardStage": (("PreferenceDataModule",), "data=pref_shakespeare, data=pref_jsonl or data=pref_hf"),
+    "DPOStage": (("PreferenceDataModule",), "data=pref_shakespeare, data=pref_jsonl or data=pref_hf"),
+    "PPOStage": (("PromptDataModule",), "data=prompts_shakespeare, data=prompts_jsonl or data=prompts_hf"),
+    "GRPOStage": (("PromptDataModule",), "data=prompts_shakespeare, data=prompts_jsonl or data=prompts_hf"),
 }
 CUDA_ONLY_STRATEGIES = ("DeepSpeedStrategy",)
 PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")

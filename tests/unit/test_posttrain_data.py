@@ -413,3 +413,23 @@ def test_shakespeare_datamodule(tok: Tokenizer) -> None:
     assert {d.name.split("#")[0] for d in dm.corpus.documents("val")} == {"sft:val"}
     with pytest.raises(ConfigError, match="p_random"):
         SFTDataModule(source={"kind": "shakespeare", "p_random": 0.5})
+
+
+def test_hf_preference_dataset_loads_through_the_pref_hf_config(tmp_path: Path, tok: Tokenizer) -> None:
+    """HF datasets with chosen/rejected columns (here the json builder, as hh-rlhf's shared-prefix layout)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from lmforge.preflight import check_stage_data
+
+    rows = [{"chosen": f"Human: hi {i} Assistant: hello there", "rejected": f"Human: hi {i} Assistant: go away"} for i in range(20)]
+    files = write_jsonl(tmp_path / "hh.jsonl", rows)
+    conf = Path(__file__).resolve().parents[2] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=["stage=dpo", "data=pref_hf", "data.source.path=json", f"data.source.data_files={files}",
+                                          f"paths.output_dir={tmp_path}"])
+    check_stage_data(cfg)  # pref_hf feeds dpo
+    dm = instantiate(cfg.data, _convert_="all")
+    assert len(dm.records["train"]) + len(dm.records["val"]) == 20
+    first = dm.records["train"][0]
+    assert first["chosen"].strip() == "hello there" and first["rejected"].strip() == "go away" and "Human: hi 0" in first["prompt"]
