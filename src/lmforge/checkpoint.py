@@ -11,6 +11,12 @@ from typing import Any
 import torch
 
 from lmforge.errors import CheckpointError
+from lmforge.parallel.sharded_checkpoint import (
+    DCP_METADATA,
+    META_FILE,
+    is_sharded_checkpoint,
+    read_sharded_checkpoint,
+)
 
 log = logging.getLogger("lmforge")
 
@@ -29,7 +35,7 @@ def find_last_checkpoint(log_dir: str | Path, task_name: str, exclude: str | Pat
     bad: list[str] = []
     for path in sorted(found, key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True):
         try:
-            load_checkpoint(path)
+            load_checkpoint(path, weights=False)
         except CheckpointError as err:
             bad.append(str(path))
             warnings.warn(f"ckpt_path=last: skipping unreadable checkpoint {path}: {err}", stacklevel=2)
@@ -51,16 +57,25 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str
     path = Path(ckpt_path).expanduser()
     if not path.exists():
         raise CheckpointError(f"ckpt_path={ckpt_path!r} does not exist. Fix: pass an existing .ckpt file, or ckpt_path=last.")
-    if path.is_dir():
+    if path.is_dir() and not is_sharded_checkpoint(path):
         raise CheckpointError(f"ckpt_path={ckpt_path!r} is a directory, not a checkpoint file. Fix: point at a .ckpt inside it (e.g. checkpoints/last.ckpt).")
     return str(path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load with weights_only=True (no arbitrary code) and check it is an lmforge checkpoint."""
+def load_checkpoint(path: str | Path, weights: bool = True) -> dict[str, Any]:
+    """Load with weights_only=True (no arbitrary code) and check it is an lmforge checkpoint.
+
+    A sharded checkpoint (a directory written by strategy=fsdp) is consolidated into full tensors here, so
+    every consumer (eval, generate, export, init_from, resume metadata) reads both layouts the same way;
+    `weights=False` reads only its metadata (cheap: for choosing which checkpoint to resume)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        if Path(path).is_dir():
+            if not is_sharded_checkpoint(path):
+                raise OSError(f"directory without {DCP_METADATA} and {META_FILE}: an incomplete sharded checkpoint")
+            ckpt = read_sharded_checkpoint(path, weights=weights)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"ckpt_path={str(path)!r} is not a readable checkpoint ({first}). Fix: pass a .ckpt written by lmforge.") from None
     if not isinstance(ckpt, dict) or "lmforge" not in ckpt or "state_dict" not in ckpt:

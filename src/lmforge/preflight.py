@@ -13,6 +13,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lmforge.config_schema import check_schema
 from lmforge.errors import ConfigError
 from lmforge.models import config_from
 from lmforge.objectives import Objective
@@ -96,8 +97,41 @@ def check_machine(cfg: DictConfig) -> None:
                           "use trainer.precision=32-true or bf16-mixed on CPU")
 
 
+SHARDED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-true", "auto")
+
+
+def check_sharding(cfg: DictConfig) -> None:
+    """strategy=fsdp / fsdp_tp: what Lightning's ModelParallelStrategy and the TP plan would refuse mid-setup."""
+    strategy = cfg.get("strategy") or {}
+    if _class_name(strategy) not in ("ShardedStrategy", "ModelParallelStrategy"):
+        return
+    trainer = cfg.get("trainer") or {}
+    precision = str(trainer.get("precision", "auto"))
+    if precision not in SHARDED_PRECISIONS:
+        raise ConfigError("trainer.precision", f"{precision} is not supported by strategy=fsdp (Lightning's ModelParallelStrategy)",
+                          "use trainer.precision=bf16-mixed (FSDP2 mixed precision: strategy.param_dtype) or 32-true")
+    tp = strategy.get("tensor_parallel_size", 1)
+    if isinstance(tp, int) and tp > 1:
+        family = str((cfg.get("model") or {}).get("family", ""))
+        if family not in ("llama", "mixtral"):
+            raise ConfigError("strategy.tensor_parallel_size", f"tensor parallelism needs separate q/k/v projections; model.family={family} has none",
+                              "use strategy=fsdp (tensor_parallel_size=1), or a llama/mixtral model")
+        n_kv = (cfg.get("model") or {}).get("n_kv_head") or (cfg.get("model") or {}).get("n_head")
+        if isinstance(n_kv, int) and n_kv % tp:
+            raise ConfigError("strategy.tensor_parallel_size", f"{tp} does not divide the {n_kv} key/value heads",
+                              "choose a tensor_parallel_size that divides model.n_kv_head")
+        devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
+        if isinstance(devices, int) and isinstance(nodes, int) and (devices * nodes) % tp:
+            raise ConfigError("strategy.tensor_parallel_size", f"{tp} does not divide trainer.devices x num_nodes = {devices * nodes}",
+                              "set trainer.devices to a multiple of the tensor-parallel size")
+
+
 def preflight(cfg: DictConfig) -> None:
-    """Every check that needs no data: called by train.py before Lightning is even imported."""
+    """Every check that needs no data: called by train.py before Lightning is even imported. First the typed
+    schema of every group (`lmforge.config_schema`: misspelled keys, wrong types; read from the targets'
+    source, so it imports nothing heavy), then the cross-group and machine checks."""
+    check_schema(cfg)
+    check_sharding(cfg)  # before the machine check: its answer holds on a GPU machine too
     check_machine(cfg)
     check_stage_data(cfg)
     if not cfg.get("init_from"):  # with init_from the checkpoint decides the model: run.train checks it after loading

@@ -107,7 +107,8 @@ def wandb_offline_needed() -> bool:
 
 
 def build_loggers(cfg: DictConfig, wandb_id: str | None) -> tuple[list[Any], str | None]:
-    from lmforge.tracking import wandb_overrides  # offline without a key, sweep group, no upload offline
+    # offline without a key, sweep group, no upload offline; every logger guarded against mid-run failures
+    from lmforge.tracking import guard_logger, wandb_overrides
 
     loggers: list[Any] = []
     for name, node in (cfg.get("logger") or {}).items():
@@ -124,7 +125,7 @@ def build_loggers(cfg: DictConfig, wandb_id: str | None) -> tuple[list[Any], str
         else:
             loggers.append(instantiate(node, _convert_="all"))
         log.debug("logger %s: %s", name, node._target_)
-    return loggers, wandb_id
+    return [guard_logger(lg) for lg in loggers], wandb_id  # a logger failing mid-run warns, training goes on
 
 
 def connect_wandb(make: Any) -> Any:
@@ -203,7 +204,10 @@ def close_loggers(loggers: list[Any]) -> None:
         if type(lg).__name__ == "WandbLogger":
             import wandb
 
-            wandb.finish()
+            try:
+                wandb.finish()
+            except Exception as err:  # the run's files are on disk: `wandb sync` uploads them later
+                log.warning("W&B: finishing the run failed (%s); upload later with `wandb sync <run dir>/wandb/run-*`", err)
             break
 
 
@@ -218,7 +222,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     seed_everything(cfg.get("seed"))
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, exclude=output_dir)
-    resume_meta = load_checkpoint(ckpt_path)["lmforge"] if ckpt_path else {}
+    resume_meta = load_checkpoint(ckpt_path, weights=False)["lmforge"] if ckpt_path else {}
 
     init = load_init_source(cfg.init_from) if cfg.get("init_from") and not ckpt_path else None
     tokenizer = Tokenizer.from_json(resume_meta["tokenizer"]) if resume_meta else (init.tokenizer if init else None)
@@ -286,9 +290,10 @@ def load_for_inference(cfg: DictConfig) -> tuple[str, dict[str, Any], DictConfig
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """task=lm: loss, perplexity and bits per byte (+ val/mlm_accuracy for MLM) of a checkpoint over the whole
-    val split of its data config; task=mc | bleu | lm_eval: see lmforge.evaluation."""
+    """task=lm: loss, perplexity and bits per byte (+ val/mlm_accuracy for MLM) of a checkpoint over a whole
+    split (`split`, default val) of its data config; task=mc | bleu | lm_eval: see lmforge.evaluation."""
     from lmforge.evaluation import check_task, results_files, run_task, write_results
+    from lmforge.evaluation.lm import results_task, split_dataloader, split_metrics
 
     seed_everything(cfg.get("seed"))
     if check_task(cfg.get("task", "lm")) != "lm":
@@ -308,6 +313,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             saved.data.val_batch_size = cfg.batch_size
     objective = build_objective(saved)
     _, _, datamodule = build_data(saved, tokenizer, objective)
+    split = str(cfg.get("split") or "val")
+    loader = split_dataloader(datamodule, split)  # an unknown split fails here, before the model is built
     stage = build_stage(saved, tokenizer, metadata={}, for_training=False, objective=objective)
     stage.configure_model()
     stage.model.load_state_dict(model_state_dict(ckpt))
@@ -319,12 +326,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             with open_dict(cfg):
                 cfg.trainer.accelerator, cfg.trainer.precision = "cpu", "32-true"
     trainer = build_trainer(cfg, callbacks=[], loggers=[])
-    metrics = _floats(trainer.validate(stage, datamodule=datamodule, verbose=False, weights_only=True)[0])
-    head = {"ckpt_path": str(cfg.ckpt_path), **({"quantize": cfg.quantize} if cfg.get("quantize") else {})}
+    metrics = split_metrics(_floats(trainer.validate(stage, dataloaders=loader, verbose=False, weights_only=True)[0]), split)
+    head = {"ckpt_path": str(cfg.ckpt_path), "split": split, **({"quantize": cfg.quantize} if cfg.get("quantize") else {})}
     print(json.dumps({**head, **{k: round(v, 5) for k, v in metrics.items()}}, indent=2))
     atomic_write_text(Path(cfg.paths.output_dir) / "metrics.json", json.dumps(metrics, indent=2))
     log.info("eval lm on %s: %s", cfg.ckpt_path, " ".join(f"{k}={v:.5g}" for k, v in metrics.items()))  # key=value: stdout holds one JSON only
-    write_results({"task": "lm", **head, **metrics}, results_files(str(ckpt_file), cfg.paths.output_dir, "lm"))
+    write_results({"task": "lm", **head, **metrics}, results_files(str(ckpt_file), cfg.paths.output_dir, results_task(split)))
     return metrics
 
 

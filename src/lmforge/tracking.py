@@ -5,6 +5,8 @@ run_metadata(...)      → git commit / dirty flag / diff, command line, host, v
                          when the tree is dirty) and logged as `meta/<key>` hyperparameters
 log_hyperparams(...)   → the resolved config, nested for W&B (its UI shows `model.n_layer`) and flattened
                          with dotted keys for CSV / TensorBoard, plus the `meta/` keys
+guard_logger(lg)       → a logger whose failures mid-run (W&B service gone, disk full) are warned about once and
+                         counted instead of ending training
 write_crash(...)       → `<run dir>/crash.txt` with the traceback, time and step of a crashed run
 get_logger(name)       → a logger whose debug/info/warning are emitted on global rank 0 only (errors on
                          every rank), so N data-parallel processes don't print every line N times
@@ -240,6 +242,82 @@ def wandb_overrides(cfg: Any, node: Mapping[str, Any], offline: bool) -> dict[st
         get_logger().warning("W&B is offline: logger.wandb.log_model=%s ignored (checkpoints stay on disk)", node.get("log_model"))
         out["log_model"] = False
     return out
+
+
+# --- loggers that fail mid-run -------------------------------------------------------------------------
+
+# What Lightning and lmforge call on a logger during a run. Any of them may raise when W&B's service process
+# died, a disk filled up, an NFS mount hung: the call is dropped, training and the other loggers go on.
+GUARDED_METHODS = ("log_metrics", "log_hyperparams", "log_table", "log_text", "log_image", "log_audio", "log_video",
+                   "log_graph", "after_save_checkpoint", "save", "finalize")
+_GUARDED_CLASSES: dict[type, type] = {}
+
+
+def guard_logger(logger: Any) -> Any:
+    """Make `logger` survive its own failures, in place: an exception from one of GUARDED_METHODS is caught,
+    warned about once (with the exception), counted in `logger.lmforge_failures`, and the call returns None.
+    The object stays the same one, of a subclass that keeps the class name: `isinstance(lg, WandbLogger)`,
+    `lg.experiment`, `.save_dir`, `.version`, `.log_dir` and every other attribute work as before."""
+    cls = type(logger)
+    if getattr(cls, "_lmforge_guarded", False):
+        return logger
+    if cls not in _GUARDED_CLASSES:
+        namespace: dict[str, Any] = {"_lmforge_guarded": True, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+                                     "__doc__": cls.__doc__, "__reduce_ex__": _reduce_guarded}
+        for name in GUARDED_METHODS:
+            if callable(getattr(cls, name, None)):
+                namespace[name] = _guarded_method(cls, name)
+        _GUARDED_CLASSES[cls] = type(cls)(cls.__name__, (cls,), namespace)
+    logger.__class__ = _GUARDED_CLASSES[cls]
+    return logger
+
+
+def _guarded_method(cls: type, name: str) -> Any:
+    import functools
+
+    @functools.wraps(getattr(cls, name))
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            result = getattr(cls, name)(self, *args, **kwargs)  # looked up per call: patches of the class apply
+        except Exception as err:  # not BaseException: Ctrl-C and SystemExit still stop the run
+            _logger_failed(self, name, err)
+            return None
+        if name == "finalize" and getattr(self, "lmforge_failures", 0):
+            log.warning("logger %s: %d call(s) failed during this run (first: %s); the run and the other loggers "
+                        "were not affected", type(self).__name__, self.lmforge_failures, self.lmforge_first_failure)
+        return result
+
+    return method
+
+
+def _logger_failed(logger: Any, method: str, err: Exception) -> None:
+    first = not getattr(logger, "lmforge_failures", 0)
+    logger.lmforge_failures = getattr(logger, "lmforge_failures", 0) + 1
+    if first:
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        logger.lmforge_first_failure = f"{method}: {type(err).__name__}: {reason}"
+        log.warning("logger %s: %s raised %s: %s. Training goes on and the other loggers (CSV) keep every metric; "
+                    "further failures of this logger are only counted", type(logger).__name__, method,
+                    type(err).__name__, reason)
+
+
+def _reduce_guarded(self: Any, protocol: int) -> tuple[Any, ...]:
+    """Pickle / deepcopy as the plain logger class (importable by name), guarded again on load."""
+    base = type(self).__mro__[1]
+    return (_rebuild_guarded, (base, self.__getstate__()))
+
+
+def _rebuild_guarded(base: type, state: Any) -> Any:
+    obj = base.__new__(base)
+    if hasattr(obj, "__setstate__"):
+        obj.__setstate__(state)
+    elif isinstance(state, tuple):
+        obj.__dict__.update(state[0] or {})
+        for key, value in (state[1] or {}).items():
+            setattr(obj, key, value)
+    elif state:
+        obj.__dict__.update(state)
+    return guard_logger(obj)
 
 
 # --- crashes --------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ A real Lightning loop (CPU, a 1-layer 16-wide model, 4×8 tokens per batch), in-
 from __future__ import annotations
 
 import dataclasses
+import logging
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,17 +29,20 @@ MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 16, "max_seq_len": 8, "vocab_size"
 
 
 class NaNOn(CausalLM):
-    """The real CLM loss, replaced by NaN on the chosen steps (a bad batch, an overflow)."""
+    """The real CLM loss, replaced by NaN on the chosen steps (a bad batch, an overflow), or multiplied by 20
+    on the spike steps (a bad batch that is finite)."""
 
-    def __init__(self, steps: set[int]) -> None:
+    def __init__(self, steps: set[int], spike_steps: set[int] = frozenset()) -> None:
         super().__init__()
-        self.steps = steps
+        self.steps, self.spike_steps = steps, spike_steps
         self.stage: Any = None
 
     def __call__(self, model, batch):
         out = super().__call__(model, batch)
         if self.stage.trainer.global_step in self.steps:
             return dataclasses.replace(out, loss=out.loss * float("nan"))
+        if self.stage.trainer.global_step in self.spike_steps:
+            return dataclasses.replace(out, loss=out.loss * 20.0)
         return out
 
 
@@ -71,11 +75,13 @@ def batches(n: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": x[:, :-1], "targets": x[:, 1:]} for x in ids]
 
 
-def fit(tmp_path: Path, max_steps: int, nan_steps=(), inf_steps=(), max_skipped: int | None = 10) -> tuple[LMStage, Snapshots]:
+def fit(tmp_path: Path, max_steps: int, nan_steps=(), inf_steps=(), max_skipped: int | None = 10, spike_steps=(),
+        ckpt_path: Path | None = None) -> tuple[LMStage, Snapshots]:
     L.seed_everything(0, verbose=False)
-    objective = NaNOn(set(nan_steps))
+    objective = NaNOn(set(nan_steps), set(spike_steps))
     stage = LMStage(MODEL, objective, optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1),
-                    scheduler=partial(cosine_warmup, warmup_steps=2, min_lr=1e-4), max_skipped_steps=max_skipped)
+                    scheduler=partial(cosine_warmup, warmup_steps=2, min_lr=1e-4), max_skipped_steps=max_skipped,
+                    loss_spike_warmup=3)
     objective.stage = stage
     snaps = Snapshots()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0)
@@ -83,7 +89,7 @@ def fit(tmp_path: Path, max_steps: int, nan_steps=(), inf_steps=(), max_skipped:
                         callbacks=[InfGradOn(set(inf_steps)), snaps, ckpt], plugins=[AtomicCheckpointIO()], gradient_clip_val=1.0,
                         default_root_dir=tmp_path, num_sanity_val_steps=0, limit_val_batches=0)
     try:
-        trainer.fit(stage, train_dataloaders=DataLoader(batches(max_steps), batch_size=None), ckpt_path=None)
+        trainer.fit(stage, train_dataloaders=DataLoader(batches(max_steps), batch_size=None), ckpt_path=ckpt_path, weights_only=True)
     finally:
         stage.last_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return stage, snaps
@@ -109,3 +115,28 @@ def test_too_many_skipped_steps_stop_with_a_clear_error_and_keep_the_last_checkp
     assert "(last at step 5: loss=nan)" in msg and "stage.max_skipped_steps=2" in msg and "Fix: lower optimizer.lr" in msg
     ckpt = load_checkpoint(tmp_path / "ckpt" / "last.ckpt")  # nothing lost: the last good state is on disk
     assert ckpt["global_step"] == 5  # written after step 4, the second (tolerated) skip
+
+
+def test_skipped_steps_count_across_a_resume(tmp_path: Path) -> None:
+    """The skip counter is checkpointed: one skip before the resume and one after exceed max_skipped_steps=1."""
+    stage, _ = fit(tmp_path, max_steps=4, nan_steps={1}, max_skipped=1)
+    assert stage.skipped_steps == 1
+    assert load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["lmforge_train_state"]["skipped_steps"] == 1
+    with pytest.raises(TrainingDivergedError, match=r"2 steps skipped .*\(last at step 5: loss=nan\)"):
+        fit(tmp_path, max_steps=8, nan_steps={5}, max_skipped=1, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+
+
+def test_loss_spike_is_warned_counted_and_checkpointed(tmp_path: Path, caplog) -> None:
+    """A finite loss 20x its level is a spike (warning naming step and loss, train/loss_spikes); the NaN step is
+    skipped and left out of the statistics; the detector state and count are in the checkpoint and come back."""
+    with caplog.at_level(logging.WARNING, logger="lmforge"):
+        stage, _ = fit(tmp_path, max_steps=10, nan_steps={5}, spike_steps={7})
+    spikes = [r.getMessage() for r in caplog.records if "loss spike" in r.getMessage()]
+    assert len(spikes) == 1 and spikes[0].startswith("step 7: loss spike: train/loss=") and "std above its moving mean" in spikes[0]
+    assert stage.spike_detector.spikes == 1 and stage.last_metrics["train/loss_spikes"] == 1.0
+    assert stage.spike_detector.count == 9  # 10 steps, the skipped NaN step not counted
+    state = load_checkpoint(tmp_path / "ckpt" / "last.ckpt")["lmforge_train_state"]
+    assert state["skipped_steps"] == 1 and state["loss_spikes"] == stage.spike_detector.state_dict()
+    resumed = LMStage(MODEL, CausalLM(), loss_spike_warmup=3)
+    resumed.on_load_checkpoint(load_checkpoint(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed.skipped_steps == 1 and resumed.spike_detector.state_dict() == stage.spike_detector.state_dict()

@@ -10,8 +10,11 @@ from hydra.errors import MissingConfigException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
+from lmforge.config_schema import check_schema
+
 CONF = Path(__file__).resolve().parents[2] / "conf"
-GROUPS = ["model", "objective", "stage", "data", "tokenizer", "optimizer", "scheduler", "strategy", "trainer", "logger", "callbacks", "debug", "experiment"]
+GROUPS = ["model", "objective", "stage", "data", "tokenizer", "optimizer", "scheduler", "strategy", "trainer", "logger", "callbacks", "debug", "experiment",
+          "peft"]
 
 
 def options(group: str) -> list[str]:
@@ -37,6 +40,7 @@ def test_every_option_composes_and_resolves(group: str, option: str, tmp_path: P
     if option == "text_files":
         overrides.append("data.corpus.train_glob=README.md")
     cfg = compose_train(*overrides, tmp=tmp_path)
+    check_schema(cfg)  # typed schema (lmforge.config_schema): no unknown key, no mistyped value in any group
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["task_name"]
     for key in ("n_layer", "n_head", "n_embd", "max_seq_len", "vocab_size"):

@@ -12,9 +12,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from lmforge.generation import generate
+from lmforge.parallel.plan import model_is_sharded
 
 
 class SampleGeneration(L.Callback):
@@ -30,10 +30,11 @@ class SampleGeneration(L.Callback):
         self.prompts = list(prompts)
         self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.seed = max_new_tokens, temperature, top_k, top_p, seed
 
-    @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not self.prompts or trainer.datamodule is None:
             return
+        if not trainer.is_global_zero and not model_is_sharded(trainer):
+            return  # a sharded model (FSDP/TP) needs every rank in each forward; only rank 0 logs
         if getattr(pl_module.model.config, "kind", "decoder") != "decoder" or not hasattr(pl_module.model, "lm_head"):
             return  # left-to-right sampling needs a decoder LM; encoders (BERT), T5 and reward models are skipped
         tokenizer = trainer.datamodule.tokenizer
@@ -46,6 +47,8 @@ class SampleGeneration(L.Callback):
                 top_k=self.top_k, top_p=self.top_p, eos_token_id=tokenizer.eos_id, generator=gen,
             )
             rows.append([trainer.global_step, prompt, tokenizer.decode(out[0, ids.size(1):].tolist())])
+        if not trainer.is_global_zero:
+            return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_text(key="samples", columns=["step", "prompt", "completion"], data=rows, step=trainer.global_step)

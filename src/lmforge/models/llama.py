@@ -246,7 +246,8 @@ class Llama(nn.Module):
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` tokens; stores n_kv_head heads."""
         cfg = self.config
-        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, cfg.head_dim, max_len)
+        kv_heads = self.blocks[0].attn.n_kv_head  # this rank's heads: n_kv_head / tensor_parallel_size under TP
+        return KVCache(cfg.n_layer, batch_size, kv_heads, cfg.head_dim, max_len)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the input embedding table unless it is tied (then it is the head)."""

@@ -7,6 +7,7 @@ metrics (loss, perplexity, bits per byte) that are exact over however many batch
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -18,9 +19,11 @@ from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
 from lmforge.errors import TrainingDivergedError
+from lmforge.loss_spikes import LossSpikeDetector
 from lmforge.metrics import bits_per_byte, mean_loss, perplexity
 from lmforge.models import build
 from lmforge.objectives.base import LossOutput
+from lmforge.optim.grad_norm import clip_grads_, total_grad_norm
 from lmforge.optim.param_groups import decay_param_groups, muon_param_groups
 
 SCHEMA_VERSION = 1
@@ -41,6 +44,8 @@ class LMStage(L.LightningModule):
         peft: dict[str, Any] | None = None,
         activation_checkpointing: int = 0,
         max_skipped_steps: int | None = 10,
+        loss_spike_threshold: float | None = 6.0,
+        loss_spike_warmup: int = 20,
     ) -> None:
         super().__init__()
         self.model_cfg = model_cfg
@@ -61,14 +66,26 @@ class LMStage(L.LightningModule):
         self.val_correct = SumMetric()  # MLM only: masked positions predicted right (val/mlm_accuracy)
         self.val_has_correct = False
         self.max_skipped_steps = max_skipped_steps  # null: never give up
-        self.skipped_steps = 0  # per process: a resumed run starts counting again
+        self.skipped_steps = 0  # saved in checkpoints: max_skipped_steps counts across a resume
+        # train/loss far above its moving mean + threshold * std: warned and counted (train/loss_spikes); null: off
+        self.spike_detector = (LossSpikeDetector(threshold=float(loss_spike_threshold), warmup=int(loss_spike_warmup))
+                               if loss_spike_threshold is not None else None)
+        self.pending_loss: tuple[int, torch.Tensor] | None = None  # (step, loss) until the step is known not skipped
 
     # --- model ---------------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Build here (not in __init__) so strategies can build under init_module / shard per block."""
         if self.model is not None:
             return
-        self.model = self.build_model()
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        sharded = strategy is not None and self._device_mesh is not None
+        meta_rng = None
+        if sharded and getattr(strategy, "meta_init", False) and self.can_build_on_meta():
+            from lmforge.parallel import build_on_meta
+
+            self.model, meta_rng = build_on_meta(self.model_cfg)  # no rank ever holds the whole model
+        else:
+            self.model = self.build_model()
         self.initial_weights = None  # a reference to GBs of tensors is not kept for the whole run
         self.build_frozen_models()
         if self.peft_cfg is not None:
@@ -79,8 +96,18 @@ class LMStage(L.LightningModule):
             from lmforge.models.activation_checkpointing import apply_activation_checkpointing
 
             apply_activation_checkpointing(self.model, self.activation_checkpointing)
+        if sharded:
+            from lmforge.parallel.plan import shard_stage
+
+            log.info("parallel: %s", shard_stage(self, strategy, meta_rng))
         if self.should_compile():
             self.model.compile()  # in place: state_dict keys stay free of `_orig_mod.`
+
+    def can_build_on_meta(self) -> bool:
+        """Meta-device init re-creates a fresh family model exactly; loaded weights, PEFT, wrapped models
+        (reward head) and frozen copies of the model (DPO/RL reference) are built as usual."""
+        return (self.initial_weights is None and self.peft_cfg is None and type(self).build_model is LMStage.build_model
+                and type(self).build_frozen_models is LMStage.build_frozen_models)
 
     def build_model(self) -> nn.Module:
         """The trained module, with `init_from` weights loaded. Reward models wrap it in a scalar head."""
@@ -124,7 +151,38 @@ class LMStage(L.LightningModule):
             self.skip_step(f"loss={loss.item()}")
             return None
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+        self.note_train_loss(out.loss)
         return loss
+
+    # --- loss spikes: a finite train/loss far above its recent level, warned and counted ------------------
+    def note_train_loss(self, loss: torch.Tensor) -> None:
+        """Called by every stage's training_step with its train/loss; judged in on_train_batch_end, once the
+        step is known not to be skipped (a non-finite grad norm drops it in on_before_optimizer_step)."""
+        if self.spike_detector is not None:
+            self.pending_loss = (self.trainer.global_step if self._trainer is not None else -1, loss.detach())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.spike_detector is None:
+            return
+        pending, self.pending_loss = self.pending_loss, None
+        if pending is not None:
+            step, loss = pending
+            spike = self.spike_detector.update(loss.float().item())
+            if spike is not None:
+                log.warning("step %d: loss spike: train/loss=%.4g is %.1f std above its moving mean %.4g (%d so far; "
+                            "stage.loss_spike_threshold=%g)", step, spike.loss, spike.sigmas, spike.mean,
+                            self.spike_detector.spikes, self.spike_detector.threshold)
+        self.log("train/loss_spikes", float(self.spike_detector.spikes), on_step=True)
+
+    def spike_state(self) -> dict[str, Any] | None:
+        """The detector as it will be after this step: checkpoint callbacks save in their on_train_batch_end,
+        before the stage's own hook has judged the step's loss."""
+        if self.spike_detector is None:
+            return None
+        probe = copy.copy(self.spike_detector)
+        if self.pending_loss is not None:
+            probe.update(self.pending_loss[1].float().item())
+        return probe.state_dict()
 
     # --- non-finite steps: skipped (weights untouched), counted, fatal past stage.max_skipped_steps --------
     def loss_is_finite(self, loss: torch.Tensor) -> bool:
@@ -136,6 +194,7 @@ class LMStage(L.LightningModule):
 
     def skip_step(self, why: str) -> None:
         self.skipped_steps += 1
+        self.pending_loss = None  # a skipped step's loss stays out of the spike statistics
         self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
         step = self.trainer.global_step if self._trainer is not None else -1
         log.warning("step %d skipped: non-finite %s (%d skipped so far)", step, why, self.skipped_steps)
@@ -170,13 +229,23 @@ class LMStage(L.LightningModule):
         params = [p for p in self.parameters() if p.grad is not None]
         if not params:
             return
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params], 2.0)), 2.0)
+        norm = total_grad_norm([p.grad for p in params])  # DTensor-aware (FSDP2 / tensor parallel)
         if not torch.isfinite(norm) and getattr(self.trainer.precision_plugin, "scaler", None) is None:
             for p in params:  # fp16's GradScaler skips overflowing steps itself and must still see them
                 p.grad = None
             self.skip_step(f"grad_norm={norm.item()}")
             return
         self.log("train/grad_norm", norm, on_step=True)
+
+    def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Sharded runs clip by the global norm computed across meshes (Lightning's clip_grad_norm_ stacks per-parameter
+        norms, which DTensor refuses when TP and FSDP parameters live on different meshes); others use Lightning's."""
+        if gradient_clip_val and self._device_mesh is not None and (gradient_clip_algorithm or "norm") == "norm":
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            clip_grads_(grads, gradient_clip_val, total_grad_norm(grads))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self.objective(self.model, batch)
@@ -218,3 +287,11 @@ class LMStage(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Everything eval/generate need besides weights: resolved config, tokenizer, W&B run id."""
         checkpoint["lmforge"] = {"schema_version": SCHEMA_VERSION, **self.metadata, "peft": self.peft_cfg, "stage": type(self).__name__}
+        # counters that must survive a resume: max_skipped_steps counts across it, spike statistics carry on
+        checkpoint["lmforge_train_state"] = {"skipped_steps": self.skipped_steps, "loss_spikes": self.spike_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("lmforge_train_state") or {}  # absent in checkpoints of older lmforge versions
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if self.spike_detector is not None and state.get("loss_spikes"):
+            self.spike_detector.load_state_dict(state["loss_spikes"])

@@ -163,6 +163,7 @@ class RLStage(LMStage):
             "rl/completion_len": lengths.mean(), **logs,
         }, on_step=True, prog_bar=False)
         self.log("train/loss", logs["rl/loss"], on_step=True, prog_bar=True)
+        self.note_train_loss(torch.as_tensor(logs["rl/loss"]))  # loss-spike detection (LMStage)
         self.log_lr()
 
     # --- validation ----------------------------------------------------------------------------------

@@ -1,0 +1,54 @@
+"""Apply the strategy's parallelism to a stage's modules, in `LMStage.configure_model`.
+
+Order (torchtitan's): tensor parallel on the trained model, then FSDP2 on every child module that has
+transformer blocks (the model, and the DPO/RL reference, reward model and PPO critic, so no rank holds a full
+copy of those either), then — for a meta-device build — allocation of the shards and the model's own init.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmforge.models.activation_checkpointing import transformer_blocks
+from lmforge.parallel.fsdp import apply_fsdp, parse_dtype
+from lmforge.parallel.meta_init import materialize_and_init
+from lmforge.parallel.tensor_parallel import apply_tensor_parallel
+
+
+def is_sharded_strategy(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def model_is_sharded(trainer: Any) -> bool:
+    """Every rank must run each forward of a sharded model (callbacks that generate on rank 0 only would hang)."""
+    return is_sharded_strategy(getattr(trainer, "strategy", None))
+
+
+def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None) -> dict[str, int]:
+    """TP + FSDP2 on `stage`'s modules; returns counts for the log line."""
+    mesh = stage.device_mesh
+    dp_mesh, tp_mesh = mesh["data_parallel"], mesh["tensor_parallel"]
+    report = {"tensor_parallel": tp_mesh.size(), "data_parallel": dp_mesh.size(), "fsdp_units": 0}
+    if tp_mesh.size() > 1:
+        apply_tensor_parallel(stage.model, tp_mesh)
+        group = dp_mesh.get_group()  # TP ranks see the same batch: validation sums count each once
+        for metric in stage.modules():
+            if hasattr(metric, "process_group") and type(metric).__module__.startswith("torchmetrics"):
+                metric.process_group = group
+    options = {
+        "param_dtype": parse_dtype("strategy.param_dtype", getattr(strategy, "compute_param_dtype", lambda: None)()),
+        "reduce_dtype": parse_dtype("strategy.reduce_dtype", getattr(strategy, "reduce_dtype", "float32")),
+        "reshard_after_forward": bool(getattr(strategy, "reshard_after_forward", True)),
+        "cpu_offload": bool(getattr(strategy, "cpu_offload", False)),
+    }
+    for _, child in stage.named_children():
+        if isinstance(child, nn.Module) and transformer_blocks(child):
+            report["fsdp_units"] += apply_fsdp(child, dp_mesh, **options) + 1
+    if meta_rng is not None:
+        materialize_and_init(stage.model, strategy.root_device, meta_rng)
+    return report

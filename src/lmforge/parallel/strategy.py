@@ -1,0 +1,95 @@
+"""`strategy=fsdp` / `strategy=fsdp_tp`: Lightning's `ModelParallelStrategy` with the sharding options as config.
+
+Lightning builds the device mesh and the process group, moves batches, and saves/loads sharded checkpoints
+(torch distributed checkpoint: a directory, one file per rank, no gather on rank 0); the stage's
+`configure_model` applies tensor parallel and FSDP2 on `self.device_mesh` using the options kept here
+(`lmforge.parallel.plan.ParallelPlan`). What this subclass adds:
+
+* `data_parallel_size: auto` = world size / tensor_parallel_size (Lightning's `auto` means "number of
+  nodes", i.e. pure tensor parallel inside a node — the opposite of what `strategy=fsdp` should do);
+* checkpoints written atomically: to `<name>.partial`, then swapped in, so a kill mid-save leaves the
+  previous checkpoint whole (`ckpt_path=last` never sees a half-written directory).
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from lmforge.errors import ConfigError
+
+
+class ShardedStrategy(ModelParallelStrategy):
+    def __init__(
+        self,
+        tensor_parallel_size: int = 1,
+        data_parallel_size: int | Literal["auto"] = "auto",
+        param_dtype: str | None = "auto",
+        reduce_dtype: str | None = "float32",
+        reshard_after_forward: bool = True,
+        cpu_offload: bool = False,
+        meta_init: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout_minutes: float = 30.0,
+    ) -> None:
+        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+            raise ConfigError("strategy.tensor_parallel_size", f"must be an integer >= 1, got {tensor_parallel_size!r}",
+                              "use 1 (FSDP only) or a divisor of the devices per node")
+        super().__init__(
+            data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=save_distributed_checkpoint, process_group_backend=process_group_backend,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+        self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
+        self.reshard_after_forward, self.cpu_offload, self.meta_init = reshard_after_forward, cpu_offload, meta_init
+
+    def setup_environment(self) -> None:
+        world = self.num_nodes * self.num_processes
+        tp = int(self._tensor_parallel_size)
+        if world % tp:
+            raise ConfigError("strategy.tensor_parallel_size", f"{tp} does not divide the world size {world} (devices x nodes)",
+                              "choose trainer.devices (x trainer.num_nodes) as a multiple of the tensor-parallel size")
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = world // tp
+        super().setup_environment()
+
+    def compute_param_dtype(self) -> str | None:
+        """`auto`: bf16 compute when the trainer runs bf16 (fp32 sharded master weights stay for the optimizer)."""
+        if self.param_dtype != "auto":
+            return self.param_dtype
+        return "bfloat16" if str(self.precision_plugin.precision).startswith("bf16") else None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        partial = path.with_name(path.name + ".partial")
+        if self.global_rank == 0 and partial.exists():
+            shutil.rmtree(partial)
+        self.barrier("lmforge_ckpt_clean")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("lmforge_ckpt_written")
+        if self.global_rank == 0:
+            old = path.with_name(path.name + ".old")
+            if old.exists():
+                shutil.rmtree(old)
+            if path.is_dir():
+                path.rename(old)
+            elif path.exists():
+                path.unlink()
+            partial.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        self.barrier("lmforge_ckpt_swapped")
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.global_rank == 0:
+            path = Path(filepath)
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()

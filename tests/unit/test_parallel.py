@@ -1,0 +1,122 @@
+"""Sharding building blocks, checked against the unsharded model on two CPU ranks (gloo, one spawn for all):
+the tensor-parallel plan gives the same logits and gradients, meta-device init under FSDP gives the weights
+of a plain build, and the DTensor-aware gradient norm equals the plain one."""
+
+from __future__ import annotations
+
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lmforge.errors import ConfigError
+from lmforge.models import build
+from lmforge.optim.grad_norm import clip_grads_, total_grad_norm
+from lmforge.parallel import apply_tensor_parallel, build_on_meta, materialize_and_init
+
+FAMILIES = {
+    "gpt": {},
+    "llama": {"n_kv_head": 2},
+    "mixtral": {"n_kv_head": 2, "n_expert": 4, "n_expert_per_token": 2},
+    "bert": {},
+    "t5": {},
+}
+
+
+def tiny(family: str) -> dict:
+    return {"family": family, "vocab_size": 97, "n_layer": 2, "n_head": 4, "n_embd": 32, "max_seq_len": 64, **FAMILIES[family]}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_meta_init_gives_the_weights_and_generator_state_of_a_plain_build(family: str) -> None:
+    torch.manual_seed(0)
+    plain = build(tiny(family))
+    after_plain = torch.rand(4)
+    torch.manual_seed(0)
+    model, rng = build_on_meta(tiny(family))
+    assert all(p.is_meta for p in model.parameters())
+    materialize_and_init(model, "cpu", rng)
+    assert torch.equal(torch.rand(4), after_plain)  # data order and dropout downstream do not shift
+    expected, got = plain.state_dict(), model.state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_tensor_parallel_refuses_fused_qkv_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match="strategy.tensor_parallel_size.*separate q/k/v.*strategy=fsdp"):
+        apply_tensor_parallel(build(tiny("gpt")), SimpleNamespace(size=lambda: 2))
+
+
+def test_total_grad_norm_and_clipping_match_torch_on_plain_tensors() -> None:
+    grads = [torch.randn(5, 3), torch.randn(7)]
+    expected = torch.nn.utils.get_total_norm(grads)
+    assert torch.allclose(total_grad_norm(grads), expected)
+    clipped = [g.clone() for g in grads]
+    clip_grads_(clipped, 0.5, total_grad_norm(clipped))
+    assert torch.allclose(total_grad_norm(clipped), torch.tensor(0.5), atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, results: dict) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from lmforge.parallel import apply_fsdp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+        for family in ("llama", "mixtral"):  # TP over 2 ranks: same logits and gradients as the whole model
+            torch.manual_seed(0)
+            reference, sharded = build(tiny(family)), build(tiny(family))
+            sharded.load_state_dict(reference.state_dict())
+            mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+            apply_tensor_parallel(sharded, mesh["tensor_parallel"])
+            apply_fsdp(sharded, mesh["data_parallel"])  # 2-D as strategy=fsdp_tp builds it
+            assert isinstance(sharded.blocks[0].attn.q_proj.weight, DTensor)
+            ref_logits, logits = reference(tokens), sharded(tokens)
+            ref_logits.square().mean().backward()
+            logits.square().mean().backward()
+            worst_grad = 0.0
+            for (name, p), (_, q) in zip(reference.named_parameters(), sharded.named_parameters()):
+                full = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
+                worst_grad = max(worst_grad, (full - p.grad).abs().max().item())
+            norm = total_grad_norm([q.grad for q in sharded.parameters()])
+            results[(rank, family)] = ((logits - ref_logits).abs().max().item(), worst_grad,
+                                       abs(norm.item() - torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()))
+        # meta-device init under FSDP over 2 ranks: each rank allocates half, the full weights equal a plain build
+        torch.manual_seed(5)
+        plain = build(tiny("gpt"))
+        torch.manual_seed(5)
+        model, rng = build_on_meta(tiny("gpt"))
+        apply_fsdp(model, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)))
+        materialize_and_init(model, "cpu", rng)
+        local = model.blocks[0].attn.qkv.weight.to_local().shape[0]
+        worst = max((q.full_tensor() - p).abs().max().item() for p, q in zip(plain.parameters(), model.parameters()))
+        results[(rank, "meta_fsdp")] = (worst, local)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
+    results = mp.Manager().dict()
+    mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        for family in ("llama", "mixtral"):
+            logits, grads, norm = results[(rank, family)]
+            assert logits < 1e-5 and grads < 1e-5 and norm < 1e-5, (family, rank, logits, grads, norm)
+        worst, local_rows = results[(rank, "meta_fsdp")]
+        assert worst == 0.0 and local_rows == 48  # qkv: 96 rows, 48 per rank
