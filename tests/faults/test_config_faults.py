@@ -45,7 +45,7 @@ CASES = {
     "misspelled data key": (["+data.bloc_size=32"], "data.bloc_size: unknown key (value 32): "
                             "lmforge.data.datamodule.PackedTextDataModule has no parameter 'bloc_size'. Fix: did you mean `data.block_size`?"),
     "misspelled optimizer key": (["+optimizer.weight_decy=0.1"], "optimizer.weight_decy: unknown key (value 0.1): "
-                                 "torch.optim.AdamW has no parameter 'weight_decy'. Fix: did you mean `optimizer.weight_decay`?"),
+                                 "lmforge.optim.adamw.AdamW has no parameter 'weight_decy'. Fix: did you mean `optimizer.weight_decay`?"),
     "string for an int": (["trainer.max_steps=abc"],
                           "trainer.max_steps: 'abc' is not an int (Trainer declares max_steps: int). Fix: set trainer.max_steps to an int"),
     "float for an int": (["data.batch_size=1.5"], "data.batch_size: 1.5 is not an int"),

@@ -7,7 +7,16 @@ from typing import Any, ClassVar, TypeVar
 
 from lmforge.errors import ConfigError
 
-ATTN_BACKENDS = ("sdpa", "eager")
+ATTN_BACKENDS = ("sdpa", "eager")  # encoders (BERT, T5)
+DECODER_ATTN_BACKENDS = ("sdpa", "eager", "flex", "flash_attn")  # GPT, Llama, Mixtral: layers/attention_backends.py
+
+
+def check_attn_backend(cfg: Any) -> None:
+    """Decoder backends, and flex's one limit: no attention dropout."""
+    require_choice("attn_backend", cfg.attn_backend, DECODER_ATTN_BACKENDS)
+    if cfg.attn_backend == "flex" and cfg.dropout > 0:
+        raise ConfigError("model.attn_backend", f"flex has no attention dropout and model.dropout={cfg.dropout}",
+                          "set model.dropout=0.0, or use model.attn_backend=sdpa")
 GPT_POSITIONS = ("learned", "alibi")
 KINDS = ("decoder", "encoder", "encoder_decoder")  # what objectives check a family against
 
@@ -57,7 +66,7 @@ class GPTConfig(FamilyConfig):
     norm_eps: float = 1e-5
     init_std: float = 0.02
     tie_embeddings: bool = True
-    attn_backend: str = "sdpa"  # sdpa | eager
+    attn_backend: str = "sdpa"  # sdpa | eager | flex | flash_attn (GPU, flash-attn package)
     position: str = "learned"  # learned (wpe table, bounded by max_seq_len) | alibi (no table, extrapolates)
     family: str = "gpt"
 
@@ -73,7 +82,7 @@ class GPTConfig(FamilyConfig):
             raise ConfigError("model.vocab_size", f"must be positive, got {self.vocab_size}", "leave it null to take the tokenizer's size")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("model.dropout", f"must be in [0, 1), got {self.dropout}", "set model.dropout=0.0 .. 0.9")
-        require_choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
+        check_attn_backend(self)
         require_choice("position", self.position, GPT_POSITIONS)
 
     @property

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
-from lmforge.models.config import ATTN_BACKENDS, FamilyConfig, require_choice, require_positive_ints
+from lmforge.models.config import FamilyConfig, check_attn_backend, require_choice, require_positive_ints
 from lmforge.models.layers.alibi import alibi_attention_mask, alibi_slopes
 from lmforge.models.layers.gqa import GroupedQueryAttention
 from lmforge.models.layers.kv_cache import KVCache
@@ -49,7 +49,7 @@ class LlamaConfig(FamilyConfig):
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     sliding_window: int | None = None  # Mistral: attend to the last w positions only
-    attn_backend: str = "sdpa"  # sdpa | eager
+    attn_backend: str = "sdpa"  # sdpa | eager | flex | flash_attn (GPU, flash-attn package)
     init_std: float = 0.02
     dropout: float = 0.0  # on attention probabilities (where HF Llama's attention_dropout acts)
     bias: bool = False  # biases on every attention and MLP projection
@@ -81,7 +81,7 @@ class LlamaConfig(FamilyConfig):
             raise ConfigError("model.norm_eps", f"must be positive, got {self.norm_eps}", "set model.norm_eps=1e-5")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise ConfigError("model.sliding_window", f"must be null or a positive integer, got {self.sliding_window!r}", "e.g. model.sliding_window=4096")
-        require_choice("attn_backend", self.attn_backend, ATTN_BACKENDS)
+        check_attn_backend(self)
         require_choice("position", self.position, POSITIONS)
         if self.position == "rope":
             if self.head_dim % 2:

@@ -1,7 +1,8 @@
-"""Multi-head self-attention with a fused QKV projection and two backends.
+"""Multi-head self-attention with a fused QKV projection and selectable backends.
 
 `sdpa` (default) calls torch's scaled_dot_product_attention, which picks flash / memory-efficient / math
-kernels per device; `eager` spells the softmax out and is the readable reference the tests compare against.
+kernels per device; `eager` spells the softmax out and is the readable reference the tests compare against;
+`flex` and `flash_attn` are in layers/attention_backends.py.
 With a `KVCache` (layers/kv_cache.py) the new tokens' keys/values are stored and attention runs over all
 stored ones.
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.layers.attention_backends import attend
 from lmforge.models.layers.kv_cache import KVCache
 from lmforge.models.layers.masks import build_attention_mask, causal_tril, is_causal_query
 
@@ -71,6 +73,8 @@ class CausalSelfAttention(nn.Module):
             mask = mask.to(q.dtype)  # an additive mask (ALiBi) in the query's dtype, as SDPA wants
         if self.backend == "sdpa" and not self.capture_weights:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal_query(mask, T))
+        elif self.backend != "eager" and not self.capture_weights:  # flex, flash_attn (layers/attention_backends.py)
+            y = attend(self.backend, q, k, v, mask, p)
         else:
             y = self._eager(q, k, v, mask, p)
         y = self.proj(y.transpose(1, 2).reshape(B, T, C))

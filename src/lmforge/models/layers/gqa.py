@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.models.layers.attention import KVPrefixHook
+from lmforge.models.layers.attention_backends import attend
 from lmforge.models.layers.kv_cache import KVCache
 from lmforge.models.layers.masks import causal_tril, is_causal_query
 from lmforge.models.layers.rope import apply_rotary
@@ -70,6 +71,8 @@ class GroupedQueryAttention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal_query(mask, T), enable_gqa=self.n_kv_head != self.n_head
             )
+        elif self.backend != "eager" and not self.capture_weights:  # flex, flash_attn (layers/attention_backends.py)
+            y = attend(self.backend, q, k, v, mask, p, enable_gqa=self.n_kv_head != self.n_head)
         else:
             y = self._eager(q, k, v, mask, p)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
