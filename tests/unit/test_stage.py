@@ -28,6 +28,12 @@ def test_compile_auto_is_off_without_cuda_and_explicit_values_win():
     assert s.should_compile() is True
 
 
+def test_compile_per_block_compiles_each_block_not_the_model():
+    s = stage(compile="per_block")  # lazy: compiling happens at the first call, not here
+    assert all(block._compiled_call_impl is not None for block in s.model.blocks)
+    assert s.model._compiled_call_impl is None
+
+
 def attach_fake_trainer(s: LMStage, steps: int) -> None:
     s._trainer = SimpleNamespace(estimated_stepping_batches=steps)
 

@@ -31,6 +31,25 @@ def max_memory_gb(device: torch.device) -> float:
     return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
 
 
+def cuda_memory_stats(device: torch.device) -> dict[str, float]:
+    """Reserved memory (what the caching allocator holds) and allocation retries (cudaMalloc failed, cache
+    flushed, retried: a sign of fragmentation and the step before an OOM) on CUDA; nothing elsewhere."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {"perf/max_reserved_gb": stats.get("reserved_bytes.all.peak", 0) / 1e9,
+            "perf/alloc_retries": float(stats.get("num_alloc_retries", 0))}
+
+
+def data_parallel_size(trainer: L.Trainer) -> int:
+    """Ranks that see different batches: the world size, or its data-parallel part under tensor parallel
+    (TP ranks share a batch; Lightning's ThroughputMonitor multiplies by the whole world size)."""
+    mesh = getattr(trainer.strategy, "_device_mesh", None)
+    if mesh is not None and mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names:
+        return mesh["data_parallel"].size()
+    return trainer.world_size
+
+
 class PerfMonitor(L.Callback):
     def __init__(self, window_size: int = 20, log_every_n_steps: int | None = None, peak_flops: float | None = None) -> None:
         self.window_size = window_size
@@ -82,8 +101,8 @@ class PerfMonitor(L.Callback):
         if trainer.global_step % self._log_every != 0:
             return
         m = self._throughput.compute()
-        metrics = {"perf/max_memory_gb": max_memory_gb(pl_module.device)}
-        world = trainer.world_size
+        metrics = {"perf/max_memory_gb": max_memory_gb(pl_module.device), **cuda_memory_stats(pl_module.device)}
+        world = data_parallel_size(trainer)
         if "device/items_per_sec" in m:
             metrics["perf/tokens_per_sec"] = m["device/items_per_sec"] * world
             metrics["perf/samples_per_sec"] = m["device/samples_per_sec"] * world

@@ -38,7 +38,14 @@ def total_grad_norm(grads: Iterable[torch.Tensor], norm_type: float = 2.0) -> to
 
 def clip_grads_(grads: list[torch.Tensor], max_norm: float, total: torch.Tensor) -> None:
     """Scale gradients in place so their global norm is at most `max_norm` (as clip_grad_norm_ does)."""
+    from torch.distributed.tensor import DTensor
+
     coef = float(max_norm) / (float(total) + 1e-6)
-    if coef < 1.0:
-        for g in grads:
+    if coef >= 1.0:
+        return
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    if plain:
+        torch._foreach_mul_(plain, coef)
+    for g in grads:
+        if isinstance(g, DTensor):
             g.mul_(coef)

@@ -96,6 +96,11 @@ class LMStage(L.LightningModule):
             from lmforge.models.activation_checkpointing import apply_activation_checkpointing
 
             apply_activation_checkpointing(self.model, self.activation_checkpointing)
+        if self.compile_model == "per_block":  # torchtitan's way: one graph per block, compiled before FSDP wraps it
+            from lmforge.models.activation_checkpointing import transformer_blocks
+
+            for block in transformer_blocks(self.model):
+                block.compile()
         if sharded:
             from lmforge.parallel.plan import shard_stage
 
@@ -129,7 +134,7 @@ class LMStage(L.LightningModule):
 
     def should_compile(self) -> bool:
         """`compile: auto` compiles on CUDA only: on CPU it measured no faster for small GPTs, after ~30 s of compiling."""
-        if self.compile_model != "auto":
+        if self.compile_model not in ("auto", "per_block"):
             return bool(self.compile_model)
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         return device.type == "cuda"
@@ -236,14 +241,20 @@ class LMStage(L.LightningModule):
             self.skip_step(f"grad_norm={norm.item()}")
             return
         self.log("train/grad_norm", norm, on_step=True)
+        self._grad_norm = norm  # reused by configure_gradient_clipping, which Lightning calls right after
 
     def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        """Sharded runs clip by the global norm computed across meshes (Lightning's clip_grad_norm_ stacks per-parameter
-        norms, which DTensor refuses when TP and FSDP parameters live on different meshes); others use Lightning's."""
-        if gradient_clip_val and self._device_mesh is not None and (gradient_clip_algorithm or "norm") == "norm":
+        """Clip by the global norm already computed for train/grad_norm (one pass over the gradients, not two). Ours,
+        not Lightning's, wherever no GradScaler is involved: clip_grad_norm_ stacks per-parameter norms, which DTensor
+        refuses when TP and FSDP parameters live on different meshes, and Lightning's mixed-precision plugin refuses
+        to clip for fused optimizers even under bf16, where there is nothing to unscale. fp16 keeps Lightning's path."""
+        norm, self._grad_norm = getattr(self, "_grad_norm", None), None
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if gradient_clip_val and scaler is None and (gradient_clip_algorithm or "norm") == "norm":
             grads = [p.grad for p in self.parameters() if p.grad is not None]
-            clip_grads_(grads, gradient_clip_val, total_grad_norm(grads))
+            if grads:
+                clip_grads_(grads, gradient_clip_val, norm if norm is not None else total_grad_norm(grads))
             return
         self.clip_gradients(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
