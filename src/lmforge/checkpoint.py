@@ -57,6 +57,9 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str
     path = Path(ckpt_path).expanduser()
     if not path.exists():
         raise CheckpointError(f"ckpt_path={ckpt_path!r} does not exist. Fix: pass an existing .ckpt file, or ckpt_path=last.")
+    if path.is_dir() and (path / META_FILE).exists() and not is_sharded_checkpoint(path):
+        raise CheckpointError(f"ckpt_path={ckpt_path!r} is an incomplete sharded checkpoint (no {DCP_METADATA}: its save did not finish). "
+                              "Fix: pass an older checkpoint of that run, or ckpt_path=last (it skips incomplete ones).")
     if path.is_dir() and not is_sharded_checkpoint(path):
         raise CheckpointError(f"ckpt_path={ckpt_path!r} is a directory, not a checkpoint file. Fix: point at a .ckpt inside it (e.g. checkpoints/last.ckpt).")
     return str(path)

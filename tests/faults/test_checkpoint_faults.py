@@ -72,3 +72,28 @@ def test_last_with_no_good_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         f"ckpt_path=last: none of the 2 checkpoint(s) under {tmp_path / 'logs' / 'train' / 'runs'}/*/checkpoints is readable "
         f"(newest: {paths[1]}). Fix: pass ckpt_path=<a good .ckpt file>, or start fresh with ckpt_path=null."
     )
+
+
+def write_sharded(path: Path, step: int) -> None:
+    """A sharded checkpoint as strategy=fsdp lays it out: DCP shards of `state_dict.*` + meta.pt."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"state_dict": {"model.w": torch.full((4,), float(step))}}, checkpoint_id=str(path), no_dist=True)
+    torch.save({"global_step": step, "lmforge": {"schema_version": 1}}, path / "meta.pt")
+
+
+def test_sharded_checkpoints_are_read_whole_and_half_written_ones_are_skipped(tmp_path: Path) -> None:
+    (old,) = make_runs(tmp_path, "a")
+    new = tmp_path / "logs" / "train" / "runs" / "b" / "checkpoints" / "last.ckpt"
+    write_sharded(new, 30)
+    ckpt_ = load_checkpoint(new)  # consolidated on one process, no process group
+    assert ckpt_["global_step"] == 30 and torch.equal(ckpt_["state_dict"]["model.w"], torch.full((4,), 30.0))
+    assert find_last_checkpoint(tmp_path / "logs", "train") == new
+    partial = new.with_name("last.ckpt.partial")  # a save killed before its swap: never a candidate
+    write_sharded(partial, 40)
+    assert find_last_checkpoint(tmp_path / "logs", "train") == new
+    (new / ".metadata").unlink()  # an incomplete directory: skipped with the reason, the older run resumes
+    with pytest.warns(UserWarning, match=f"skipping unreadable checkpoint {new}: .*incomplete sharded checkpoint"):
+        assert find_last_checkpoint(tmp_path / "logs", "train") == old
+    with pytest.raises(CheckpointError, match="is an incomplete sharded checkpoint .*Fix: pass an older checkpoint"):
+        resolve_ckpt_path(str(new), tmp_path / "logs", "train")
