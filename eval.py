@@ -1,5 +1,6 @@
 """Evaluate a checkpoint: `python eval.py ckpt_path=logs/train/runs/<ts>/checkpoints/last.ckpt` (loss / ppl / bpb
-on the whole val split), or task=mc tasks_file=<jsonl> | task=bleu pairs_file=<tsv> | task=lm_eval lm_eval.tasks=[...]."""
+on the whole val split; `split=train` for the train split, `data=...` for another dataset), or
+task=mc tasks_file=<jsonl> | task=bleu pairs_file=<tsv> | task=lm_eval lm_eval.tasks=[...]."""
 
 import os
 

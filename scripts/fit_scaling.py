@@ -26,8 +26,20 @@ from lmforge.scaling_fit import Fit, RunPoint, fit_runs, read_run  # noqa: E402
 from lmforge.utils.runs import find_run_dirs  # noqa: E402
 
 
+def _flops_params(points: list[RunPoint]) -> Any:
+    """Non-embedding N -> the N of 6ND (+ the embedding) by a smooth log-log fit through the runs: the fit is in
+    the one, the compute axis in the other, and the embedding's share shrinks as models grow."""
+    import numpy as np
+
+    log_n = np.log([p.n_params for p in points])
+    degree = min(2, len({p.n_params for p in points}) - 1)
+    coef = np.polyfit(log_n, np.log([p.n_params_flops for p in points]), degree)
+    return lambda n: np.exp(np.polyval(coef, np.log(n)))
+
+
 def plot(points: list[RunPoint], fit: Fit | None, out: Path, metric: str) -> None:
-    """Loss vs compute on log-x axes: the runs, and the fitted law at each run's N (and D)."""
+    """Loss vs compute on log-x axes: the runs, and the fitted law — a curve over N for a fixed token budget,
+    one curve per budget (and the compute-optimal frontier) for L(N, D)."""
     try:
         import matplotlib
 
@@ -38,18 +50,38 @@ def plot(points: list[RunPoint], fit: Fit | None, out: Path, metric: str) -> Non
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([p.flops for p in points], [p.loss for p in points], color="C0", zorder=3, label="runs")
+    budgets = sorted({p.tokens for p in points})
+    by_budget = fit is not None and fit.form == "L(N,D)"
+    for k, d in enumerate(budgets if by_budget else [None]):
+        group = [p for p in points if d is None or p.tokens == d]
+        ax.scatter(
+            [p.flops for p in group],
+            [p.loss for p in group],
+            color=f"C{k}",
+            zorder=3,
+            label=f"runs, D = {human(d)} tokens" if d else "runs",
+        )
     for p in points:
         ax.annotate(p.label, (p.flops, p.loss), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if fit is not None:
         tokens = np.array([p.tokens for p in points], dtype=float)
-        if fit.form == "L(N)" and len(set(tokens)) == 1:  # a fixed token budget: a curve over N
-            # the fit is in non-embedding N, the x axis in FLOPs N (+ the embedding): map one to the other
-            # by a smooth log-log fit through the runs (the embedding share shrinks as models grow)
-            log_n = np.log([p.n_params for p in points])
-            coef = np.polyfit(log_n, np.log([p.n_params_flops for p in points]), min(2, len(points) - 1))
-            n = np.exp(np.linspace(log_n.min() - 0.5, log_n.max() + 0.5, 100))
-            n_flops = np.exp(np.polyval(coef, np.log(n)))
+        sizes = {p.n_params for p in points}
+        log_n = np.log(sorted(sizes))
+        n = np.exp(np.linspace(log_n[0] - 0.5, log_n[-1] + 0.5, 100))
+        n_flops = _flops_params(points)(n) if len(sizes) > 1 else None
+        if by_budget and n_flops is not None:
+            for k, d in enumerate(budgets):
+                ax.plot(6 * n_flops * d, fit.predict(n, np.full_like(n, d)), color=f"C{k}", lw=1.2)
+            # the frontier: at each compute C, the best split of C = 6·N·D over the sizes on the grid
+            c = np.logspace(
+                *np.log10([6 * n_flops[0] * budgets[0] / 3, 6 * n_flops[-1] * budgets[-1] * 3]), 80
+            )
+            d_grid = c[:, None] / (6 * n_flops[None, :])
+            frontier = fit.predict(np.broadcast_to(n, d_grid.shape), d_grid).min(axis=1)
+            ax.plot(c, frontier, "k--", lw=1, label=f"compute-optimal: {_label(fit)}")
+        elif (
+            fit.form == "L(N)" and len(set(tokens)) == 1 and n_flops is not None
+        ):  # a fixed budget: one curve
             ax.plot(6 * n_flops * tokens[0], fit.predict(n), color="C1", label=_label(fit))
         else:
             order = np.argsort([p.flops for p in points])
@@ -64,7 +96,7 @@ def plot(points: list[RunPoint], fit: Fit | None, out: Path, metric: str) -> Non
     ax.set_xlabel("training compute C = 6·N·D (FLOPs)")
     ax.set_ylabel(metric)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)

@@ -21,6 +21,22 @@ BF16_PEAK_FLOPS: dict[str, float] = {
     "a10g": 70e12,
 }
 
+# Dense fp8 (E4M3/E5M2) tensor-core peaks; GPUs without fp8 tensor cores (A100, A10G) are absent.
+FP8_PEAK_FLOPS: dict[str, float] = {
+    "h100 sxm": 1979e12,
+    "h100 nvl": 1671e12,
+    "h100 pcie": 1513e12,
+    "h100": 1979e12,
+    "h200 nvl": 1671e12,
+    "h200": 1979e12,
+    "gh200": 1979e12,
+    "b200": 4500e12,
+    "l40s": 733e12,
+    "l40": 362e12,
+    "l4": 242.5e12,
+}
+PEAK_TABLES = {"bf16": BF16_PEAK_FLOPS, "fp8": FP8_PEAK_FLOPS}
+
 
 def gpt_flops_per_token(n_params: int, n_layer: int, n_embd: int, seq_len: int) -> float:
     """Training FLOPs per token: 6N (forward + backward matmuls) + 12·L·d·T attention (PaLM, appendix B).
@@ -42,12 +58,18 @@ def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return gpt_flops_per_token(n_params, n_layer, cfg.n_head * head_dim, seq_len)
 
 
-def device_peak_flops(device: torch.device) -> float | None:
-    """bf16 peak of a CUDA device by name; None when unknown (CPU: pass callbacks.throughput.peak_flops)."""
+def peak_flops_for_name(name: str, dtype: str = "bf16") -> float | None:
+    """Dense peak FLOP/s for a device name (as torch.cuda.get_device_name gives it) and dtype (bf16 | fp8)."""
+    table = PEAK_TABLES[dtype]
+    name = name.lower()
+    for key in sorted(table, key=len, reverse=True):  # most specific name first
+        if key in name:
+            return table[key]
+    return None
+
+
+def device_peak_flops(device: torch.device, dtype: str = "bf16") -> float | None:
+    """Peak of a CUDA device by name; None when unknown (CPU: pass callbacks.throughput.peak_flops)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device).lower()
-    for key in sorted(BF16_PEAK_FLOPS, key=len, reverse=True):  # most specific name first
-        if key in name:
-            return BF16_PEAK_FLOPS[key]
-    return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device), dtype)

@@ -74,3 +74,49 @@ def test_callback_writes_pngs_in_a_tiny_run(cache_dir: Path, tmp_path: Path):
     assert meta["params_total"] > 0 and meta["tokenizer_fingerprint"] and meta["data_fingerprint"]
     hparams = (tmp_path / "run" / "csv" / "hparams.yaml").read_text()
     assert "model.n_layer: 2" in hparams and "meta/git_commit" in hparams
+
+
+def test_callback_logs_its_pngs_to_an_offline_wandb_run(monkeypatch, tmp_path: Path):
+    """The W&B path: a real offline run (no server) receives the heatmaps as images under the `attention` key
+    with their captions; the PNGs in the run's media folder are the ones written to <run dir>/attention."""
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("wandb")
+    import hashlib
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lmforge.callbacks.attention_maps import AttentionMaps
+    from lmforge.data.tokenizer import ByteTokenizerSpec
+
+    for key in ("WANDB_API_KEY", "WANDB_DISABLED", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for key in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(key, str(tmp_path / "wandb_home"))
+    tok = ByteTokenizerSpec().train([])
+    torch.manual_seed(0)
+    model = build({**GPT, "vocab_size": tok.vocab_size}).eval()
+    logger = WandbLogger(project="lmforge-test", save_dir=str(tmp_path), offline=True)
+    run_dir = Path(logger.experiment.dir).parent  # <tmp>/wandb/offline-run-<ts>-<id>
+    trainer = SimpleNamespace(sanity_checking=False, global_step=5, default_root_dir=str(tmp_path / "run"),
+                              loggers=[logger], strategy=SimpleNamespace(), datamodule=SimpleNamespace(tokenizer=tok))
+    module = SimpleNamespace(model=model, device=torch.device("cpu"))
+    callback = AttentionMaps(enabled=True, layers=[-1], heads=[0, 1])
+    try:
+        callback.on_validation_batch_start(trainer, module, {"input_ids": torch.tensor([tok.encode("to be or not")])}, 0)
+        callback.on_validation_epoch_end(trainer, module)
+    finally:
+        logger.experiment.finish()
+
+    def digests(paths) -> set[str]:
+        return {hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+    pngs = sorted((tmp_path / "run" / "attention").glob("*.png"))
+    assert [p.name for p in pngs] == ["step_5_layer1_head0.png", "step_5_layer1_head1.png"]
+    media = sorted((run_dir / "files" / "media" / "images").glob("attention_*.png"))
+    assert len(media) == 2 and digests(media) == digests(pngs)
+    record = next(run_dir.glob("run-*.wandb")).read_bytes()  # the run's log: history rows as protobuf
+    for name in [*(f"media/images/{p.name}" for p in media), "layer 1 head 0", "layer 1 head 1"]:
+        assert name.encode() in record, name

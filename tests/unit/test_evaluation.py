@@ -8,6 +8,7 @@ end-to-end path goes through `run.evaluate` on hand-written lmforge checkpoints 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -212,8 +213,10 @@ def test_lm_eval_adapter_methods_match_direct_computation(tok: Tokenizer) -> Non
 
     want = TextGenerator(gpt, tok).complete(["ab"], max_new_tokens=12, stop=["\n"], temperature=0.0)[0].text
     assert out == [want] and "\n" not in out[0]
-    with pytest.raises(ConfigError, match="pip install lm-eval"):
-        make_lm_eval_model(gpt, tok)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "lm_eval", None)
+        with pytest.raises(ConfigError, match="pip install lm-eval"):
+            make_lm_eval_model(gpt, tok)
     flat = flatten_results(
         {"results": {"hellaswag": {"acc,none": 0.25, "acc_stderr,none": 0.01, "alias": "hellaswag"}}}
     )
@@ -346,8 +349,10 @@ def test_eval_tasks_end_to_end_write_json_beside_the_checkpoint(
         run_eval(tmp_path, "task=mc", f"ckpt_path={t5_ckpt}", f"tasks_file={tasks}")
     with pytest.raises(ConfigError, match="task: unknown task 'nope'"):
         run_eval(tmp_path, "task=nope", f"ckpt_path={t5_ckpt}")
-    with pytest.raises(ConfigError, match="pip install lm-eval"):
-        run_eval(tmp_path, "task=lm_eval", f"ckpt_path={gpt_ckpt}", "lm_eval.tasks=[hellaswag]")
+    with pytest.MonkeyPatch.context() as mp:  # as without the optional extra, installed or not
+        mp.setitem(sys.modules, "lm_eval", None)
+        with pytest.raises(ConfigError, match="pip install lm-eval"):
+            run_eval(tmp_path, "task=lm_eval", f"ckpt_path={gpt_ckpt}", "lm_eval.tasks=[hellaswag]")
     assert results_files(str(gpt_ckpt), tmp_path / "eval", "mc") == [
         beside,
         tmp_path / "eval" / "eval_mc.json",
@@ -363,3 +368,72 @@ def test_bleu_of_a_model_that_copies_is_100(tok: Tokenizer, monkeypatch) -> None
         bleu_mod, "translate", lambda model, tok, sources, *a: [dict(pairs)[s] for s in sources]
     )
     assert evaluate_bleu(None, tok, pairs) == {"bleu": pytest.approx(100.0), "n": 2}
+
+
+def full_checkpoint(tmp_path: Path, tok: Tokenizer) -> Path:
+    """A checkpoint whose saved config is a whole resolved train config (what task=lm rebuilds the data from):
+    a tiny GPT over three text files (one held out for val), byte tokenizer, no training."""
+    from omegaconf import OmegaConf
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(["the cat sat on the mat. " * 6, "a dog ran in the park! " * 7, "sky is blue? " * 9]):
+        (corpus / f"doc{i}.txt").write_text(text)
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                "model=gpt-nano", "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.max_seq_len=64",
+                f"model.vocab_size={tok.vocab_size}", "tokenizer=byte", "data=text_files", "data.clean=null",
+                f"data.corpus.train_glob={corpus}/*.txt", "data.corpus.val_every=3", "data.block_size=16",
+                "data.batch_size=2", f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}",
+            ],
+        )
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    torch.manual_seed(0)
+    model = build(resolved["model"])
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "lmforge": {"config": resolved, "tokenizer": tok.to_json(), "stage": "PretrainStage"}}, path)
+    return path
+
+
+def test_task_lm_measures_the_split_asked_for(tok: Tokenizer, tmp_path: Path, capsys) -> None:
+    """split=train reads every train block (tail included): train/* metrics equal a direct computation, the
+    val results stay under val/* and eval_lm.json; an unknown split names the key and the choices."""
+    import math
+
+    from lmforge.data.packed import PackedBlocks
+    from lmforge.losses.logprobs import token_logprobs
+
+    ckpt = full_checkpoint(tmp_path, tok)
+    cache = f"paths.cache_dir={tmp_path / 'cache'}"
+    val = run_eval(tmp_path, f"ckpt_path={ckpt}", cache)
+    train = run_eval(tmp_path, f"ckpt_path={ckpt}", cache, "split=train", "batch_size=3")
+    assert set(val) >= {"val/loss", "val/ppl", "val/bpb", "val/tokens"}
+    assert set(train) == {k.replace("val/", "train/") for k in val}
+    saved_ckpt = torch.load(ckpt, weights_only=True)
+    model = build(saved_ckpt["lmforge"]["config"]["model"]).eval()
+    model.load_state_dict({k.removeprefix("model."): v for k, v in saved_ckpt["state_dict"].items()})
+    for split, metrics, docs in (("train", train, [0, 1]), ("val", val, [2])):
+        ids: list[int] = []
+        for i in docs:  # the token stream: each document then EOS, as the token cache writes it
+            ids += [*tok.encode((tmp_path / "corpus" / f"doc{i}.txt").read_text()), tok.eos_id]
+        blocks = PackedBlocks(torch.tensor(ids).numpy(), 16, tok.pad_id, include_tail=True)
+        nll = n = 0.0
+        with torch.no_grad():
+            for j in range(len(blocks)):
+                b = blocks[j]
+                logp = token_logprobs(model(b["input_ids"][None]), b["targets"][None])
+                nll, n = nll - float(logp.sum()), n + float((b["targets"] != -100).sum())
+        assert metrics[f"{split}/tokens"] == n and metrics[f"{split}/loss"] == pytest.approx(nll / n, rel=1e-4)
+        assert metrics[f"{split}/ppl"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+    assert train["train/loss"] != val["val/loss"]
+    saved = json.loads((ckpt.parent / "eval_lm_train.json").read_text())
+    assert saved["split"] == "train" and saved["train/loss"] == train["train/loss"]
+    assert json.loads((ckpt.parent / "eval_lm.json").read_text())["val/loss"] == val["val/loss"]
+    assert '"split": "train"' in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"split: PackedTextDataModule has no split 'test'; it offers train, val\. "
+                       r"Fix: pass split=train or split=val"):
+        run_eval(tmp_path, f"ckpt_path={ckpt}", cache, "split=test")

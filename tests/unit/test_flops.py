@@ -157,3 +157,16 @@ def test_cpu_has_fast_bf16_reads_torch_probes(monkeypatch: pytest.MonkeyPatch) -
         assert precision_mod.cpu_has_fast_bf16() is expected
     monkeypatch.delattr(torch._C, "_cpu")
     assert precision_mod.cpu_has_fast_bf16() is False
+
+
+def test_peak_tables_by_device_name_and_dtype() -> None:
+    from lmforge.flops import BF16_PEAK_FLOPS, FP8_PEAK_FLOPS, peak_flops_for_name
+
+    assert peak_flops_for_name("NVIDIA H100 80GB HBM3") == 989e12  # SXM
+    assert peak_flops_for_name("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_for_name("NVIDIA H100 PCIe", "fp8") == 1513e12
+    assert peak_flops_for_name("NVIDIA H200", "fp8") == 1979e12
+    assert peak_flops_for_name("NVIDIA A100-SXM4-80GB", "fp8") is None  # no fp8 tensor cores
+    assert peak_flops_for_name("Some CPU") is None
+    for name, fp8 in FP8_PEAK_FLOPS.items():  # fp8 doubles the dense bf16 rate on every GPU that has it
+        assert fp8 == pytest.approx(2 * BF16_PEAK_FLOPS[name], rel=0.02), name

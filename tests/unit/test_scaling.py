@@ -239,3 +239,26 @@ def test_scaling_ladder_composes() -> None:
         assert model["n_layer"] == cfg.ladder.sizes[size].n_layer
         counts.append(param_counts(model)[0])
     assert counts == sorted(counts) and counts[-1] > 20 * counts[0]
+
+
+def test_fit_script_fits_l_nd_when_budgets_vary(tmp_path: Path) -> None:
+    """A fake 3 sizes × 3 budgets ladder (what experiment=scaling_ladder_nd runs): auto picks L(N,D) and recovers
+    the law the losses were made from; the plot draws one curve per budget."""
+    fit_scaling = _script("fit_scaling")
+    true = {"E": 2.0, "A": 40.0, "alpha": 0.3, "B": 300.0, "beta": 0.35}
+    for i, (layers, width, heads) in enumerate([(2, 64, 2), (3, 96, 4), (4, 128, 4)]):
+        model = LLAMA | {"n_layer": layers, "n_embd": width, "n_head": heads, "n_kv_head": heads // 2}
+        n, _ = param_counts(model)
+        for steps in (100, 200, 400):
+            d = steps * 16 * 64
+            loss = true["E"] + true["A"] / n ** true["alpha"] + true["B"] / d ** true["beta"]
+            _fake_run(tmp_path / "multirun" / f"{i}_{steps}", model, loss, max_steps=steps)
+    out = tmp_path / "fit.png"
+    result = fit_scaling.main([str(tmp_path / "multirun"), "--json", "--out", str(out)])
+    assert len(result["runs"]) == 9 and result["fit"]["form"] == "L(N,D)" and result["fit"]["rmse"] < 1e-3
+    for key in ("E", "alpha", "beta"):
+        assert result["fit"]["params"][key] == pytest.approx(true[key], abs=0.02), key
+    for key in ("A", "B"):
+        assert result["fit"]["params"][key] == pytest.approx(true[key], rel=0.1), key
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert out.stat().st_size > 1000

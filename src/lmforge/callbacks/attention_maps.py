@@ -127,7 +127,9 @@ class AttentionMaps(L.Callback):
                        type(model).__name__)
             return True
         strategy = type(trainer.strategy).__name__
-        if "FSDP" in strategy or "DeepSpeed" in strategy:  # a forward on rank 0 alone would hang the sharded ranks
+        from lmforge.parallel.plan import model_is_sharded
+
+        if "FSDP" in strategy or "DeepSpeed" in strategy or model_is_sharded(trainer):  # rank 0 alone would hang the others
             self._once("strategy", logging.WARNING, "attention maps: not supported with %s; skipped", strategy)
             return True
         return False

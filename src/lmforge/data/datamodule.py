@@ -166,3 +166,9 @@ class PackedTextDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"
         return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=self._collate())
+
+    def ordered_dataloader(self, split: str, batch_size: int | None = None) -> DataLoader:
+        """Every block of `split` once, in order, tail included (how validation reads val): `eval.py split=...`."""
+        blocks = self.val_set if split == "val" and self.val_set is not None else self._blocks(split, include_tail=True)
+        return DataLoader(blocks, batch_size=batch_size or self.val_batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=self._collate())

@@ -13,6 +13,7 @@ there. lm_eval is imported lazily: it is heavy and needs datasets downloaded, so
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -114,7 +115,7 @@ def flatten_results(results: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def run_lm_eval(
+def harness_evaluate(
     model: nn.Module,
     tokenizer: Tokenizer,
     *,
@@ -124,22 +125,56 @@ def run_lm_eval(
     batch_size: int = 8,
     max_gen_toks: int = 256,
     seed: int | None = None,
+    include_path: str | Sequence[str] | None = None,
+    include_defaults: bool = True,
     **kwargs: Any,
-) -> dict[str, float]:
-    """`lm_eval.simple_evaluate` on the named tasks; the datasets must be available (downloaded or cached)."""
+) -> dict[str, Any]:
+    """`lm_eval.simple_evaluate` on the named tasks: the harness's whole result dict (results, samples, configs).
+
+    `include_path`: directories of your own task YAMLs (e.g. a local jsonl through `dataset_path: json` and
+    `dataset_kwargs: {data_files: ...}`); `include_defaults=false` skips indexing the harness's ~10K built-in
+    tasks (seconds) when only those are wanted. Other keys (bootstrap_iters, gen_kwargs, ...) go to
+    simple_evaluate as they are.
+    """
     names = [tasks] if isinstance(tasks, str) else list(tasks or [])
     if not names:
         raise ConfigError(
             "lm_eval.tasks", "is empty", "name lm-eval tasks, e.g. lm_eval.tasks=[hellaswag,arc_easy]"
         )
     lm_eval = import_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    paths = [include_path] if isinstance(include_path, str) else list(include_path or [])
+    for path in paths:
+        if not Path(path).is_dir():
+            raise ConfigError(
+                "lm_eval.include_path", f"{path!r} is not a directory", "pass directories of task YAML files"
+            )
+    if not paths and not include_defaults:
+        raise ConfigError(
+            "lm_eval.include_defaults",
+            "is false and no include_path is given: no task can be found",
+            "pass lm_eval.include_path=<dir of task YAMLs> or set lm_eval.include_defaults=true",
+        )
+    manager = TaskManager(include_path=paths or None, include_defaults=include_defaults)
+    unknown = [n for n in names if n not in manager.all_tasks and not Path(n).is_file()]
+    if unknown:
+        where = f" or under {paths}" if paths else ""
+        raise ConfigError(
+            "lm_eval.tasks",
+            f"{unknown} are not lm-eval tasks, groups or tags{where}",
+            "use names from `lm-eval ls tasks`, or a task YAML's `task:` name with lm_eval.include_path=<its dir>",
+        )
     lm = make_lm_eval_model(model, tokenizer, batch_size, max_gen_toks)
-    extra = (
-        {"random_seed": seed, "numpy_random_seed": seed, "torch_random_seed": seed}
-        if seed is not None
-        else {}
-    )
+    if seed is not None:
+        for key in ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed"):
+            kwargs.setdefault(key, seed)
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, **extra, **kwargs
+        model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager, **kwargs
     )
-    return flatten_results(results or {})
+    return results or {}
+
+
+def run_lm_eval(model: nn.Module, tokenizer: Tokenizer, **options: Any) -> dict[str, float]:
+    """eval.py task=lm_eval: `harness_evaluate`'s metrics, flattened to `lm_eval/<task>/<metric>`."""
+    return flatten_results(harness_evaluate(model, tokenizer, **options))
