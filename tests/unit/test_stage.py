@@ -34,6 +34,16 @@ def test_compile_per_block_compiles_each_block_not_the_model():
     assert s.model._compiled_call_impl is None
 
 
+def test_adamw_runs_unfused_when_fp16_clips_gradients():
+    from lmforge.optim.adamw import AdamW
+
+    s = stage(optimizer=partial(AdamW, lr=1e-3, weight_decay=0.1))
+    s._trainer = SimpleNamespace(estimated_stepping_batches=10, gradient_clip_val=1.0, precision_plugin=SimpleNamespace(scaler=object()))
+    assert s.configure_optimizers().defaults["fused"] is False  # Lightning refuses to clip for fused under a GradScaler
+    s._trainer.precision_plugin = SimpleNamespace(scaler=None)  # bf16 / fp32: the default (fused where possible)
+    assert s.configure_optimizers().defaults["fused"] is not False
+
+
 def attach_fake_trainer(s: LMStage, steps: int) -> None:
     s._trainer = SimpleNamespace(estimated_stepping_batches=steps)
 

@@ -2,7 +2,9 @@
 
 `every_n` = 1 checkpoints every transformer block ("full"), 2 every other block, … (torchtitan's selective
 per-layer policy): memory falls roughly by the share of blocks checkpointed, at the cost of one more forward of
-those blocks. The block's `forward` is wrapped in place (non-reentrant `torch.utils.checkpoint`), so parameter
+those blocks. `"selective"` (torchtitan's selective *op* policy) checkpoints every block but keeps the outputs
+of the matmuls and of attention, recomputing only the cheap element-wise ops (norms, activations, RoPE,
+residual adds): most of full checkpointing's memory saving on activations of pointwise ops, little recompute. The block's `forward` is wrapped in place (non-reentrant `torch.utils.checkpoint`), so parameter
 names and state-dict keys do not change — checkpoints load with or without it — and it composes with FSDP2
 (`fully_shard` per block) and `torch.compile`. Only applied in training mode: generation and eval run as usual.
 """
@@ -25,27 +27,50 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
             for block in module]
 
 
-def apply_activation_checkpointing(model: nn.Module, every_n: int) -> int:
-    """Checkpoint blocks 0, n, 2n, … of each stack; returns how many were wrapped. `every_n` 0 = off."""
-    if isinstance(every_n, bool) or not isinstance(every_n, int) or every_n < 0:
-        raise ConfigError("stage.activation_checkpointing", f"must be an integer >= 0, got {every_n!r}",
-                          "use 0 (off), 1 (every block) or n (every n-th block)")
+# Ops whose outputs the selective policy keeps: the expensive ones to recompute.
+SAVED_OPS = {op for name in ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                             "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention")
+             if (op := getattr(getattr(torch.ops.aten, name, None), "default", None)) is not None}
+
+
+def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: nn.Module, every_n: int | str) -> int:
+    """Checkpoint blocks 0, n, 2n, … of each stack (or every block, selectively); returns how many were wrapped.
+    `every_n` 0 = off."""
+    selective = every_n == "selective"
+    if not selective and (isinstance(every_n, bool) or not isinstance(every_n, int) or every_n < 0):
+        raise ConfigError("stage.activation_checkpointing", f"must be an integer >= 0 or 'selective', got {every_n!r}",
+                          "use 0 (off), 1 (every block), n (every n-th block) or selective (keep matmul outputs)")
     if every_n == 0:
         return 0
+    step = 1 if selective else int(every_n)
     wrapped = 0
     for index, block in enumerate(transformer_blocks(model)):
-        if index % every_n == 0 and not getattr(block, "_lmforge_checkpointed", False):
-            block.forward = _checkpointed(block, block.forward)
+        if index % step == 0 and not getattr(block, "_lmforge_checkpointed", False):
+            block.forward = _checkpointed(block, block.forward, selective)
             block._lmforge_checkpointed = True
             wrapped += 1
     return wrapped
 
 
-def _checkpointed(block: nn.Module, forward: Any) -> Any:
+def _checkpointed(block: nn.Module, forward: Any, selective: bool = False) -> Any:
+    context = None
+    if selective:
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        context = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+
     @functools.wraps(forward)
     def run(*args: Any, **kwargs: Any) -> Any:
         if not (block.training and torch.is_grad_enabled()):
             return forward(*args, **kwargs)
+        if context is not None:
+            return checkpoint(forward, *args, use_reentrant=False, context_fn=context, **kwargs)
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     return run

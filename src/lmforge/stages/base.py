@@ -42,7 +42,7 @@ class LMStage(L.LightningModule):
         compile: bool | str = False,
         metadata: dict[str, Any] | None = None,
         peft: dict[str, Any] | None = None,
-        activation_checkpointing: int = 0,
+        activation_checkpointing: int | str = 0,
         max_skipped_steps: int | None = 10,
         loss_spike_threshold: float | None = 6.0,
         loss_spike_warmup: int = 20,
@@ -288,11 +288,22 @@ class LMStage(L.LightningModule):
         wd = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
         target = getattr(self.optimizer_factory, "func", self.optimizer_factory)
         groups = muon_param_groups if getattr(target, "wants_muon_groups", False) else decay_param_groups
-        optimizer = self.optimizer_factory(groups(self.model, wd))
+        optimizer = self.optimizer_factory(groups(self.model, wd), **self.unfused_under_grad_scaler())
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def unfused_under_grad_scaler(self) -> dict[str, Any]:
+        """fp16 (`16-mixed`) clips after Lightning unscales the gradients, which it does not do for fused optimizers
+        (they unscale inside step) and so refuses to clip: with a GradScaler and clipping, AdamW runs unfused."""
+        trainer = self._trainer
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
+        target = getattr(self.optimizer_factory, "func", self.optimizer_factory)
+        if scaler is not None and getattr(trainer, "gradient_clip_val", None) and isinstance(target, type) \
+                and issubclass(target, torch.optim.AdamW):
+            return {"fused": False}
+        return {}
 
     # --- checkpoints ---------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
