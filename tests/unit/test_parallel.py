@@ -1,6 +1,7 @@
 """Sharding building blocks, checked against the unsharded model on two CPU ranks (gloo, one spawn for all):
 the tensor-parallel plan gives the same logits and gradients, meta-device init under FSDP gives the weights
-of a plain build, and the DTensor-aware gradient norm equals the plain one."""
+of a plain build, the mixed-precision policy computes in bf16 over fp32 shards, and the DTensor-aware gradient
+norm equals the plain one."""
 
 from __future__ import annotations
 
@@ -106,6 +107,14 @@ def _worker(rank: int, port: int, results: dict) -> None:
         local = model.blocks[0].attn.qkv.weight.to_local().shape[0]
         worst = max((q.full_tensor() - p).abs().max().item() for p, q in zip(plain.parameters(), model.parameters()))
         results[(rank, "meta_fsdp")] = (worst, local)
+        # mixed precision policy: bf16 compute and all-gathers, fp32 sharded master weights and gradients
+        mixed = build(tiny("llama"))
+        apply_fsdp(mixed, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)), param_dtype=torch.bfloat16,
+                   reduce_dtype=torch.float32)
+        out = mixed(tokens)
+        out.float().square().mean().backward()
+        weight = mixed.blocks[0].attn.q_proj.weight
+        results[(rank, "mixed")] = (out.dtype, weight.dtype, weight.grad.dtype)
     finally:
         dist.destroy_process_group()
 
@@ -120,3 +129,4 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
             assert logits < 1e-5 and grads < 1e-5 and norm < 1e-5, (family, rank, logits, grads, norm)
         worst, local_rows = results[(rank, "meta_fsdp")]
         assert worst == 0.0 and local_rows == 48  # qkv: 96 rows, 48 per rank
+        assert results[(rank, "mixed")] == (torch.bfloat16, torch.float32, torch.float32)
