@@ -5,11 +5,13 @@
 
 Per (model, batch): new tokens per second of greedy decoding (prompt of --prompt random tokens, exactly
 --new new tokens, prefill included) for lmforge with its KV cache and for `transformers` (`to_hf` of the
-same random weights, its default attention and cache), runs interleaved and the best of --repeats kept;
-"same" says whether both produced the same tokens. Then, at batch 1, speculative decoding against plain
-greedy decoding of the same target, with a draft made of the target's first --draft-layers blocks (shared
-embeddings, final norm and head: random weights have no smaller sibling, and a truncated copy agrees with
-its model often enough to show the mechanism); greedy, so its output must equal plain decoding.
+same random weights, fp32, its default attention and cache), runs interleaved and the best of --repeats kept
+("speedup"; "speedup_median" from the medians); "same" says whether both produced the same tokens.
+lmforge's one-token steps run through `generation/fastpath.py` on CPU; --no-fastpath measures the forward.
+Then, at batch 1, speculative decoding against plain greedy decoding of the same target, with a draft made
+of the target's first --draft-layers blocks (shared embeddings, final norm and head: random weights have no
+smaller sibling, and a truncated copy agrees with its model often enough to show the mechanism); greedy, so
+its output must equal plain decoding.
 
 Rows are printed and appended to logs/benchmark/results.jsonl (bench = "generate" / "speculative").
 """
@@ -20,8 +22,10 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,20 +39,25 @@ ROOT = Path(__file__).resolve().parents[1]
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def best_time(fns: dict[str, Callable[[], Any]], repeats: int, clock: str = "wall") -> tuple[dict[str, float], dict[str, Any]]:
-    """Best time of each function over `repeats` interleaved runs (after one warm-up run each).
+def best_time(
+    fns: dict[str, Callable[[], Any]], repeats: int, clock: str = "wall", medians: dict[str, float] | None = None
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Best time of each function over `repeats` interleaved runs (after one warm-up run each); `medians`, if
+    given, receives each function's median time too.
 
     `clock="cpu"` (process CPU time) ignores the time the process waits for a core: on a machine shared with
     other jobs it is the steadier measure of single-threaded work; wall time is what a user sees."""
     now = CLOCKS[clock]
     outs = {name: fn() for name, fn in fns.items()}
-    best = dict.fromkeys(fns, float("inf"))
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             t0 = now()
             outs[name] = fn()
-            best[name] = min(best[name], now() - t0)
-    return best, outs
+            times[name].append(now() - t0)
+    if medians is not None:
+        medians.update({name: statistics.median(t) for name, t in times.items()})
+    return {name: min(t) for name, t in times.items()}, outs
 
 
 def truncated_draft(model: nn.Module, n_layer: int) -> nn.Module:
@@ -73,6 +82,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--draft-layers", type=int, default=1)
     p.add_argument("--num-draft-tokens", type=int, default=4)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
+    p.add_argument("--no-fastpath", action="store_true", help="decode through the model's forward (generation/fastpath.py off)")
     return p.parse_args(argv)
 
 
@@ -80,7 +90,7 @@ def bench_model(name: str, args: argparse.Namespace, machine: dict[str, Any]) ->
     """Rows for one preset: one per batch size (lmforge vs HF), then one for speculative decoding."""
     from benchmark import load_preset  # scripts/ is on sys.path when run through benchmark.py
 
-    from lmforge.generation import generate
+    from lmforge.generation import fastpath, generate
     from lmforge.interop.hf import to_hf
     from lmforge.models import build
 
@@ -99,13 +109,15 @@ def bench_model(name: str, args: argparse.Namespace, machine: dict[str, Any]) ->
                 hf.generate, ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new, min_new_tokens=args.new,
                 do_sample=False, eos_token_id=None, pad_token_id=0,
             )
-        with torch.inference_mode():
-            secs, outs = best_time(fns, args.repeats, args.clock)
+        med: dict[str, float] = {}
+        with torch.inference_mode(), fastpath.disabled() if args.no_fastpath else nullcontext():
+            secs, outs = best_time(fns, args.repeats, args.clock, med)
         row = {"bench": "generate", "model": name, "params_m": round(model.num_params() / 1e6, 2), "batch": batch,
-               "prompt": args.prompt, "new": args.new, "lmforge_tok_s": round(batch * args.new / secs["lmforge"], 1)}
+               "prompt": args.prompt, "new": args.new, "fastpath": not args.no_fastpath,
+               "lmforge_tok_s": round(batch * args.new / secs["lmforge"], 1)}
         if hf is not None:
             row |= {"hf_tok_s": round(batch * args.new / secs["hf"], 1), "speedup": round(secs["hf"] / secs["lmforge"], 2),
-                    "same": bool(torch.equal(outs["lmforge"], outs["hf"]))}
+                    "speedup_median": round(med["hf"] / med["lmforge"], 2), "same": bool(torch.equal(outs["lmforge"], outs["hf"]))}
         rows.append(row | machine)
         print(json.dumps(rows[-1]), flush=True)
     ids = torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(1))
@@ -115,7 +127,8 @@ def bench_model(name: str, args: argparse.Namespace, machine: dict[str, Any]) ->
         "plain": partial(ours, ids),
         "speculative": partial(ours, ids, draft_model=draft, num_draft_tokens=args.num_draft_tokens, stats=stats),
     }
-    secs, outs = best_time(fns, args.repeats, args.clock)
+    with fastpath.disabled() if args.no_fastpath else nullcontext():
+        secs, outs = best_time(fns, args.repeats, args.clock)
     rows.append({
         "bench": "speculative", "model": name, "draft_layers": args.draft_layers, "num_draft_tokens": args.num_draft_tokens,
         "batch": 1, "new": args.new, "plain_tok_s": round(args.new / secs["plain"], 1),

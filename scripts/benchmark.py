@@ -5,6 +5,9 @@
     python scripts/benchmark.py --precision bf16 --device cuda --models gpt2 --block 1024 --batch 16
     python scripts/benchmark.py data                    # tokenisation + sharding MB/s (num_proc 1, 2), loader ms/batch
     python scripts/benchmark.py generate                # decode tokens/s vs HF generate, speculative speed-up
+    python scripts/benchmark.py train-vs-hf             # training step vs HF GPT2LMHeadModel, fp32 + bf16 autocast
+    python scripts/benchmark.py lightning               # bare PyTorch loop vs lightning.Trainer, ms/step
+    python scripts/benchmark.py matrix --strategies auto fsdp:2 --act-ckpt 0 1   # train.py runs over a grid
 
 Performance targets live here, not in timed tests. Results are printed as a table and appended to
 logs/benchmark/results.jsonl with the machine and settings, so numbers in the README can be traced.
@@ -134,6 +137,16 @@ def main() -> None:
         from bench_generate import main as bench_generate
 
         bench_generate(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["matrix"]:  # scripts/bench_matrix.py: real train.py runs over a grid
+        from bench_matrix import main as bench_matrix
+
+        bench_matrix(sys.argv[2:])
+        return
+    if sys.argv[1:2] in (["train-vs-hf"], ["lightning"]):  # scripts/bench_train.py
+        from bench_train import main as bench_train
+
+        bench_train(sys.argv[1], sys.argv[2:])
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["gpt-nano"])

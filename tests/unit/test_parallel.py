@@ -91,7 +91,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
             ref_logits.square().mean().backward()
             logits.square().mean().backward()
             worst_grad = 0.0
-            for (name, p), (_, q) in zip(reference.named_parameters(), sharded.named_parameters()):
+            for p, q in zip(reference.parameters(), sharded.parameters()):
                 full = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
                 worst_grad = max(worst_grad, (full - p.grad).abs().max().item())
             norm = total_grad_norm([q.grad for q in sharded.parameters()])

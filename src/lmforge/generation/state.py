@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.generation.fastpath import DecodePlan
 from lmforge.models.layers.kv_cache import KVCache
 
 
@@ -111,6 +112,8 @@ class DecodeState:
             size = capacity if self.limit is None else min(capacity, self.limit)
             if T <= size:
                 self.cache = model.make_cache(B, size)
+        # one-token steps of GPT / Llama on CPU run through a lean plan of the same math (fastpath.py)
+        self.plan = DecodePlan.get(model) if self.cache is not None and not self.encoder_decoder else None
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -158,16 +161,18 @@ class DecodeState:
         if self.cache is not None and end > self.cache.max_len:
             self.cache = None  # past the context: from here on every step re-runs the last `limit` tokens
         if self.cache is not None:
-            logits = self._cached(start, end)
-            logits = logits if keep is None else logits[:, -keep:]
+            logits = self._cached(start, end, keep)
         else:
             logits = self._window(start if keep is None else max(start, end - keep), end)
         self.fed = end
         return logits
 
-    def _cached(self, start: int, end: int) -> torch.Tensor:
+    def _cached(self, start: int, end: int, keep: int | None = None) -> torch.Tensor:
         ids = self.tokens[:, start:end]
         mask = None if self.mask is None else self.mask[:, :end]
+        if self.plan is not None and end - start == 1 and self.cache.length == start > 0:
+            pos = None if mask is None else torch.full_like(self.offset[:, None], start) - self.offset[:, None]
+            return self.plan.step(ids, self.cache, pos, mask)
         if self.encoder_decoder:
             memory = self.memory if start == 0 else None  # later steps read the cached cross-attention K/V
             return self.model.decode(ids, memory, self.encoder_mask, mask, cache=self.cache)
@@ -178,7 +183,10 @@ class DecodeState:
                 kwargs["position_ids"] = positions_from_mask(mask)
             else:
                 kwargs["position_ids"] = torch.arange(start, end, device=ids.device)[None] - self.offset[:, None]
-        return self.model(ids, **kwargs)
+        if self.plan is not None and keep is not None:  # the head only where logits are read (the prefill's last)
+            return self.model.lm_head(self.model.hidden_states(ids, **kwargs)[:, -keep:])
+        logits = self.model(ids, **kwargs)
+        return logits if keep is None else logits[:, -keep:]
 
     def _window(self, start: int, end: int) -> torch.Tensor:
         """No cache: logits of positions [start, end), each computed from (at most) the `limit` tokens that

@@ -1,0 +1,322 @@
+"""Training-step speed against Hugging Face, and what Lightning costs over a bare loop (CPU by default).
+
+    python scripts/benchmark.py train-vs-hf                 # GPT 6 × 384, 6 heads, seq 256, batch 8, vocab 4096
+    python scripts/benchmark.py train-vs-hf --compile       # + a torch.compile row for lmforge (its own row)
+    python scripts/benchmark.py lightning                   # bare loop vs lightning.Trainer, ms/step
+
+`train-vs-hf`: one training step = forward, loss, backward, AdamW step, zero_grad, on the same random batch,
+for lmforge's GPT (its CLM objective: fp32 cross-entropy over the 256 pre-shifted targets) and for
+`transformers.GPT2LMHeadModel` with the same weights (`to_hf`, attn_implementation="sdpa", its default loss:
+`labels=input_ids`, shifted inside, 255 targets), in fp32 and under bf16 autocast (model weights fp32, as
+`precision=bf16-mixed` trains). Each side gets the optimizer its framework builds by default: lmforge's
+`conf/optimizer/adamw.yaml` (`lmforge.optim.adamw.AdamW`: torch's AdamW, fused on CPU and CUDA) and HF
+Trainer's default `adamw_torch_fused` (torch.optim.AdamW(fused=True) for torch >= 2.8); same lr,
+betas, eps, weight decay (2-D weights only, both). Contenders alternate: --rounds rounds of --steps timed
+steps each after --warmup steps; tokens/s from the median step; ratio = lmforge / HF. On a CPU without
+native bf16 matmuls (AVX2 only) a bf16 step takes ~15× an fp32 one on both sides: `--precisions 32-true`.
+
+`lightning`: the same model and batch trained by a bare PyTorch loop and by `lightning.Trainer`, ms/step
+(median of step-to-step wall intervals, data loading included on both sides):
+  * minimal: a LightningModule whose training_step is the bare loop's body, logger / checkpointing /
+    progress bar / model summary off, against the bare loop;
+  * default: lmforge's PretrainStage with the default trainer settings (gradient clipping 1.0, its
+    train/loss, train/lr, train/grad_norm logging every 10 steps to a CSV logger, progress bar; no LR
+    scheduler on either side), against a bare loop that does the same work (grad norm + clipping);
+overhead = Lightning / bare - 1.
+
+Both write a JSON list of rows and a markdown table to --out (default logs/benchmark/<mode>.{json,md}) and
+append the rows to logs/benchmark/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+now = time.perf_counter  # set from --clock
+
+
+def gpt_cfg(args: argparse.Namespace) -> dict[str, Any]:
+    return {"family": "gpt", "n_layer": args.layers, "n_head": args.heads, "n_embd": args.width, "max_seq_len": args.seq,
+            "vocab_size": args.vocab, "dropout": 0.0, "bias": True, "tie_embeddings": True, "attn_backend": "sdpa",
+            "position": "learned", "mlp_ratio": 4, "norm_eps": 1e-5, "init_std": 0.02}
+
+
+def machine_info() -> dict[str, Any]:
+    clock = next(k for k, v in CLOCKS.items() if v is now)
+    return {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "clock": clock,
+            "torch": torch.__version__, "load_avg_1m": round(os.getloadavg()[0], 2)}
+
+
+def lmforge_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """What `conf/optimizer/adamw.yaml` + the stage's `decay_param_groups` build."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from lmforge.optim.param_groups import decay_param_groups
+
+    cfg = OmegaConf.load(ROOT / "conf" / "optimizer" / "adamw.yaml")
+    factory = instantiate(cfg)
+    return factory(decay_param_groups(model, cfg.weight_decay))
+
+
+def hf_optimizer(model: nn.Module, like: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """HF Trainer's default (`adamw_torch_fused`), with the same hyper-parameters and decay split as `like`."""
+    from lmforge.optim.param_groups import decay_param_groups
+
+    d = like.defaults
+    wd = like.param_groups[0]["weight_decay"]
+    return torch.optim.AdamW(decay_param_groups(model, wd), lr=d["lr"], betas=d["betas"], eps=d["eps"], fused=True)
+
+
+def optimizer_kind(opt: torch.optim.Optimizer) -> str:
+    d = opt.defaults
+    return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
+
+
+def timed_rounds(fns: dict[str, Callable[[], Any]], rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Per-step seconds of each function: `warmup` untimed calls each, then `rounds` alternating blocks of
+    `steps` timed calls."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(rounds):
+        order = list(fns) if r % 2 == 0 else list(reversed(fns))  # neither side always runs first
+        for name in order:
+            for _ in range(steps):
+                t0 = now()
+                fns[name]()
+                times[name].append(now() - t0)
+    return times
+
+
+def bench_vs_hf(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from lmforge.interop.hf import to_hf
+    from lmforge.models import build
+    from lmforge.objectives.clm import CausalLM
+
+    torch.manual_seed(0)
+    ours = build(gpt_cfg(args)).train()
+    hf = to_hf(ours)
+    hf.config._attn_implementation = "sdpa"  # also transformers' default where SDPA is available
+    hf.train()
+    x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
+    objective = CausalLM()
+    opt_ours = lmforge_optimizer(ours)
+    opt_hf = hf_optimizer(hf, opt_ours)
+    compiled = None
+    if args.compile:
+        compiled = build(gpt_cfg(args)).train()
+        compiled.load_state_dict(ours.state_dict())
+        compiled.compile()
+        opt_compiled = lmforge_optimizer(compiled)
+
+    def step_ours(model: nn.Module, opt: torch.optim.Optimizer, amp: bool) -> Callable[[], torch.Tensor]:
+        def step() -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = objective(model, batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+        return step
+
+    def step_hf(amp: bool) -> Callable[[], torch.Tensor]:
+        def step() -> torch.Tensor:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = hf(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+            loss.backward()
+            opt_hf.step()
+            opt_hf.zero_grad(set_to_none=True)
+            return loss.detach()
+        return step
+
+    rows = []
+    tokens = args.batch * args.seq
+    for precision in args.precisions:
+        amp = precision == "bf16-mixed"
+        fns = {"lmforge": step_ours(ours, opt_ours, amp), "hf": step_hf(amp)}
+        if compiled is not None:
+            fns["lmforge-compiled"] = step_ours(compiled, opt_compiled, amp)
+        times = timed_rounds(fns, args.rounds, args.steps, args.warmup)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for name in [k for k in fns if k != "hf"]:
+            rows.append({
+                "bench": "train-vs-hf", "shape": f"{args.layers}x{args.width} h{args.heads} seq{args.seq} b{args.batch} v{args.vocab}",
+                "precision": precision, "lmforge": name, "lmforge_tok_s": round(tokens / med[name]), "hf_tok_s": round(tokens / med["hf"]),
+                "ratio": round(med["hf"] / med[name], 3), "lmforge_ms": round(1e3 * med[name], 1), "hf_ms": round(1e3 * med["hf"], 1),
+                "steps_each": len(times[name]), "optimizer_lmforge": optimizer_kind(opt_ours), "optimizer_hf": optimizer_kind(opt_hf),
+                "hf_attn": hf.config._attn_implementation, **machine_info(),
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# --- Lightning overhead ------------------------------------------------------------------------------------
+def bench_lightning(args: argparse.Namespace) -> list[dict[str, Any]]:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lmforge.models import build
+    from lmforge.objectives.clm import CausalLM
+    from lmforge.stages.pretrain import PretrainStage
+
+    cfg = gpt_cfg(args)
+    objective = CausalLM()
+    gen = torch.Generator().manual_seed(0)
+    n_batches = args.steps + args.warmup
+    data = torch.randint(0, args.vocab, (n_batches * args.batch, args.seq + 1), generator=gen)
+
+    def loader() -> torch.utils.data.DataLoader:
+        ds = [{"input_ids": row[:-1], "targets": row[1:]} for row in data]
+        return torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=False, num_workers=0)
+
+    class StepClock(Callback):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+
+        def on_train_batch_end(self, *a: Any, **k: Any) -> None:
+            self.stamps.append(now())
+
+    def intervals(stamps: list[float]) -> list[float]:
+        return [b - a for a, b in zip(stamps[args.warmup :], stamps[args.warmup + 1 :], strict=False)]
+
+    def bare(clip: bool) -> list[float]:
+        torch.manual_seed(0)
+        model = build(cfg).train()
+        opt = lmforge_optimizer(model)
+        stamps = []
+        for batch in loader():
+            loss = objective(model, batch).loss
+            loss.backward()
+            if clip:  # what the default trainer settings add: the logged grad norm, then clipping to 1.0
+                params = [p for p in model.parameters() if p.grad is not None]
+                torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params], 2.0)), 2.0)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            stamps.append(now())
+        return intervals(stamps)
+
+    class Minimal(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = build(cfg)
+
+        def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return objective(self.model, batch).loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return lmforge_optimizer(self.model)
+
+    def lightning_minimal() -> list[float]:
+        clock = StepClock()
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=n_batches, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[clock],
+        )
+        trainer.fit(Minimal(), train_dataloaders=loader())
+        return intervals(clock.stamps)
+
+    def lightning_default(log_dir: str) -> list[float]:
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+
+        opt_cfg = OmegaConf.load(ROOT / "conf" / "optimizer" / "adamw.yaml")
+        stage = PretrainStage(model_cfg=cfg, objective=objective, optimizer=instantiate(opt_cfg), compile="auto")
+        torch.manual_seed(0)
+        clock = StepClock()
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=n_batches, logger=CSVLogger(log_dir), enable_checkpointing=False,
+            log_every_n_steps=10, gradient_clip_val=1.0, gradient_clip_algorithm="norm", num_sanity_val_steps=0,
+            limit_val_batches=0, callbacks=[clock], enable_model_summary=False,
+        )
+        trainer.fit(stage, train_dataloaders=loader())
+        return intervals(clock.stamps)
+
+    runs: dict[str, list[float]] = {"bare": [], "lightning-minimal": [], "bare+clip": [], "lightning-default": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            pairs = [("bare", lambda: bare(False)), ("lightning-minimal", lightning_minimal),
+                     ("bare+clip", lambda: bare(True)), ("lightning-default", lambda: lightning_default(tmp))]
+            for name, fn in pairs if r % 2 == 0 else reversed(pairs):
+                runs[name] += fn()
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    rows = []
+    for base, lit, what in (("bare", "lightning-minimal", "minimal LightningModule, logging off"),
+                            ("bare+clip", "lightning-default", "PretrainStage, default trainer settings (clip 1.0, CSV logging)")):
+        rows.append({
+            "bench": "lightning-overhead", "setting": what, "shape": f"{args.layers}x{args.width} seq{args.seq} b{args.batch}",
+            "bare_ms": round(1e3 * med[base], 1), "lightning_ms": round(1e3 * med[lit], 1),
+            "overhead_pct": round(100 * (med[lit] / med[base] - 1), 2), "steps_each": len(runs[lit]), **machine_info(),
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    keys = [k for k in rows[0] if k not in ("machine", "cpus", "torch")]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def parse(mode: str, argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=f"benchmark.py {mode}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--width", type=int, default=384)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                   help="cpu: process CPU time, steadier on a shared machine with --threads 1 (counts spinning threads otherwise)")
+    p.add_argument("--out", type=Path, default=ROOT / "logs" / "benchmark" / mode, help="writes OUT.json and OUT.md")
+    if mode == "train-vs-hf":
+        p.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"], choices=["32-true", "bf16-mixed"])
+        p.add_argument("--compile", action="store_true", help="add a torch.compile'd lmforge row")
+        p.add_argument("--rounds", type=int, default=3)
+        p.add_argument("--steps", type=int, default=2, help="timed steps per contender per round")
+        p.add_argument("--warmup", type=int, default=1)
+    else:
+        p.add_argument("--rounds", type=int, default=3, help="fits of each contender, alternating")
+        p.add_argument("--steps", type=int, default=12, help="timed steps per fit")
+        p.add_argument("--warmup", type=int, default=3)
+    return p.parse_args(argv)
+
+
+def main(mode: str, argv: list[str]) -> list[dict[str, Any]]:
+    from lmforge.utils.bench_report import append_results, print_rows
+
+    global now
+    args = parse(mode, argv)
+    now = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = bench_vs_hf(args) if mode == "train-vs-hf" else bench_lightning(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(rows))
+    print_rows(rows, f"lmforge {mode}", vertical=True)
+    append_results(rows, ROOT)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return rows
