@@ -50,9 +50,14 @@ def test_wandb_log_metrics_failing_after_step_2_does_not_stop_training(monkeypat
     ids = torch.randint(0, 32, (6, 4, 9), generator=torch.Generator().manual_seed(0))
     trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=loggers, log_every_n_steps=1, enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="lmforge"):
-        trainer.fit(stage, train_dataloaders=DataLoader([{"input_ids": x[:, :-1], "targets": x[:, 1:]} for x in ids], batch_size=None))
-        close_loggers(loggers)
+    try:
+        with caplog.at_level(logging.WARNING, logger="lmforge"):
+            trainer.fit(stage, train_dataloaders=DataLoader([{"input_ids": x[:, :-1], "targets": x[:, 1:]} for x in ids], batch_size=None))
+            close_loggers(loggers)
+    finally:  # wandb keeps its first settings (mode=disabled) in a process-wide singleton: later tests need a fresh one
+        import wandb
+
+        wandb.teardown()
     assert trainer.state.status.value == "finished" and trainer.global_step == 6
     assert sum(s is not None and s >= 2 for s in calls) >= 4  # W&B kept failing for the rest of the run
     with (tmp_path / "csv" / "metrics.csv").open() as fh:

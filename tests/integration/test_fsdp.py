@@ -1,5 +1,6 @@
 """strategy=fsdp on two CPU processes (gloo): the same training as one process, really sharded, resumable
-exactly from its sharded checkpoint, and consolidated back to the single-process weights.
+exactly from its sharded checkpoint, and consolidated back to the single-process weights. The DDP run also checks
+the classic Hydra + DDP pain: one run dir, one metrics CSV with each step once, one metrics.json.
 
 DDP runs the same comparison. Cost: three `train.py` subprocesses with 2 ranks each (fsdp, ddp, then a resume
 of the fsdp run from its step-3 checkpoint) and one in-process single-process run, all 6 steps of a 2-layer, 64-wide Llama on bytes in fp32.
@@ -45,14 +46,25 @@ def runs(cli, cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     sharded = [*base, "strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu", f"data.batch_size={MICRO_BATCH}"]
     proc = cli("train.py", *sharded, f"hydra.run.dir={fsdp}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ddp = logs / "debug" / "runs" / "ddp"
+    # no hydra.run.dir: rank 1 must reuse the timestamped run dir rank 0 made (Lightning re-runs train.py for it)
     proc = cli("train.py", *base, "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", f"data.batch_size={MICRO_BATCH}",
-               "callbacks.periodic.save_top_k=0", f"hydra.run.dir={ddp}", timeout=300)
+               "callbacks.periodic.save_top_k=0", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    made = [p for p in (logs / "debug" / "runs").iterdir() if p.name not in ("single", "fsdp")]
+    assert len(made) == 1, made  # one run dir for both ranks
+    ddp = made[0]
     resumed = logs / "debug" / "runs" / "resumed"
     proc = cli("train.py", *sharded, f"ckpt_path={fsdp / 'checkpoints' / 'step-000003.ckpt'}", f"hydra.run.dir={resumed}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"single": single, "fsdp": fsdp, "ddp": ddp, "resumed": resumed}
+
+
+def test_two_process_ddp_writes_one_run_dir_and_logs_from_rank_zero(runs: dict[str, Path]) -> None:
+    assert [p.name for p in runs["ddp"].rglob("metrics.csv")] == ["metrics.csv"]
+    with (runs["ddp"] / "csv" / "metrics.csv").open() as fh:
+        steps = [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss")]
+    assert steps == list(range(STEPS))  # each step logged once, by rank 0
+    assert "val/loss" in json.loads((runs["ddp"] / "metrics.json").read_text())
 
 
 def test_checkpoint_is_sharded_across_both_ranks(runs: dict[str, Path]) -> None:
