@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from lmforge.flops import BF16_PEAK_FLOPS, gpt_flops_per_token
+from lmforge.flops import BF16_PEAK_FLOPS, FP8_PEAK_FLOPS, gpt_flops_per_token
 
 # --- Chinchilla (Hoffmann et al. 2022) -------------------------------------------------------------------
 
@@ -152,23 +152,8 @@ def memory_table(params: float, n_gpus: int) -> list[dict[str, float | int | str
 
 # --- Time and energy ---------------------------------------------------------------------------------------
 
-# bf16 dense peaks come from lmforge.flops (the MFU table); fp8 dense peaks (half the datasheet's "with
-# sparsity" figure) and board power (W, max TDP) live here, as they serve planning only. None = unsupported.
-FP8_PEAK_FLOPS: dict[str, float | None] = {
-    "h100 sxm": 1979e12,
-    "h100 nvl": 1671e12,
-    "h100 pcie": 1513e12,
-    "h100": 1979e12,
-    "h200 nvl": 1671e12,
-    "h200": 1979e12,
-    "gh200": 1979e12,
-    "b200": 4500e12,
-    "a100": None,  # Ampere has no fp8 tensor cores
-    "l40s": 733e12,
-    "l40": 362e12,
-    "l4": 242.5e12,
-    "a10g": None,
-}
+# bf16 and fp8 dense peaks come from lmforge.flops (the MFU tables; a GPU absent from the fp8 table has no fp8
+# tensor cores); board power (W, max TDP) lives here, as it serves planning only.
 BOARD_POWER_W: dict[str, float] = {
     "h100 sxm": 700.0,
     "h100 nvl": 400.0,
