@@ -27,6 +27,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lmforge.utils.bench_report import markdown_table  # noqa: E402
+
 METRICS = ("perf/tokens_per_sec", "perf/tflops", "perf/mfu", "perf/max_memory_gb", "perf/data_wait_frac")
 
 
@@ -56,10 +60,8 @@ def read_perf(run_dir: Path) -> dict[str, float | None]:
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = ["model", "strategy", "precision", "backend", "compile", "act_ckpt", "tokens_per_sec", "mfu", "max_memory_gb", "status"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, ["model", "strategy", "precision", "backend", "compile", "act_ckpt", "tokens_per_sec", "mfu",
+                                 "max_memory_gb", "status"])
 
 
 def main(argv: list[str]) -> None:

@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmforge.utils.bench_report import markdown_table
+
 ROOT = Path(__file__).resolve().parents[1]
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 now = time.perf_counter  # set from --clock
@@ -272,10 +274,7 @@ def bench_lightning(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    keys = [k for k in rows[0] if k not in ("machine", "cpus", "torch")]
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(rows, [k for k in rows[0] if k not in ("machine", "cpus", "torch")])
 
 
 def parse(mode: str, argv: list[str]) -> argparse.Namespace:

@@ -33,6 +33,13 @@ def print_rows(rows: Sequence[dict[str, Any]], title: str, vertical: bool = Fals
     Console().print(table)
 
 
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A markdown table of `columns` (missing or None values blank): the README's tables are pasted from these."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
 def append_results(rows: Sequence[dict[str, Any]], root: Path) -> None:
     out = root / "logs" / "benchmark" / "results.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from torch import nn
 
 from lmforge.models.layers.attention_backends import attend
 from lmforge.models.layers.kv_cache import KVCache
-from lmforge.models.layers.masks import build_attention_mask, causal_tril, is_causal_query
+from lmforge.models.layers.masks import build_attention_mask, causal_tril
 
 # Prefix tuning's hook (lmforge.peft.prefix): (k, v, mask, q_len) -> (k, v, mask) with learned keys/values
 # put before the tokens' ones. It runs after the cache update: the cache and token positions are untouched.
@@ -71,9 +71,7 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if mask is not None and mask.is_floating_point():
             mask = mask.to(q.dtype)  # an additive mask (ALiBi) in the query's dtype, as SDPA wants
-        if self.backend == "sdpa" and not self.capture_weights:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal_query(mask, T))
-        elif self.backend != "eager" and not self.capture_weights:  # flex, flash_attn (layers/attention_backends.py)
+        if self.backend != "eager" and not self.capture_weights:  # sdpa, flex, flash_attn (layers/attention_backends.py)
             y = attend(self.backend, q, k, v, mask, p)
         else:
             y = self._eager(q, k, v, mask, p)

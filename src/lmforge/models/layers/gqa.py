@@ -24,7 +24,7 @@ from torch import nn
 from lmforge.models.layers.attention import KVPrefixHook
 from lmforge.models.layers.attention_backends import attend
 from lmforge.models.layers.kv_cache import KVCache
-from lmforge.models.layers.masks import causal_tril, is_causal_query
+from lmforge.models.layers.masks import causal_tril
 from lmforge.models.layers.rope import apply_rotary
 
 
@@ -67,11 +67,7 @@ class GroupedQueryAttention(nn.Module):
         if mask is not None and mask.is_floating_point():
             mask = mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype (bf16 under autocast)
         p = self.dropout if self.training else 0.0
-        if self.backend == "sdpa" and not self.capture_weights:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal_query(mask, T), enable_gqa=self.n_kv_head != self.n_head
-            )
-        elif self.backend != "eager" and not self.capture_weights:  # flex, flash_attn (layers/attention_backends.py)
+        if self.backend != "eager" and not self.capture_weights:  # sdpa, flex, flash_attn (layers/attention_backends.py)
             y = attend(self.backend, q, k, v, mask, p, enable_gqa=self.n_kv_head != self.n_head)
         else:
             y = self._eager(q, k, v, mask, p)
