@@ -1,10 +1,10 @@
-"""Merge a sharded checkpoint (strategy=fsdp / fsdp_tp: a directory of per-rank shards) into one file.
+"""Merge a sharded checkpoint (strategy=fsdp / fsdp_tp: DCP shards; strategy=deepspeed_zero*: ZeRO partitions) into one file.
 
     python scripts/consolidate_checkpoint.py --ckpt logs/train/runs/<ts>/checkpoints/last.ckpt --out model.safetensors
     python scripts/consolidate_checkpoint.py --ckpt last --out model.safetensors --hf exported/   # + an HF directory
 
 Runs on one process with no GPU and no process group, whatever world size and tensor-parallel layout wrote the
-shards. Reads the model weights only (not the optimizer state). Writes the bare model's state dict (keys as
+shards (a ZeRO checkpoint's fp32 weights are merged by DeepSpeed's zero_to_fp32: the deepspeed package is needed). Reads the model weights only (not the optimizer state). Writes the bare model's state dict (keys as
 `lmforge.models.build(config)` expects; LoRA merged) as safetensors, the run's resolved config and tokenizer in
 its metadata (`lmforge_config`, `lmforge_tokenizer`), atomically (temp file + rename). `--hf` also writes a
 Hugging Face directory through lmforge.interop (what scripts/export.py writes). eval.py, generate.py and
@@ -49,7 +49,7 @@ def consolidate(ckpt_path: str, out: str | Path, log_dir: str = "logs", task_nam
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="a sharded checkpoint directory, a .ckpt file, or `last`")
+    p.add_argument("--ckpt", required=True, help="a sharded (FSDP or DeepSpeed ZeRO) checkpoint directory, a .ckpt file, or `last`")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--hf", default=None, help="also write a Hugging Face model directory here")
     p.add_argument("--log-dir", default="logs", help="where --ckpt last looks")

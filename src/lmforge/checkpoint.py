@@ -17,6 +17,7 @@ from lmforge.parallel.sharded_checkpoint import (
     is_sharded_checkpoint,
     read_sharded_checkpoint,
 )
+from lmforge.parallel.zero_checkpoint import is_zero_checkpoint, read_zero_checkpoint
 
 log = logging.getLogger("lmforge")
 
@@ -60,7 +61,7 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str
     if path.is_dir() and (path / META_FILE).exists() and not is_sharded_checkpoint(path):
         raise CheckpointError(f"ckpt_path={ckpt_path!r} is an incomplete sharded checkpoint (no {DCP_METADATA}: its save did not finish). "
                               "Fix: pass an older checkpoint of that run, or ckpt_path=last (it skips incomplete ones).")
-    if path.is_dir() and not is_sharded_checkpoint(path):
+    if path.is_dir() and not is_sharded_checkpoint(path) and not is_zero_checkpoint(path):
         raise CheckpointError(f"ckpt_path={ckpt_path!r} is a directory, not a checkpoint file. Fix: point at a .ckpt inside it (e.g. checkpoints/last.ckpt).")
     return str(path)
 
@@ -68,11 +69,13 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | Path, task_name: str
 def load_checkpoint(path: str | Path, weights: bool = True) -> dict[str, Any]:
     """Load with weights_only=True (no arbitrary code) and check it is an lmforge checkpoint.
 
-    A sharded checkpoint (a directory written by strategy=fsdp) is consolidated into full tensors here, so
-    every consumer (eval, generate, export, init_from, resume metadata) reads both layouts the same way;
+    A sharded checkpoint (a directory written by strategy=fsdp or by a DeepSpeed ZeRO stage) is consolidated into
+    full tensors here, so every consumer (eval, generate, export, init_from, resume metadata) reads all layouts alike;
     `weights=False` reads only its metadata (cheap: for choosing which checkpoint to resume)."""
     try:
-        if Path(path).is_dir():
+        if is_zero_checkpoint(path):
+            ckpt = read_zero_checkpoint(path, weights=weights)
+        elif Path(path).is_dir():
             if not is_sharded_checkpoint(path):
                 raise OSError(f"directory without {DCP_METADATA} and {META_FILE}: an incomplete sharded checkpoint")
             ckpt = read_sharded_checkpoint(path, weights=weights)

@@ -28,7 +28,7 @@ STAGE_DATA: dict[str, tuple[tuple[str, ...], str]] = {
     "PPOStage": (("PromptDataModule",), "data=prompts_shakespeare, data=prompts_jsonl or data=prompts_hf"),
     "GRPOStage": (("PromptDataModule",), "data=prompts_shakespeare, data=prompts_jsonl or data=prompts_hf"),
 }
-CUDA_ONLY_STRATEGIES = ("DeepSpeedStrategy",)
+CUDA_ONLY_STRATEGIES = ("DeepSpeedStrategy", "ZeroStrategy")  # lmforge.parallel.zero.ZeroStrategy subclasses the first
 PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
 
 
@@ -87,7 +87,7 @@ def check_machine(cfg: DictConfig) -> None:
         return
     strategy = _class_name(cfg.get("strategy") or {})
     if strategy in CUDA_ONLY_STRATEGIES:
-        raise ConfigError("strategy", f"{strategy} needs CUDA GPUs and none is visible (Lightning refuses it on CPU)",
+        raise ConfigError("strategy", "Lightning's DeepSpeedStrategy needs CUDA GPUs and none is visible (it refuses CPU)",
                           "use strategy=ddp or strategy=fsdp on CPU, or run on a GPU machine")
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda"):

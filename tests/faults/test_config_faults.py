@@ -26,8 +26,8 @@ CASES = {
     "unknown model key": (["+model.n_layers=3"], "model.n_layers: unknown key"),
     "wrong type for a model key": (["model.n_layer=two"], "model.n_layer"),
     "negative layer count": (["model.n_layer=-1"], "model.n_layer"),
-    "deepspeed on a CPU machine": (["strategy=deepspeed_zero2"], "strategy: DeepSpeedStrategy needs CUDA GPUs"),
-    "deepspeed offload on a CPU machine": (["strategy=deepspeed_zero3_offload"], "strategy: DeepSpeedStrategy needs CUDA GPUs"),
+    "deepspeed on a CPU machine": (["strategy=deepspeed_zero2"], "strategy: Lightning's DeepSpeedStrategy needs CUDA GPUs"),
+    "deepspeed offload on a CPU machine": (["strategy=deepspeed_zero3_offload"], "strategy: Lightning's DeepSpeedStrategy needs CUDA GPUs"),
     "fp16 on CPU": (["trainer.precision=16-mixed"], "trainer.precision: 16-mixed needs a CUDA GPU"),
     "misspelled precision": (["trainer.precision=bf16-mixd"], "trainer.precision: 'bf16-mixd' is not a Lightning precision"),
     "gpu accelerator without a GPU": (["trainer.accelerator=gpu"], "trainer.accelerator: gpu but no CUDA GPU is visible"),
@@ -70,6 +70,9 @@ CASES = {
     "tensor parallel on a fused-qkv GPT": (["strategy=fsdp_tp", "model=gpt-nano"], "strategy.tensor_parallel_size: tensor parallelism needs separate q/k/v"),
     "tensor parallel not dividing the kv heads": (["strategy=fsdp_tp", "strategy.tensor_parallel_size=3"], "strategy.tensor_parallel_size: 3 does not divide"),
     "fp16 loss scaling under fsdp": (["strategy=fsdp", "trainer.precision=16-mixed"], "trainer.precision: 16-mixed is not supported by strategy=fsdp"),
+    "misspelled deepspeed key": (["strategy=deepspeed_zero2", "+strategy.offload_optimzer=true"],
+                                 "lmforge.parallel.zero.ZeroStrategy has no parameter 'offload_optimzer'. "
+                                 "Fix: did you mean `strategy.offload_optimizer`?"),
     "misspelled fsdp key": (["strategy=fsdp", "+strategy.reshard_after_fwd=false"], "did you mean `strategy.reshard_after_forward`?"),
     "misspelled top-level key": (["+sed=1"], "sed: unknown key (value 1): the top level of the config has no parameter 'sed'. "
                                  "Fix: did you mean `seed`?"),

@@ -188,3 +188,16 @@ def test_linear_warmup_decays_linearly_to_floor():
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
     assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_decay_groups_read_the_real_shape_of_zero3_partitioned_parameters() -> None:
+    """DeepSpeed ZeRO-3 leaves each parameter an empty 1-D placeholder with the true shape in `ds_shape`: a matrix
+    must still be decayed (and the decay group never left empty, which DeepSpeed would drop under the scheduler)."""
+    from lmforge.optim.param_groups import decay_param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    for p in model.parameters():
+        p.ds_shape = p.shape
+        p.data = torch.empty(0)
+    decay, no_decay = decay_param_groups(model, 0.1)
+    assert decay["params"] == [model[0].weight] and len(no_decay["params"]) == 3

@@ -21,6 +21,7 @@ import torch
 from lightning.fabric.utilities.throughput import Throughput
 
 from lmforge.flops import device_peak_flops, model_flops_per_token
+from lmforge.models.counting import build_on_meta
 
 
 def max_memory_gb(device: torch.device) -> float:
@@ -63,7 +64,10 @@ class PerfMonitor(L.Callback):
         self._throughput = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=self.window_size)
         data = trainer.datamodule
         seq_len = getattr(data, "block_size", None) or getattr(data, "max_length", None) or pl_module.model.config.max_seq_len
-        self._flops_per_token = model_flops_per_token(getattr(pl_module.model, "backbone", pl_module.model), seq_len)
+        model = getattr(pl_module.model, "backbone", pl_module.model)
+        if any(hasattr(p, "ds_numel") for p in model.parameters()):  # ZeRO-3 leaves empty placeholders: count the config
+            model = build_on_meta(pl_module.model_cfg)
+        self._flops_per_token = model_flops_per_token(model, seq_len)
         self._elapsed, self._batches, self._samples, self._tokens = 0.0, 0, 0, 0
         self._log_every = self.log_every_n_steps or trainer.log_every_n_steps
         self._prev_end: float | None = None  # end of the previous training step (None after validation)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
+
+
+def true_ndim(p: torch.Tensor) -> int:
+    """Dimensions of the parameter as the model defines it: DeepSpeed ZeRO-3 partitions parameters at construction
+    and leaves each an empty 1-D placeholder (the real shape in `ds_shape`), which would put every matrix in the
+    no-decay group (and leave the decay group empty, which DeepSpeed then drops under the LR scheduler's feet)."""
+    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
 
 
 def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -14,7 +22,7 @@ def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, 
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (decay if true_ndim(p) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -30,7 +38,7 @@ def muon_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2:
+        if true_ndim(p) < 2:
             vectors.append(p)
         elif id(p) in table_ids:
             tables.append(p)

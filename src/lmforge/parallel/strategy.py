@@ -13,14 +13,13 @@ Lightning builds the device mesh and the process group, moves batches, and saves
 
 from __future__ import annotations
 
-import shutil
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lmforge.errors import ConfigError
+from lmforge.parallel.atomic_save import remove_checkpoint_path, save_directory_atomically
 
 
 class ShardedStrategy(ModelParallelStrategy):
@@ -67,29 +66,8 @@ class ShardedStrategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        path = Path(self.broadcast(str(filepath)))
-        partial = path.with_name(path.name + ".partial")
-        if self.global_rank == 0 and partial.exists():
-            shutil.rmtree(partial)
-        self.barrier("lmforge_ckpt_clean")
-        super().save_checkpoint(checkpoint, partial, storage_options)
-        self.barrier("lmforge_ckpt_written")
-        if self.global_rank == 0:
-            old = path.with_name(path.name + ".old")
-            if old.exists():
-                shutil.rmtree(old)
-            if path.is_dir():
-                path.rename(old)
-            elif path.exists():
-                path.unlink()
-            partial.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        self.barrier("lmforge_ckpt_swapped")
+        save_directory_atomically(self, filepath, lambda partial: super(ShardedStrategy, self).save_checkpoint(checkpoint, partial, storage_options))
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.global_rank == 0:
-            path = Path(filepath)
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+            remove_checkpoint_path(filepath)

@@ -126,8 +126,8 @@ class LMStage(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Log how much of the model trains (LoRA: ~1%): the first thing to check in a PEFT run."""
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.model.parameters())
+        numel = [(getattr(p, "ds_numel", None) or p.numel(), p.requires_grad) for p in self.model.parameters()]  # ZeRO-3: ds_numel
+        trainable, total = sum(n for n, grad in numel if grad), sum(n for n, _ in numel)
         stats = {"model/trainable_params": float(trainable), "model/trainable_pct": 100.0 * trainable / max(total, 1)}
         for logger in self.loggers:  # apply_peft already logged the same line for PEFT runs
             logger.log_metrics(stats, step=0)
@@ -167,6 +167,7 @@ class LMStage(L.LightningModule):
             self.pending_loss = (self.trainer.global_step if self._trainer is not None else -1, loss.detach())
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.log_engine_grad_norm()
         if self.spike_detector is None:
             return
         pending, self.pending_loss = self.pending_loss, None
@@ -178,6 +179,21 @@ class LMStage(L.LightningModule):
                             "stage.loss_spike_threshold=%g)", step, spike.loss, spike.sigmas, spike.mean,
                             self.spike_detector.spikes, self.spike_detector.threshold)
         self.log("train/loss_spikes", float(self.spike_detector.spikes), on_step=True)
+
+    def engine_owns_gradients(self) -> bool:
+        """DeepSpeed: gradients live in the engine's buffers, which norms, clips and steps them itself."""
+        return self._trainer is not None and hasattr(self.trainer.strategy, "global_grad_norm")
+
+    def log_engine_grad_norm(self) -> None:
+        """DeepSpeed ZeRO reduces gradients into its own partitioned buffers (no `p.grad` for on_before_optimizer_step
+        to read) and computes the global norm, clips and steps inside its engine: log the norm it computed, once per
+        optimizer step."""
+        if not self.engine_owns_gradients() or getattr(self, "_engine_norm_step", None) == self.trainer.global_step:
+            return
+        norm = self.trainer.strategy.global_grad_norm()
+        if norm is not None:
+            self._engine_norm_step = self.trainer.global_step
+            self.log("train/grad_norm", norm, on_step=True)
 
     def spike_state(self) -> dict[str, Any] | None:
         """The detector as it will be after this step: checkpoint callbacks save in their on_train_batch_end,
@@ -232,7 +248,7 @@ class LMStage(L.LightningModule):
         norm after a finite loss skips the update: the grads are dropped, so the optimizer leaves every weight
         (and its moments) as it was, while the step and LR schedule advance as usual (resume stays exact)."""
         params = [p for p in self.parameters() if p.grad is not None]
-        if not params:
+        if not params or self.engine_owns_gradients():
             return
         norm = total_grad_norm([p.grad for p in params])  # DTensor-aware (FSDP2 / tensor parallel)
         if not torch.isfinite(norm) and getattr(self.trainer.precision_plugin, "scaler", None) is None:
@@ -250,6 +266,8 @@ class LMStage(L.LightningModule):
         refuses when TP and FSDP parameters live on different meshes, and Lightning's mixed-precision plugin refuses
         to clip for fused optimizers even under bf16, where there is nothing to unscale. fp16 keeps Lightning's path."""
         norm, self._grad_norm = getattr(self, "_grad_norm", None), None
+        if self.engine_owns_gradients():  # DeepSpeed clips inside its step (trainer.gradient_clip_val is in its config)
+            return
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if gradient_clip_val and scaler is None and (gradient_clip_algorithm or "norm") == "norm":
             grads = [p.grad for p in self.parameters() if p.grad is not None]
@@ -289,6 +307,9 @@ class LMStage(L.LightningModule):
         target = getattr(self.optimizer_factory, "func", self.optimizer_factory)
         groups = muon_param_groups if getattr(target, "wants_muon_groups", False) else decay_param_groups
         optimizer = self.optimizer_factory(groups(self.model, wd), **self.unfused_under_grad_scaler())
+        adapt = getattr(self.trainer.strategy, "adapt_optimizer", None) if self._trainer is not None else None
+        if adapt is not None:  # DeepSpeed ZeRO-Offload: the same AdamW as DeepSpeedCPUAdam (lmforge.parallel.zero)
+            optimizer = adapt(optimizer)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
