@@ -1,7 +1,7 @@
 """strategy=deepspeed_zero2 / deepspeed_zero3 through Lightning's DeepSpeedStrategy, on one CPU process (gloo).
 
-CI has no GPU, so the runs use `zero_on_cpu.GlooZero` (Lightning's CUDA-only checks lifted, nothing else; see
-that module). Checked against the same run without DeepSpeed: losses and the grad norm DeepSpeed computes, the
+CI has no GPU, so there the runs use `zero_on_cpu.GlooZero` (Lightning's CUDA-only checks lifted, nothing else;
+see that module); on a GPU host the same tests run Lightning's strategy on CUDA, as users do. Checked against the same run without DeepSpeed: losses and the grad norm DeepSpeed computes, the
 fp32 weights merged from the ZeRO partitions (ZeRO-1 keeps whole gradients on the parameters, 2 and 3 only
 partitions of them in the engine: the stage must neither log nor clip twice), an exact resume from a ZeRO-3 checkpoint (DeepSpeed restores its
 partitioned optimizer state), atomic directory saves, safe (weights_only) loading. Cost: five 6-step in-process
@@ -26,13 +26,16 @@ from lmforge.errors import CheckpointError
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 STEPS = 6
-ON_CPU = ["trainer.accelerator=cpu", "trainer.devices=1", "strategy._target_=zero_on_cpu.GlooZero"]
+CUDA = torch.cuda.is_available()  # on a GPU host: Lightning's DeepSpeedStrategy as users run it, no test subclass
+DEVICE = ["trainer.accelerator=gpu", "trainer.devices=1"] if CUDA else ["trainer.accelerator=cpu", "trainer.devices=1"]
+ZERO_RUN = [] if CUDA else ["strategy._target_=zero_on_cpu.GlooZero"]
+ATOL = 1e-4 if CUDA else 1e-5  # CUDA: DeepSpeed's bucketed reductions reorder fp32 sums
 
 
 def overrides(cache_dir: Path, logs: Path) -> list[str]:
     return ["debug=fast", "tokenizer=byte", "model=llama-tiny", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
             "model.n_kv_head=2", "trainer.precision=32-true", f"trainer.max_steps={STEPS}", "trainer.val_check_interval=1000",
-            "seed=3", "data.batch_size=8", "trainer.limit_val_batches=2", "callbacks.checkpoint.every_n_train_steps=3",
+            "seed=3", "data.batch_size=8", *DEVICE, "trainer.limit_val_batches=2", "callbacks.checkpoint.every_n_train_steps=3",
             "callbacks.checkpoint.monitor=null", "callbacks.periodic.every_n_train_steps=3", "callbacks.periodic.save_top_k=2",
             "callbacks.progress_bar=null", "callbacks.samples=null", "callbacks.model_summary=null",
             f"paths.cache_dir={cache_dir}", f"paths.log_dir={logs}"]
@@ -51,9 +54,9 @@ def runs(cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     try:
         train_in_process(base, out / "plain")
         for stage in (1, 2, 3):
-            train_in_process([*base, f"strategy=deepspeed_zero{stage}", *ON_CPU], out / f"zero{stage}")
+            train_in_process([*base, f"strategy=deepspeed_zero{stage}", *ZERO_RUN], out / f"zero{stage}")
         step3 = out / "zero3" / "checkpoints" / "step-000003.ckpt"
-        train_in_process([*base, "strategy=deepspeed_zero3", *ON_CPU, f"ckpt_path={step3}"], out / "resumed")
+        train_in_process([*base, "strategy=deepspeed_zero3", *ZERO_RUN, f"ckpt_path={step3}"], out / "resumed")
     finally:  # Lightning exports RANK/LOCAL_RANK/MASTER_* for DeepSpeed: left set, a later 2-rank subprocess test
         os.environ.clear()  # would take itself for an externally launched rank and wait forever for its peer
         os.environ.update(environ)
@@ -67,7 +70,7 @@ def test_zero_trains_as_one_plain_process(runs: dict[str, Path], stage: str) -> 
     for name in ("train/loss", "train/grad_norm"):  # grad norm: DeepSpeed's own (no p.grad exists under ZeRO)
         plain, zero = metric(runs["plain"], name), metric(runs[stage], name)
         assert sorted(zero) == sorted(plain) == list(range(STEPS)), name
-        assert [zero[s] for s in range(STEPS)] == pytest.approx([plain[s] for s in range(STEPS)], abs=1e-5), name
+        assert [zero[s] for s in range(STEPS)] == pytest.approx([plain[s] for s in range(STEPS)], abs=ATOL), name
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
@@ -82,13 +85,13 @@ def test_zero_checkpoint_consolidates_to_the_plain_weights(runs: dict[str, Path]
     assert zero.keys() == plain.keys()
     for key in plain:
         assert zero[key].dtype == torch.float32
-        torch.testing.assert_close(zero[key], plain[key], atol=1e-6, rtol=0, msg=key)
+        torch.testing.assert_close(zero[key], plain[key], atol=ATOL / 10, rtol=0, msg=key)
 
 
 def test_resume_from_a_zero3_checkpoint_is_exact(runs: dict[str, Path]) -> None:
     full, resumed = metric(runs["zero3"], "train/loss"), metric(runs["resumed"], "train/loss")
     assert sorted(resumed) == list(range(3, STEPS))
-    assert [resumed[s] for s in resumed] == pytest.approx([full[s] for s in resumed], abs=1e-6)
+    assert [resumed[s] for s in resumed] == pytest.approx([full[s] for s in resumed], abs=ATOL / 10)
 
 
 def test_consolidate_script_reads_a_zero_checkpoint(runs: dict[str, Path], tmp_path: Path) -> None:
@@ -105,7 +108,7 @@ def test_consolidate_script_reads_a_zero_checkpoint(runs: dict[str, Path], tmp_p
     merged = load_file(out)
     assert merged.keys() == plain.keys()
     for key in plain:
-        torch.testing.assert_close(merged[key], plain[key], atol=1e-6, rtol=0, msg=key)
+        torch.testing.assert_close(merged[key], plain[key], atol=ATOL / 10, rtol=0, msg=key)
 
 
 class Payload:

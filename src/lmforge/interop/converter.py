@@ -38,6 +38,9 @@ class HFConverter:
 
 def transformers_module() -> Any:
     """Import transformers on first use, so lmforge itself does not depend on it."""
+    from lmforge.parallel.zero_checkpoint import name_deepspeed_accelerator
+
+    name_deepspeed_accelerator()  # transformers imports deepspeed (when installed) in save_pretrained
     try:
         import transformers
     except ImportError as e:

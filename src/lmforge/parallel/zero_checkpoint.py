@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,8 +76,17 @@ def weights_only_loads() -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
+def name_deepspeed_accelerator() -> None:
+    """DeepSpeed picks its accelerator at first import and, finding no GPU, prints a warning to stdout (through
+    its own logger, whose level no setting reaches) into the output of eval.py, export.py, ... Where no GPU is
+    visible and nobody chose, name the CPU, as DeepSpeed's `DS_ACCELERATOR` allows: the same choice, silently."""
+    if "deepspeed" not in sys.modules and "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def read_fp32_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The full fp32 weights, merged from every data-parallel rank's partition, keyed as a Lightning state dict."""
+    name_deepspeed_accelerator()
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError:

@@ -182,7 +182,7 @@ class LMStage(L.LightningModule):
 
     def engine_owns_gradients(self) -> bool:
         """DeepSpeed: gradients live in the engine's buffers, which norms, clips and steps them itself."""
-        return self._trainer is not None and hasattr(self.trainer.strategy, "global_grad_norm")
+        return hasattr(getattr(self._trainer, "strategy", None), "global_grad_norm")
 
     def log_engine_grad_norm(self) -> None:
         """DeepSpeed ZeRO reduces gradients into its own partitioned buffers (no `p.grad` for on_before_optimizer_step
@@ -307,7 +307,7 @@ class LMStage(L.LightningModule):
         target = getattr(self.optimizer_factory, "func", self.optimizer_factory)
         groups = muon_param_groups if getattr(target, "wants_muon_groups", False) else decay_param_groups
         optimizer = self.optimizer_factory(groups(self.model, wd), **self.unfused_under_grad_scaler())
-        adapt = getattr(self.trainer.strategy, "adapt_optimizer", None) if self._trainer is not None else None
+        adapt = getattr(getattr(self._trainer, "strategy", None), "adapt_optimizer", None)
         if adapt is not None:  # DeepSpeed ZeRO-Offload: the same AdamW as DeepSpeedCPUAdam (lmforge.parallel.zero)
             optimizer = adapt(optimizer)
         if self.scheduler_factory is None:
