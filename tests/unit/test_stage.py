@@ -73,3 +73,31 @@ def test_checkpoint_carries_metadata():
     s.on_save_checkpoint(ckpt)
     assert ckpt["lmforge"] == {"schema_version": SCHEMA_VERSION, "config": {"a": 1}, "tokenizer": "{}", "wandb_id": "abc",
                                "peft": None, "stage": "LMStage"}  # PEFT config and stage class: loaders merge / refuse by them
+
+
+def test_manual_optimisation_logs_the_pre_clip_norm_then_clips_to_max_grad_norm():
+    """RL stages optimise manually: Lightning never calls configure_gradient_clipping, so the stage clips in
+    on_before_optimizer_step (which optimizer.step() runs first), after logging the norm it clipped from."""
+    s = stage()
+    s.automatic_optimization, s.max_grad_norm = False, 0.5
+    s._trainer = SimpleNamespace(strategy=None, precision_plugin=SimpleNamespace(scaler=None))
+    logged = {}
+    s.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    params = list(s.parameters())
+    for p in params:
+        p.grad = torch.full_like(p, 1.0)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+    s.on_before_optimizer_step(None)
+    assert logged["train/grad_norm"] == torch.tensor(norm).item()
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item()
+    assert abs(after - 0.5) < 1e-4  # clip_grad_norm_'s 1e-6 guard in the denominator
+
+
+def test_empty_param_groups_are_dropped_so_the_scheduler_matches_what_deepspeed_keeps():
+    s = stage(optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1), scheduler=partial(cosine_warmup, warmup_steps=2, min_lr=1e-5))
+    for p in s.parameters():
+        p.requires_grad_(p.ndim >= 2)  # like LoRA: only matrices train, the no-decay group is empty
+    attach_fake_trainer(s, 10)
+    out = s.configure_optimizers()
+    assert [g["weight_decay"] for g in out["optimizer"].param_groups] == [0.1]
+    assert len(out["lr_scheduler"]["scheduler"].base_lrs) == 1

@@ -64,6 +64,11 @@ class ZeroStrategy(DeepSpeedStrategy):
         return DeepSpeedCPUAdam(groups, lr=float(d["lr"]), betas=tuple(d["betas"]), eps=d["eps"], weight_decay=d["weight_decay"],
                                 amsgrad=bool(d.get("amsgrad", False)), adamw_mode=isinstance(optimizer, torch.optim.AdamW))
 
+    def set_gradient_clipping(self, max_norm: float) -> None:
+        """Clip to `max_norm` in the engine (manual optimisation keeps trainer.gradient_clip_val unset). Called
+        before `setup`, which fills `gradient_clipping` from the trainer only where the config has none."""
+        self.config["gradient_clipping"] = max_norm
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         save_directory_atomically(self, filepath, lambda partial: super(ZeroStrategy, self).save_checkpoint(checkpoint, partial, storage_options))
 

@@ -258,6 +258,9 @@ class LMStage(L.LightningModule):
             return
         self.log("train/grad_norm", norm, on_step=True)
         self._grad_norm = norm  # reused by configure_gradient_clipping, which Lightning calls right after
+        max_norm = getattr(self, "max_grad_norm", None)
+        if not self.automatic_optimization and max_norm:  # manual optimisation (RL): Lightning never clips, so here
+            clip_grads_([p.grad for p in params], max_norm, norm)
 
     def configure_gradient_clipping(self, optimizer: Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
@@ -306,7 +309,10 @@ class LMStage(L.LightningModule):
         wd = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay", 0.0)
         target = getattr(self.optimizer_factory, "func", self.optimizer_factory)
         groups = muon_param_groups if getattr(target, "wants_muon_groups", False) else decay_param_groups
-        optimizer = self.optimizer_factory(groups(self.model, wd), **self.unfused_under_grad_scaler())
+        # empty groups dropped (LoRA has nothing undecayed): DeepSpeed removes them, and an LR scheduler built on
+        # the optimizer beforehand would then hold one learning rate too many
+        param_groups = [g for g in groups(self.model, wd) if g["params"]]
+        optimizer = self.optimizer_factory(param_groups, **self.unfused_under_grad_scaler())
         adapt = getattr(getattr(self._trainer, "strategy", None), "adapt_optimizer", None)
         if adapt is not None:  # DeepSpeed ZeRO-Offload: the same AdamW as DeepSpeedCPUAdam (lmforge.parallel.zero)
             optimizer = adapt(optimizer)

@@ -84,6 +84,13 @@ class RLStage(LMStage):
         self.reward_model: ScalarHeadModel | None = None
         self.val_reward, self.val_length, self.val_stop = MeanMetric(), MeanMetric(), MeanMetric()
 
+    def setup(self, stage: str) -> None:
+        """DeepSpeed clips inside its engine from its config, which Lightning fills from trainer.gradient_clip_val;
+        manual optimisation moved that value here (run.adapt_to_stage), so hand it to the engine's config."""
+        set_clipping = getattr(getattr(self._trainer, "strategy", None), "set_gradient_clipping", None)
+        if set_clipping is not None and self.max_grad_norm:
+            set_clipping(float(self.max_grad_norm))
+
     # --- models --------------------------------------------------------------------------------------
     def needs_reference(self) -> bool:
         return self.beta > 0
@@ -140,12 +147,12 @@ class RLStage(LMStage):
 
     # --- optimisation --------------------------------------------------------------------------------
     def optimizer_step(self, loss: torch.Tensor) -> None:
-        """One manual update: backward, clip, step, schedule (what automatic optimisation would do)."""
+        """One manual update: backward, step, schedule (what automatic optimisation would do). Clipping to
+        `max_grad_norm` happens in `on_before_optimizer_step`, which `optimizer.step()` calls first, after the
+        pre-clip norm is logged (under DeepSpeed, inside its engine: see `setup`)."""
         optimizer = self.optimizers()
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        if self.max_grad_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
