@@ -36,9 +36,6 @@ from lmforge.parallel.zero_checkpoint import weights_only_loads
 class ZeroStrategy(DeepSpeedStrategy):
     """Arguments are DeepSpeedStrategy's (`stage`, `offload_optimizer`, `offload_parameters`, ...)."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-
     @contextmanager
     def model_sharded_context(self) -> Iterator[None]:
         """No `deepspeed.zero.Init`: see the module doc (the model's init must run on whole tensors)."""
