@@ -120,10 +120,26 @@ def check_sharding(cfg: DictConfig) -> None:
         if isinstance(n_kv, int) and n_kv % tp:
             raise ConfigError("strategy.tensor_parallel_size", f"{tp} does not divide the {n_kv} key/value heads",
                               "choose a tensor_parallel_size that divides model.n_kv_head")
+        if strategy.get("sequence_parallel"):
+            check_sequence_parallel(cfg, tp)
         devices, nodes = trainer.get("devices"), trainer.get("num_nodes", 1)
         if isinstance(devices, int) and isinstance(nodes, int) and (devices * nodes) % tp:
             raise ConfigError("strategy.tensor_parallel_size", f"{tp} does not divide trainer.devices x num_nodes = {devices * nodes}",
                               "set trainer.devices to a multiple of the tensor-parallel size")
+
+
+def check_sequence_parallel(cfg: DictConfig, tp: int) -> None:
+    """Sequence parallelism splits every forward's sequence evenly over the TP ranks: fixed-length blocks only."""
+    block = (cfg.get("data") or {}).get("block_size")
+    if isinstance(block, int) and block % tp:
+        raise ConfigError("strategy.sequence_parallel", f"needs data.block_size ({block}) to be a multiple of tensor_parallel_size={tp}",
+                          f"set data.block_size to a multiple of {tp}, or strategy.sequence_parallel=false")
+    stage = _class_name(cfg.get("stage") or {})
+    if stage in ("PPOStage", "GRPOStage") or (cfg.get("callbacks") or {}).get("samples"):
+        what = f"stage {stage} generates rollouts" if stage in ("PPOStage", "GRPOStage") else "callbacks.samples generates text"
+        raise ConfigError("strategy.sequence_parallel", f"{what} (one token at a time, not a multiple of the TP size)",
+                          "set callbacks.samples=null, or strategy.sequence_parallel=false" if "samples" in what
+                          else "use strategy.sequence_parallel=false for RL stages")
 
 
 def preflight(cfg: DictConfig) -> None:

@@ -73,6 +73,11 @@ CASES = {
     "misspelled deepspeed key": (["strategy=deepspeed_zero2", "+strategy.offload_optimzer=true"],
                                  "lmforge.parallel.zero.ZeroStrategy has no parameter 'offload_optimzer'. "
                                  "Fix: did you mean `strategy.offload_optimizer`?"),
+    "sequence parallel with an uneven block": (["strategy=fsdp_tp", "strategy.sequence_parallel=true", "callbacks.samples=null",
+                                                "data.block_size=63"],
+                                               "strategy.sequence_parallel: needs data.block_size (63) to be a multiple of tensor_parallel_size=2"),
+    "sequence parallel with sample generation": (["strategy=fsdp_tp", "strategy.sequence_parallel=true"],
+                                                 "strategy.sequence_parallel: callbacks.samples generates text"),
     "misspelled fsdp key": (["strategy=fsdp", "+strategy.reshard_after_fwd=false"], "did you mean `strategy.reshard_after_forward`?"),
     "misspelled top-level key": (["+sed=1"], "sed: unknown key (value 1): the top level of the config has no parameter 'sed'. "
                                  "Fix: did you mean `seed`?"),

@@ -2,8 +2,9 @@
 exactly from its sharded checkpoint, and consolidated back to the single-process weights. The DDP run also checks
 the classic Hydra + DDP pain: one run dir, one metrics CSV with each step once, one metrics.json.
 
-DDP runs the same comparison. Cost: three `train.py` subprocesses with 2 ranks each (fsdp, ddp, then a resume
-of the fsdp run from its step-3 checkpoint) and one in-process single-process run, all 6 steps of a 2-layer, 64-wide Llama on bytes in fp32.
+DDP and `fsdp_tp` with sequence parallelism (TP 2 x DP 1: both ranks see the whole batch) run the same comparison.
+Cost: four `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, then a resume of the fsdp run from its
+step-3 checkpoint) and one in-process single-process run, all 6 steps of a 2-layer, 64-wide Llama on bytes in fp32.
 """
 
 from __future__ import annotations
@@ -53,10 +54,14 @@ def runs(cli, cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     made = [p for p in (logs / "debug" / "runs").iterdir() if p.name not in ("single", "fsdp")]
     assert len(made) == 1, made  # one run dir for both ranks
     ddp = made[0]
+    tp = logs / "debug" / "runs" / "tp_sp"  # 2-D with sequence parallelism: TP 2 x DP 1, both ranks see the same batch
+    proc = cli("train.py", *base, "strategy=fsdp_tp", "strategy.sequence_parallel=true", "trainer.devices=2", "trainer.accelerator=cpu",
+               f"data.batch_size={2 * MICRO_BATCH}", "callbacks.periodic.save_top_k=0", f"hydra.run.dir={tp}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = logs / "debug" / "runs" / "resumed"
     proc = cli("train.py", *sharded, f"ckpt_path={fsdp / 'checkpoints' / 'step-000003.ckpt'}", f"hydra.run.dir={resumed}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"single": single, "fsdp": fsdp, "ddp": ddp, "resumed": resumed}
+    return {"single": single, "fsdp": fsdp, "ddp": ddp, "resumed": resumed, "tp_sp": tp}
 
 
 def test_two_process_ddp_writes_one_run_dir_and_logs_from_rank_zero(runs: dict[str, Path]) -> None:
@@ -78,10 +83,10 @@ def test_checkpoint_is_sharded_across_both_ranks(runs: dict[str, Path]) -> None:
     assert not list(last.parent.glob("*.partial")) and not list(last.parent.glob("*.old"))  # swaps finished
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp", "tp_sp"])
 def test_two_processes_match_one_process_with_the_same_global_batch(runs: dict[str, Path], strategy: str) -> None:
     single = load_checkpoint(runs["single"] / "checkpoints" / "last.ckpt")["state_dict"]
-    parallel = load_checkpoint(runs[strategy] / "checkpoints" / "last.ckpt")["state_dict"]  # fsdp: consolidated from shards
+    parallel = load_checkpoint(runs[strategy] / "checkpoints" / "last.ckpt")["state_dict"]  # fsdp, tp: consolidated from shards
     assert parallel.keys() == single.keys()
     worst = max((parallel[k] - single[k]).abs().max().item() for k in single)
     assert worst < 2e-5, worst  # 6 AdamW steps; only the order of the fp32 gradient sums differs

@@ -1,6 +1,6 @@
 """Sharding building blocks, checked against the unsharded model on two CPU ranks (gloo, one spawn for all):
-the tensor-parallel plan gives the same logits and gradients, meta-device init under FSDP gives the weights
-of a plain build, the mixed-precision policy computes in bf16 over fp32 shards, and the DTensor-aware gradient
+the tensor-parallel plan (with and without sequence parallelism) gives the same logits and gradients, meta-device
+init under FSDP gives the weights of a plain build, the mixed-precision policy computes in bf16 over fp32 shards, and the DTensor-aware gradient
 norm equals the plain one."""
 
 from __future__ import annotations
@@ -79,12 +79,13 @@ def _worker(rank: int, port: int, results: dict) -> None:
     torch.set_num_threads(1)
     try:
         tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
-        for family in ("llama", "mixtral"):  # TP over 2 ranks: same logits and gradients as the whole model
+        # TP over 2 ranks, plain and with sequence parallelism: same logits and gradients as the whole model
+        for family, sp in (("llama", False), ("mixtral", False), ("llama", True), ("mixtral", True)):
             torch.manual_seed(0)
             reference, sharded = build(tiny(family)), build(tiny(family))
             sharded.load_state_dict(reference.state_dict())
             mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
-            apply_tensor_parallel(sharded, mesh["tensor_parallel"])
+            apply_tensor_parallel(sharded, mesh["tensor_parallel"], sequence_parallel=sp)
             apply_fsdp(sharded, mesh["data_parallel"])  # 2-D as strategy=fsdp_tp builds it
             assert isinstance(sharded.blocks[0].attn.q_proj.weight, DTensor)
             ref_logits, logits = reference(tokens), sharded(tokens)
@@ -95,8 +96,14 @@ def _worker(rank: int, port: int, results: dict) -> None:
                 full = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
                 worst_grad = max(worst_grad, (full - p.grad).abs().max().item())
             norm = total_grad_norm([q.grad for q in sharded.parameters()])
-            results[(rank, family)] = ((logits - ref_logits).abs().max().item(), worst_grad,
-                                       abs(norm.item() - torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()))
+            results[(rank, family, sp)] = ((logits - ref_logits).abs().max().item(), worst_grad,
+                                           abs(norm.item() - torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()))
+            if sp:  # an odd length is refused on every rank before any collective (uneven shards would hang them)
+                try:
+                    sharded(tokens[:, :7])
+                    results[(rank, family, "odd")] = "ran"
+                except ValueError as err:
+                    results[(rank, family, "odd")] = str(err)
         # meta-device init under FSDP over 2 ranks: each rank allocates half, the full weights equal a plain build
         torch.manual_seed(5)
         plain = build(tiny("gpt"))
@@ -125,8 +132,10 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
     mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
     for rank in (0, 1):
         for family in ("llama", "mixtral"):
-            logits, grads, norm = results[(rank, family)]
-            assert logits < 1e-5 and grads < 1e-5 and norm < 1e-5, (family, rank, logits, grads, norm)
+            for sp in (False, True):
+                logits, grads, norm = results[(rank, family, sp)]
+                assert logits < 1e-5 and grads < 1e-5 and norm < 1e-5, (family, sp, rank, logits, grads, norm)
+            assert "multiple of tensor_parallel_size=2, got 7" in results[(rank, family, "odd")]
         worst, local_rows = results[(rank, "meta_fsdp")]
         assert worst == 0.0 and local_rows == 48  # qkv: 96 rows, 48 per rank
         assert results[(rank, "mixed")] == (torch.bfloat16, torch.float32, torch.float32)

@@ -7,6 +7,10 @@ backward). Embeddings, norms and the LM head stay replicated across the TP group
 over the data-parallel mesh). Mixtral's experts are split the same way, expert by expert; the router stays
 replicated. GPT fuses Q, K and V in one matrix and BERT/T5 are encoders: they are refused with a clear
 error rather than sharded wrongly.
+
+Sequence parallelism (opt-in, `strategy.sequence_parallel`) shards the residual stream and norms along the
+sequence as well; it needs every forward's length to be a multiple of the TP size (fixed-length training and
+validation blocks are; generation is not), checked before any collective runs.
 """
 
 from __future__ import annotations
@@ -34,8 +38,39 @@ def _mlp_plan(mlp: nn.Module, prefix: str) -> dict[str, Any]:
                       "use tensor_parallel_size=1 for this model")
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> int:
-    """Shard every block of `model` over `tp_mesh` in place; returns the number of blocks sharded."""
+def _sequence_parallel_plan(block: nn.Module) -> dict[str, Any]:
+    """The residual stream between sub-layers lives sharded along the sequence (each TP rank holds T/tp rows): the
+    norms run on those rows, the attention/MLP input is all-gathered, their row-parallel output projection
+    reduce-scatters back to rows (the all-reduce of plain TP, split in two, with 1/tp of the activations kept)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        PrepareModuleInput,
+        PrepareModuleInputOutput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    plan: dict[str, Any] = {
+        "attn_norm": SequenceParallel(), "mlp_norm": SequenceParallel(),
+        # attn(x, rope, mask, cache, layer): only x is sharded
+        "attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
+                                   desired_input_layouts=(Replicate(), None, None, None, None), use_local_output=True),
+        "attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+    }
+    if hasattr(block.mlp, "down_proj"):
+        plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
+        plan["mlp.down_proj"] = RowwiseParallel(output_layouts=Shard(1))
+    else:  # MoE: experts see gathered token subsets, not (B, T, C); their (all-reduced) sum is cut back to this rank's rows
+        plan["mlp"] = PrepareModuleInputOutput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
+                                               output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
+    return plan
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: bool = False) -> int:
+    """Shard every block of `model` over `tp_mesh` in place; returns the number of blocks sharded.
+
+    `sequence_parallel`: also shard the residual stream, norms and dropout along the sequence (Megatron's
+    sequence parallelism): activation memory outside attention/MLP drops by the TP size, at no extra traffic."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     tp = tp_mesh.size()
@@ -57,6 +92,32 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any) -> int:
             )
         plan = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
                 "attn.o_proj": RowwiseParallel(), **_mlp_plan(block.mlp, "mlp")}
+        if sequence_parallel:
+            plan.update(_sequence_parallel_plan(block))
         parallelize_module(block, tp_mesh, plan)
         attn.n_head, attn.n_kv_head = attn.n_head // tp, attn.n_kv_head // tp  # this rank's heads
+    if sequence_parallel:
+        _shard_sequence_between(model, tp_mesh)
     return len(blocks)
+
+
+def _shard_sequence_between(model: nn.Module, tp_mesh: Any) -> None:
+    """The embedding output (replicated) is cut to this rank's rows before the first block; the final norm's input
+    is all-gathered, so the norm, LM head and anything reading `hidden_states` (reward/value heads) see whole rows."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import PrepareModuleInput, PrepareModuleOutput, parallelize_module
+
+    parallelize_module(model, tp_mesh, {
+        "wte": PrepareModuleOutput(output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True),
+        "norm": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True),
+    })
+    tp = tp_mesh.size()
+
+    def check_length(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        # DTensor's sequence sharding assumes equal shards: an uneven length would mismatch the collectives and hang
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is not None and ids.shape[1] % tp:
+            raise ValueError(f"sequence parallelism needs the sequence length to be a multiple of tensor_parallel_size={tp}, "
+                             f"got {ids.shape[1]}: pad batches to a multiple of it, or set strategy.sequence_parallel=false")
+
+    model.register_forward_pre_hook(check_length, with_kwargs=True)
