@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -33,6 +35,14 @@ def run_cli(script: str, *overrides: str, timeout: int = 300, env: dict[str, str
         [sys.executable, str(ROOT / script), *overrides],
         cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module, to call its functions in-process (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

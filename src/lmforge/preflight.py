@@ -135,11 +135,12 @@ def check_sequence_parallel(cfg: DictConfig, tp: int) -> None:
         raise ConfigError("strategy.sequence_parallel", f"needs data.block_size ({block}) to be a multiple of tensor_parallel_size={tp}",
                           f"set data.block_size to a multiple of {tp}, or strategy.sequence_parallel=false")
     stage = _class_name(cfg.get("stage") or {})
-    if stage in ("PPOStage", "GRPOStage") or (cfg.get("callbacks") or {}).get("samples"):
-        what = f"stage {stage} generates rollouts" if stage in ("PPOStage", "GRPOStage") else "callbacks.samples generates text"
-        raise ConfigError("strategy.sequence_parallel", f"{what} (one token at a time, not a multiple of the TP size)",
-                          "set callbacks.samples=null, or strategy.sequence_parallel=false" if "samples" in what
-                          else "use strategy.sequence_parallel=false for RL stages")
+    if stage in ("PPOStage", "GRPOStage"):
+        raise ConfigError("strategy.sequence_parallel", f"stage {stage} generates rollouts (one token at a time, not a multiple "
+                          "of the TP size)", "use strategy.sequence_parallel=false for RL stages")
+    if (cfg.get("callbacks") or {}).get("samples"):
+        raise ConfigError("strategy.sequence_parallel", "callbacks.samples generates text (one token at a time, not a multiple "
+                          "of the TP size)", "set callbacks.samples=null, or strategy.sequence_parallel=false")
 
 
 def preflight(cfg: DictConfig) -> None:

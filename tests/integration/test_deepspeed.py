@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_in_process
+from conftest import load_script, train_in_process
 
 from lmforge.checkpoint import load_checkpoint, model_state_dict
 from lmforge.errors import CheckpointError
@@ -126,15 +126,9 @@ def test_resume_from_a_zero3_checkpoint_is_exact(runs: dict[str, Path]) -> None:
 
 
 def test_consolidate_script_reads_a_zero_checkpoint(runs: dict[str, Path], tmp_path: Path) -> None:
-    import importlib.util
-
-    from conftest import ROOT
     from safetensors.torch import load_file
 
-    spec = importlib.util.spec_from_file_location("consolidate_checkpoint", ROOT / "scripts" / "consolidate_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out = module.consolidate(str(runs["zero2"] / "checkpoints" / "last.ckpt"), tmp_path / "model.safetensors")
+    out = load_script("consolidate_checkpoint").consolidate(str(runs["zero2"] / "checkpoints" / "last.ckpt"), tmp_path / "model.safetensors")
     plain = model_state_dict(load_checkpoint(runs["plain"] / "checkpoints" / "last.ckpt"))
     merged = load_file(out)
     assert merged.keys() == plain.keys()

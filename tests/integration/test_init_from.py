@@ -6,12 +6,11 @@ error formatting is covered by test_bad_input, and each subprocess would add ~5 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, train_in_process
+from conftest import load_script, train_in_process
 
 from lmforge.checkpoint import load_checkpoint, model_state_dict
 from lmforge.errors import CheckpointError
@@ -40,10 +39,7 @@ def frozen_run(cache_dir: Path, tmp_path: Path, init_from: Path) -> dict[str, to
 
 
 def convert_hf(*args: str) -> int:
-    spec = importlib.util.spec_from_file_location("convert_hf", ROOT / "scripts" / "convert_hf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(list(args))
+    return load_script("convert_hf").main(list(args))
 
 
 def test_init_from_lmforge_checkpoint_starts_from_its_weights(cache_dir, tmp_path, source):

@@ -6,23 +6,16 @@ import importlib.util
 import json
 import math
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import yaml
+from conftest import load_script
 
 from lmforge import scaling
 from lmforge.scaling_fit import fit_scaling_law, param_counts, tokens_seen
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # --- Chinchilla / Kaplan ---------------------------------------------------------------------------------
@@ -180,7 +173,7 @@ def test_param_counts_and_tokens() -> None:
 
 
 def test_fit_script_on_fake_ladder(tmp_path: Path) -> None:
-    fit_scaling = _script("fit_scaling")
+    fit_scaling = load_script("fit_scaling")
     for i, (layers, width, heads) in enumerate([(2, 64, 2), (3, 96, 4), (4, 128, 4), (4, 192, 6)]):
         model = LLAMA | {"n_layer": layers, "n_embd": width, "n_head": heads, "n_kv_head": heads // 2}
         n, _ = param_counts(model)
@@ -195,7 +188,7 @@ def test_fit_script_on_fake_ladder(tmp_path: Path) -> None:
 
 
 def test_scaling_laws_json(capsys: pytest.CaptureFixture[str]) -> None:
-    scaling_laws = _script("scaling_laws")
+    scaling_laws = load_script("scaling_laws")
     scaling_laws.main(["--params", "70e9", "--gpus", "64", "--gpu", "h100", "--mfu", "0.4", "--json"])
     out = json.loads(capsys.readouterr().out)
     for key in (
@@ -244,7 +237,7 @@ def test_scaling_ladder_composes() -> None:
 def test_fit_script_fits_l_nd_when_budgets_vary(tmp_path: Path) -> None:
     """A fake 3 sizes × 3 budgets ladder (what experiment=scaling_ladder_nd runs): auto picks L(N,D) and recovers
     the law the losses were made from; the plot draws one curve per budget."""
-    fit_scaling = _script("fit_scaling")
+    fit_scaling = load_script("fit_scaling")
     true = {"E": 2.0, "A": 40.0, "alpha": 0.3, "B": 300.0, "beta": 0.35}
     for i, (layers, width, heads) in enumerate([(2, 64, 2), (3, 96, 4), (4, 128, 4)]):
         model = LLAMA | {"n_layer": layers, "n_embd": width, "n_head": heads, "n_kv_head": heads // 2}

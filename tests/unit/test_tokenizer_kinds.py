@@ -170,14 +170,11 @@ def test_train_max_bytes_caps_the_training_text(texts, tmp_path: Path) -> None:
 
 
 def test_train_tokenizer_script_writes_an_hf_dir_and_report(tmp_path: Path, texts) -> None:
-    import importlib.util
-
+    from conftest import load_script
     from hydra import compose, initialize_config_dir
 
     root = Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("train_tokenizer_script", root / "scripts" / "train_tokenizer.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("train_tokenizer")
     for i, chunk in enumerate(texts["train"][0][i * 20_000 : (i + 1) * 20_000] for i in range(4)):
         (tmp_path / f"{i}.txt").write_text(chunk, encoding="utf-8")
     overrides = ["tokenizer=unigram", "tokenizer.vocab_size=600", "+tokenizer.special_tokens.im_start='<|im_start|>'",

@@ -15,6 +15,11 @@ def true_ndim(p: torch.Tensor) -> int:
     return len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
 
 
+def true_numel(p: torch.Tensor) -> int:
+    """Elements of the parameter as the model defines it (ZeRO-3: `ds_numel`, its placeholder has none)."""
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+
 def decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     decay, no_decay = [], []
     seen: set[int] = set()

@@ -113,11 +113,11 @@ def _shard_sequence_between(model: nn.Module, tp_mesh: Any) -> None:
     })
     tp = tp_mesh.size()
 
-    def check_length(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        # DTensor's sequence sharding assumes equal shards: an uneven length would mismatch the collectives and hang
-        ids = args[0] if args else kwargs.get("input_ids")
-        if ids is not None and ids.shape[1] % tp:
+    def check_length(module: nn.Module, args: tuple) -> None:
+        # on the embedding, which every path runs (forward, and hidden_states for reward/value heads): DTensor's
+        # sequence sharding assumes equal shards, and an uneven length would mismatch the collectives and hang
+        if args[0].shape[1] % tp:
             raise ValueError(f"sequence parallelism needs the sequence length to be a multiple of tensor_parallel_size={tp}, "
-                             f"got {ids.shape[1]}: pad batches to a multiple of it, or set strategy.sequence_parallel=false")
+                             f"got {args[0].shape[1]}: pad batches to a multiple of it, or set strategy.sequence_parallel=false")
 
-    model.register_forward_pre_hook(check_length, with_kwargs=True)
+    model.wte.register_forward_pre_hook(check_length)

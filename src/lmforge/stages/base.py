@@ -24,7 +24,7 @@ from lmforge.metrics import bits_per_byte, mean_loss, perplexity
 from lmforge.models import build
 from lmforge.objectives.base import LossOutput
 from lmforge.optim.grad_norm import clip_grads_, total_grad_norm
-from lmforge.optim.param_groups import decay_param_groups, muon_param_groups
+from lmforge.optim.param_groups import decay_param_groups, muon_param_groups, true_numel
 
 SCHEMA_VERSION = 1
 
@@ -126,8 +126,8 @@ class LMStage(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Log how much of the model trains (LoRA: ~1%): the first thing to check in a PEFT run."""
-        numel = [(getattr(p, "ds_numel", None) or p.numel(), p.requires_grad) for p in self.model.parameters()]  # ZeRO-3: ds_numel
-        trainable, total = sum(n for n, grad in numel if grad), sum(n for n, _ in numel)
+        trainable = sum(true_numel(p) for p in self.model.parameters() if p.requires_grad)
+        total = sum(true_numel(p) for p in self.model.parameters())
         stats = {"model/trainable_params": float(trainable), "model/trainable_pct": 100.0 * trainable / max(total, 1)}
         for logger in self.loggers:  # apply_peft already logged the same line for PEFT runs
             logger.log_metrics(stats, step=0)
