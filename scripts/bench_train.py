@@ -2,10 +2,12 @@
 
     python scripts/benchmark.py train-vs-hf                 # GPT 6 × 384, 6 heads, seq 256, batch 8, vocab 4096
     python scripts/benchmark.py train-vs-hf --compile       # + a torch.compile row for lmforge (its own row)
+    python scripts/benchmark.py train-vs-hf --full-logits   # + lmforge with objective.fused_loss=false (its own row)
     python scripts/benchmark.py lightning                   # bare loop vs lightning.Trainer, ms/step
 
 `train-vs-hf`: one training step = forward, loss, backward, AdamW step, zero_grad, on the same random batch,
-for lmforge's GPT (its CLM objective: fp32 cross-entropy over the 256 pre-shifted targets) and for
+for lmforge's GPT (its CLM objective as configured by default: fp32 cross-entropy over the 256 pre-shifted
+targets, computed by the chunked head + loss inside forward, `objective.fused_loss=true`) and for
 `transformers.GPT2LMHeadModel` with the same weights (`to_hf`, attn_implementation="sdpa", its default loss:
 `labels=input_ids`, shifted inside, 255 targets), in fp32 and under bf16 autocast (model weights fp32, as
 `precision=bf16-mixed` trains). Each side gets the optimizer its framework builds by default: lmforge's
@@ -119,6 +121,7 @@ def bench_vs_hf(args: argparse.Namespace) -> list[dict[str, Any]]:
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
     objective = CausalLM()
+    full_logits = CausalLM(fused_loss=False)
     opt_ours = lmforge_optimizer(ours)
     opt_hf = hf_optimizer(hf, opt_ours)
     compiled = None
@@ -128,10 +131,10 @@ def bench_vs_hf(args: argparse.Namespace) -> list[dict[str, Any]]:
         compiled.compile()
         opt_compiled = lmforge_optimizer(compiled)
 
-    def step_ours(model: nn.Module, opt: torch.optim.Optimizer, amp: bool) -> Callable[[], torch.Tensor]:
+    def step_ours(model: nn.Module, opt: torch.optim.Optimizer, amp: bool, obj: CausalLM = objective) -> Callable[[], torch.Tensor]:
         def step() -> torch.Tensor:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                loss = objective(model, batch).loss
+                loss = obj(model, batch).loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -155,6 +158,8 @@ def bench_vs_hf(args: argparse.Namespace) -> list[dict[str, Any]]:
         fns = {"lmforge": step_ours(ours, opt_ours, amp), "hf": step_hf(amp)}
         if compiled is not None:
             fns["lmforge-compiled"] = step_ours(compiled, opt_compiled, amp)
+        if args.full_logits:
+            fns["lmforge-full-logits"] = step_ours(ours, opt_ours, amp, full_logits)
         times = timed_rounds(fns, args.rounds, args.steps, args.warmup)
         med = {k: statistics.median(v) for k, v in times.items()}
         for name in [k for k in fns if k != "hf"]:
@@ -292,6 +297,7 @@ def parse(mode: str, argv: list[str]) -> argparse.Namespace:
     if mode == "train-vs-hf":
         p.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"], choices=["32-true", "bf16-mixed"])
         p.add_argument("--compile", action="store_true", help="add a torch.compile'd lmforge row")
+        p.add_argument("--full-logits", action="store_true", help="add an lmforge row with objective.fused_loss=false")
         p.add_argument("--rounds", type=int, default=3)
         p.add_argument("--steps", type=int, default=2, help="timed steps per contender per round")
         p.add_argument("--warmup", type=int, default=1)

@@ -74,6 +74,18 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = I
     return LossOutput(loss=nll_sum / n_tokens.clamp(min=1), nll_sum=nll_sum.detach(), n_tokens=n_tokens, targets=targets)
 
 
+def decoder_nll(
+    model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, ignore_index: int, fused: bool, **kwargs: torch.Tensor | None
+) -> LossOutput:
+    """A decoder's loss on `targets`: through forward's chunked head + cross-entropy where the model offers it
+    (`loss_in_forward`, never materialising the logits), else from full logits. Both give the same numbers."""
+    if fused and getattr(model, "loss_in_forward", False):
+        nll_sum = model(input_ids, targets=targets, ignore_index=ignore_index, **kwargs)
+        n_tokens = (targets != ignore_index).sum()
+        return LossOutput(loss=nll_sum / n_tokens.clamp(min=1), nll_sum=nll_sum.detach(), n_tokens=n_tokens, targets=targets)
+    return token_nll(model(input_ids, **kwargs), targets, ignore_index)
+
+
 def batch_generator(input_ids: torch.Tensor, salt: int) -> torch.Generator:
     """A generator seeded from the batch content: validation draws the same split every evaluation."""
     seed = int((input_ids.long() * torch.arange(1, input_ids.numel() + 1, device=input_ids.device).view_as(input_ids)).sum().item())

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lmforge.models.layers.masks import prefix_lm_mask
-from lmforge.objectives.base import IGNORE_INDEX, LossOutput, Objective, batch_generator, token_nll
+from lmforge.objectives.base import IGNORE_INDEX, LossOutput, Objective, batch_generator, decoder_nll
 
 
 class PrefixLM(Objective):
@@ -23,12 +23,13 @@ class PrefixLM(Objective):
     name = "prefix_lm"
     supported_kinds = ("decoder",)
 
-    def __init__(self, min_prefix: int = 1, max_prefix_fraction: float = 0.5, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(self, min_prefix: int = 1, max_prefix_fraction: float = 0.5, ignore_index: int = IGNORE_INDEX, fused_loss: bool = True) -> None:
         if min_prefix < 1:
             raise ValueError(f"objective.min_prefix must be >= 1, got {min_prefix}")
         if not 0.0 < max_prefix_fraction < 1.0:
             raise ValueError(f"objective.max_prefix_fraction must be in (0, 1), got {max_prefix_fraction}")
         self.min_prefix, self.max_prefix_fraction, self.ignore_index = min_prefix, max_prefix_fraction, ignore_index
+        self.fused_loss = fused_loss  # chunked head + cross-entropy in the model's forward (no full logits)
 
     def prefix_lengths(self, input_ids: torch.Tensor, targets: torch.Tensor, training: bool) -> torch.Tensor:
         """p per row, uniform in [min_prefix, max_prefix_fraction · n_real] (n_real excludes the val tail's padding)."""
@@ -46,7 +47,7 @@ class PrefixLM(Objective):
         if batch.get("attention_mask") is not None:  # padded keys stay hidden (diagonal kept: no empty rows)
             keys = batch["attention_mask"].bool()[:, None, None, :]
             mask = (mask & keys) | torch.eye(T, dtype=torch.bool, device=mask.device)
-        logits = model(input_ids, attention_mask=mask)
         # position t predicts token t+1; the first predicted token is token p, i.e. position p-1
         in_suffix = torch.arange(T, device=input_ids.device)[None, :] >= (p - 1)[:, None]
-        return token_nll(logits, targets.masked_fill(~in_suffix, self.ignore_index), self.ignore_index)
+        suffix_targets = targets.masked_fill(~in_suffix, self.ignore_index)
+        return decoder_nll(model, input_ids, suffix_targets, self.ignore_index, self.fused_loss, attention_mask=mask)

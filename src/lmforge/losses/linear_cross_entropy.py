@@ -1,0 +1,97 @@
+"""LM head + cross-entropy in row chunks, so the (tokens, vocab) logits are never materialised whole.
+
+Why: the logits are the largest activation of a small-width model (2048 tokens × 4096 vocab = 33.5 MB fp32
+here, 8K tokens × 128K vocab = 4 GB for a Llama-3 shape) and the plain path touches them five times
+(GEMM out, log_softmax, its saved output, a zero-filled grad, log_softmax backward). Chunked, each piece of
+logits stays in cache-sized reusable memory; the softmax gradient (p - onehot) is formed in the forward pass
+while the chunk is hot, and the backward pass only rescales the saved d(hidden) and d(weight) by the incoming
+scalar. On CPU, where glibc hands every > 32 MB block back to the OS, this also saves the page faults of
+re-allocating logits-sized buffers each step. Same idea as Liger-Kernel's fused linear cross-entropy and
+torchtune's chunked loss; the maths is the textbook softmax cross-entropy gradient.
+
+`linear_cross_entropy(hidden, head, targets)` falls back to `cross_entropy(head(hidden))` whenever the head
+is not a plain bias-free `nn.Linear` on ordinary tensors (LoRA-wrapped or quantised heads, tensor-parallel
+DTensors, DeepSpeed ZeRO-3 partitions that only its module hooks can gather), so it is always safe to call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fusable(head: nn.Module) -> bool:
+    """True where the chunked path computes exactly what `head(hidden)` would."""
+    if type(head) is not nn.Linear or head.bias is not None:
+        return False
+    weight = head.weight
+    return type(weight) in (nn.Parameter, torch.Tensor) and not hasattr(weight, "ds_id") and not weight.is_meta
+
+
+def chunk_rows(n_rows: int, vocab: int, width: int) -> int:
+    """Rows per chunk: each chunk's logits about as large as the hidden states (Liger's rule), a power of two."""
+    pieces = max(1, math.ceil(vocab / max(width, 1)))
+    return max(1, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n_rows / pieces))))))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed NLL of `targets` under softmax(hidden @ weightᵀ); gradients formed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, rows: int) -> torch.Tensor:
+        # autocast is active inside Function.forward: do the GEMMs in its dtype, everything softmax-side in fp32
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)  # softmax side: fp32, or fp64 for fp64 inputs
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+        total = torch.zeros((), dtype=acc, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, h.size(0), rows):
+                h_c, t_c = h[start : start + rows], targets[start : start + rows]
+                logprobs = torch.log_softmax((h_c @ w.t()).to(acc), dim=1)  # one fused pass (logsumexp is four)
+                valid = t_c != ignore_index
+                safe = torch.where(valid, t_c, 0).unsqueeze(1)
+                total -= logprobs.gather(1, safe).squeeze(1).masked_fill(~valid, 0.0).sum()
+                if not (need_h or need_w):
+                    continue
+                probs = logprobs.exp_()  # d(sum NLL)/d(logits) = p - onehot(target) on counted rows, 0 elsewhere
+                probs.scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=probs.dtype))
+                probs *= valid.unsqueeze(1)
+                g = probs.to(dtype)
+                if need_h:
+                    torch.mm(g, w, out=grad_h[start : start + rows])
+                if need_w:
+                    if dtype == acc:
+                        grad_w.addmm_(g.t(), h_c)
+                    else:  # accumulate across chunks in fp32, as autograd's accumulation of one big GEMM would
+                        grad_w += (g.t() @ h_c).to(acc)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        dh = None if grad_h is None else (grad_h * grad_out).to(ctx.dtypes[0])
+        dw = None if grad_w is None else (grad_w * grad_out).to(ctx.dtypes[1])
+        return dh, dw, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, ignore_index: int = -100, rows: int | None = None
+) -> torch.Tensor:
+    """Summed fp32 cross-entropy of `targets` (any shape, `ignore_index` = skip) under `head(hidden)`."""
+    flat_targets = targets.reshape(-1)
+    if not fusable(head):  # the head sees `hidden` in its own shape: tensor/sequence-parallel plans expect (B, T, d)
+        logits = head(hidden)
+        logits = logits.reshape(-1, logits.size(-1))
+        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), flat_targets, ignore_index=ignore_index, reduction="sum")
+    flat = hidden.reshape(-1, hidden.size(-1))
+    rows = rows or chunk_rows(flat.size(0), head.weight.size(0), flat.size(1))
+    return _LinearCrossEntropy.apply(flat, head.weight, flat_targets, ignore_index, rows)

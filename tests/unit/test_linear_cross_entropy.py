@@ -1,0 +1,148 @@
+"""The chunked LM head + cross-entropy equals `F.cross_entropy(head(h))`: value and gradients, every path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.losses.linear_cross_entropy import chunk_rows, fusable, linear_cross_entropy
+from lmforge.models import build
+from lmforge.objectives.clm import CausalLM
+from lmforge.objectives.prefix_lm import PrefixLM
+from lmforge.peft.lora import LoraSettings, apply_lora
+
+
+def reference(h: torch.Tensor, head: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).reshape(-1, head.out_features), t.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def grads(loss: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return torch.autograd.grad(loss, xs)
+
+
+def case(dtype: torch.dtype, n: int = 37, d: int = 16, v: int = 50) -> tuple[torch.Tensor, nn.Linear, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_()
+    head = nn.Linear(d, v, bias=False).to(dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(v, d, generator=g, dtype=dtype))
+    t = torch.randint(0, v, (n,), generator=g)
+    t[[3, 7, 20]] = -100  # ignored rows get no loss and no gradient
+    return h, head, t
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 64])  # chunk edges: one row, ragged last chunk, one chunk
+def test_equals_reference_fp64_exactly(rows: int) -> None:
+    h, head, t = case(torch.float64)
+    ref = reference(h, head, t)
+    out = linear_cross_entropy(h, head, t, rows=rows)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    for a, b in zip(grads(3.5 * out, h, head.weight), grads(3.5 * ref, h, head.weight), strict=True):  # scaled upstream grad
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_equals_reference_fp32_batched_targets() -> None:
+    h, head, t = case(torch.float32, n=48)
+    h3, t3 = h.view(4, 12, 16), t.view(4, 12)
+    out, ref = linear_cross_entropy(h3, head, t3, rows=16), reference(h3, head, t3)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-6)
+    for a, b in zip(grads(out, h, head.weight), grads(ref, h, head.weight), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_no_grad_gives_the_loss_only() -> None:
+    h, head, t = case(torch.float32)
+    with torch.no_grad():
+        out = linear_cross_entropy(h, head, t, rows=8)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, reference(h, head, t).detach(), atol=1e-4, rtol=1e-6)
+
+
+def test_bf16_autocast_tracks_fp32() -> None:
+    h, head, t = case(torch.float32, n=64, d=32, v=96)
+    ref = reference(h, head, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_cross_entropy(h, head, t, rows=16)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=0)
+    gh, gw = grads(out, h, head.weight)
+    assert gh.dtype == gw.dtype == torch.float32
+    rh, rw = grads(ref, h, head.weight)
+    assert torch.nn.functional.cosine_similarity(gw.flatten(), rw.flatten(), dim=0) > 0.999
+
+
+def test_all_ignored_is_zero_with_zero_grads() -> None:
+    h, head, t = case(torch.float32)
+    out = linear_cross_entropy(h, head, torch.full_like(t, -100), rows=8)
+    assert out.item() == 0.0
+    assert all(g.abs().max() == 0 for g in grads(out, h, head.weight))
+
+
+def test_unfusable_heads_fall_back_to_the_module_call() -> None:
+    h, head, t = case(torch.float32)
+    with_bias = nn.Linear(16, 50)
+    assert fusable(head) and not fusable(with_bias)
+    torch.testing.assert_close(linear_cross_entropy(h, with_bias, t), reference(h, with_bias, t))
+
+
+def test_chunk_rows_keeps_chunk_logits_near_hidden_size() -> None:
+    assert chunk_rows(2048, 4096, 384) == 256  # 11 pieces -> 187 rows -> next power of two
+    assert chunk_rows(2048, 100, 384) == 2048  # head narrower than the width: one chunk
+    assert chunk_rows(1, 128_256, 2048) == 1
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama", "mixtral"])
+def test_objective_fused_equals_full_logits(family: str) -> None:
+    """CLM through forward(targets=) gives the logits path's loss and every parameter's gradient (tied head too)."""
+    torch.manual_seed(0)
+    cfg = {"family": family, "vocab_size": 97, "n_layer": 2, "n_head": 4, "n_embd": 32, "max_seq_len": 32}
+    if family != "gpt":
+        cfg |= {"n_kv_head": 2, "intermediate_size": 48}
+    if family == "mixtral":
+        cfg |= {"n_expert": 4, "n_expert_per_token": 2}
+    model = build(cfg)
+    ids = torch.randint(0, 97, (3, 17))
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:].clone()}
+    batch["targets"][2, 10:] = -100
+    outs = []
+    for fused in (True, False):
+        out = CausalLM(fused_loss=fused)(model, batch)
+        out.loss.backward()
+        outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    (a, ga), (b, gb) = outs
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.nll_sum, b.nll_sum, atol=1e-4, rtol=0)
+    assert a.n_tokens == b.n_tokens == 3 * 16 - 6
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_prefix_lm_fused_equals_full_logits() -> None:
+    torch.manual_seed(0)
+    model = build({"family": "llama", "vocab_size": 61, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "n_embd": 16, "max_seq_len": 16})
+    ids = torch.randint(0, 61, (2, 13))
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
+    torch.manual_seed(1)
+    fused = PrefixLM(fused_loss=True)(model, batch)
+    torch.manual_seed(1)  # same random prefix lengths
+    plain = PrefixLM(fused_loss=False)(model, batch)
+    torch.testing.assert_close(fused.loss, plain.loss, atol=1e-5, rtol=0)
+    assert fused.n_tokens == plain.n_tokens
+
+
+def test_lora_on_the_head_takes_the_module_path() -> None:
+    """A LoRA-wrapped head is not a plain Linear: the loss must include its low-rank delta."""
+    torch.manual_seed(0)
+    model = build({"family": "gpt", "vocab_size": 53, "n_layer": 1, "n_head": 2, "n_embd": 16, "max_seq_len": 16, "tie_embeddings": False})
+    apply_lora(model, LoraSettings(r=4, alpha=8.0, target_modules=("lm_head",)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.normal_()  # a non-zero delta, so skipping it would show
+    assert not fusable(model.lm_head)
+    ids = torch.randint(0, 53, (2, 9))
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
+    torch.testing.assert_close(CausalLM(fused_loss=True)(model, batch).loss, CausalLM(fused_loss=False)(model, batch).loss)
