@@ -7,6 +7,7 @@
     python scripts/benchmark.py generate                # decode tokens/s vs HF generate, speculative speed-up
     python scripts/benchmark.py train-vs-hf             # training step vs HF GPT2LMHeadModel, fp32 + bf16 autocast
     python scripts/benchmark.py lightning               # bare PyTorch loop vs lightning.Trainer, ms/step
+    python scripts/benchmark.py head-loss               # chunked head + cross-entropy vs full logits: peak memory, ms
     python scripts/benchmark.py matrix --strategies auto fsdp:2 --act-ckpt 0 1   # train.py runs over a grid
 
 Performance targets live here, not in timed tests. Results are printed as a table and appended to
@@ -142,6 +143,11 @@ def main() -> None:
         from bench_matrix import main as bench_matrix
 
         bench_matrix(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["head-loss"]:  # scripts/bench_head_loss.py
+        from bench_head_loss import main as bench_head_loss
+
+        bench_head_loss(sys.argv[2:])
         return
     if sys.argv[1:2] in (["train-vs-hf"], ["lightning"]):  # scripts/bench_train.py
         from bench_train import main as bench_train

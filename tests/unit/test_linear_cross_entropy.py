@@ -88,9 +88,10 @@ def test_unfusable_heads_fall_back_to_the_module_call() -> None:
 
 
 def test_chunk_rows_keeps_chunk_logits_near_hidden_size() -> None:
-    assert chunk_rows(2048, 4096, 384) == 256  # 11 pieces -> 187 rows -> next power of two
+    assert chunk_rows(8192, 4096, 384) == 1024  # 11 pieces -> 745 rows -> next power of two
     assert chunk_rows(2048, 100, 384) == 2048  # head narrower than the width: one chunk
-    assert chunk_rows(1, 128_256, 2048) == 1
+    assert chunk_rows(4096, 32000, 256) == 256  # 64 by the size rule, floored for GEMM efficiency
+    assert chunk_rows(1, 128_256, 2048) == 256
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama", "mixtral"])

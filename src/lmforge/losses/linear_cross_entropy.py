@@ -32,10 +32,15 @@ def fusable(head: nn.Module) -> bool:
     return type(weight) in (nn.Parameter, torch.Tensor) and not hasattr(weight, "ds_id") and not weight.is_meta
 
 
+MIN_CHUNK_ROWS = 256  # below this the chunk GEMMs lose more than the smaller logits save (CPU, V=32000: 64 rows 3.2 s, 256 rows 1.9 s)
+
+
 def chunk_rows(n_rows: int, vocab: int, width: int) -> int:
-    """Rows per chunk: each chunk's logits about as large as the hidden states (Liger's rule), a power of two."""
+    """Rows per chunk: each chunk's logits about as large as the hidden states (Liger's rule), a power of two,
+    but at least MIN_CHUNK_ROWS so the GEMMs stay efficient."""
     pieces = max(1, math.ceil(vocab / max(width, 1)))
-    return max(1, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n_rows / pieces))))))
+    rows = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n_rows / pieces)))))
+    return max(rows, MIN_CHUNK_ROWS)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
-from lmforge.losses.linear_cross_entropy import linear_cross_entropy
 from lmforge.models.config import GPTConfig
+from lmforge.models.decoder_lm import DecoderLM
 from lmforge.models.layers.alibi import alibi_attention_mask, alibi_slopes
 from lmforge.models.layers.attention import CausalSelfAttention, causal_padding_mask
 from lmforge.models.layers.kv_cache import KVCache
@@ -45,11 +45,9 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(DecoderLM):
     """Decoder-only transformer. `forward(input_ids, attention_mask=None, position_ids=None, cache=None)
     -> logits (B, T, vocab)`."""
-
-    loss_in_forward = True  # forward(..., targets=) returns the summed NLL (objectives/base.py:decoder_nll)
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -84,25 +82,6 @@ class GPT(nn.Module):
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        targets: torch.Tensor | None = None,
-        ignore_index: int = -100,
-    ) -> torch.Tensor:
-        """`attention_mask`: (B, T) padding or (B, 1, T, T) boolean mask; with a `cache` holding `past` tokens
-        a padding mask covers all past + T keys. `position_ids` default to past .. past + T - 1.
-
-        With `targets` (B, T) the result is the summed fp32 cross-entropy instead of logits, computed by the
-        chunked head + loss of `losses/linear_cross_entropy.py` inside forward (so FSDP/DeepSpeed hooks see it)."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
-        if targets is None:
-            return self.lm_head(hidden)
-        return linear_cross_entropy(hidden, self.lm_head, targets, ignore_index)
 
     def hidden_states(
         self,

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
-from lmforge.losses.linear_cross_entropy import linear_cross_entropy
 from lmforge.models.config import FamilyConfig, check_attn_backend, require_choice, require_positive_ints
+from lmforge.models.decoder_lm import DecoderLM
 from lmforge.models.layers.alibi import alibi_attention_mask, alibi_slopes
 from lmforge.models.layers.gqa import GroupedQueryAttention
 from lmforge.models.layers.kv_cache import KVCache
@@ -125,11 +125,9 @@ class LlamaBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class Llama(nn.Module):
+class Llama(DecoderLM):
     """Decoder-only transformer. `forward(input_ids, attention_mask=None, position_ids=None, cache=None)
     -> logits (B, T, V)`."""
-
-    loss_in_forward = True  # forward(..., targets=) returns the summed NLL (objectives/base.py:decoder_nll)
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -208,25 +206,6 @@ class Llama(nn.Module):
             return cos[:, start:end], sin[:, start:end]
         ids = position_ids if position_ids.dim() == 2 else position_ids[None]
         return cos[0][ids], sin[0][ids]
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        targets: torch.Tensor | None = None,
-        ignore_index: int = -100,
-    ) -> torch.Tensor:
-        """`attention_mask`: (B, T) padding or (B, 1, T, T) boolean mask; with a `cache` holding `past` tokens
-        a padding mask covers all past + T keys. `position_ids` default to past .. past + T - 1.
-
-        With `targets` (B, T) the result is the summed fp32 cross-entropy instead of logits, computed by the
-        chunked head + loss of `losses/linear_cross_entropy.py` inside forward (so FSDP/DeepSpeed hooks see it)."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
-        if targets is None:
-            return self.lm_head(hidden)
-        return linear_cross_entropy(hidden, self.lm_head, targets, ignore_index)
 
     def hidden_states(
         self,
