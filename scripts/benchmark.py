@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from lmforge.flops import device_peak_flops, model_flops_per_token  # noqa: E402
 from lmforge.models import build  # noqa: E402
+from lmforge.objectives.clm import CausalLM  # noqa: E402
 from lmforge.precision import resolve_precision  # noqa: E402
 from lmforge.utils.bench_report import append_results, print_rows  # noqa: E402
 
@@ -57,14 +58,15 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     precision = resolve_precision(args.precision, "gpu" if device.type == "cuda" else "cpu")
     amp = str(precision).startswith("bf16")
     x = torch.randint(0, args.vocab, (args.batch, args.block + 1), device=device)
+    batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
+    objective = CausalLM(fused_loss=not args.full_logits)
     times = []
     for step in range(args.warmup + args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            loss = objective(model, batch).loss  # as train.py's clm: chunked head + fp32 loss unless --full-logits
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -78,7 +80,7 @@ def bench(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     peak = args.peak_flops or device_peak_flops(device)
     return {
         "model": name, "params_m": round(model.num_params() / 1e6, 2), "batch": args.batch, "block": args.block,
-        "vocab": args.vocab, "precision": str(precision), "compile": args.compile, "device": str(device),
+        "vocab": args.vocab, "precision": str(precision), "compile": args.compile, "full_logits": args.full_logits, "device": str(device),
         "step_s": round(dt, 4), "tokens_per_sec": round(tokens / dt), "tflops": round(flops / 1e12, 3),
         "mfu": round(flops / peak, 4) if peak else None,
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
@@ -161,6 +163,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--precision", default="auto", help="auto | 32-true | bf16-mixed")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--full-logits", action="store_true", help="loss from full logits (objective.fused_loss=false)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

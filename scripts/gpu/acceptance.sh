@@ -24,4 +24,6 @@ timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/integration/test_
 bench() { timeout 120 python3 scripts/benchmark.py --precision bf16-mixed --compile --steps 20 "$@" 2>&1 | tail -8; }
 { bench --models gpt2 --block 1024 --batch 16 --vocab 50304
   bench --models llama-1b --block 2048 --batch 4 --vocab 32000; } | tee "$OUT/mfu.txt"
+# 3. Chunked head + loss vs full logits on CUDA (peak allocated memory, fwd+bwd ms), vocab 32000 and 128256.
+timeout 300 python3 scripts/benchmark.py head-loss --device cuda --out "$OUT/head-loss" 2>&1 | tail -12 | tee "$OUT/head-loss.txt"
 cp logs/benchmark/results.jsonl "$OUT/results.jsonl" 2>/dev/null || true
