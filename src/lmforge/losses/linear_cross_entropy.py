@@ -39,8 +39,8 @@ def chunk_rows(n_rows: int, vocab: int, width: int) -> int:
     """Rows per chunk: each chunk's logits about as large as the hidden states (Liger's rule), a power of two,
     but at least MIN_CHUNK_ROWS so the GEMMs stay efficient."""
     pieces = max(1, math.ceil(vocab / max(width, 1)))
-    rows = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n_rows / pieces)))))
-    return max(rows, MIN_CHUNK_ROWS)
+    rows = max(1, math.ceil(n_rows / pieces))
+    return max(1 << (rows - 1).bit_length(), MIN_CHUNK_ROWS)  # next power of two
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from lmforge.metrics import mean_loss
+
 if TYPE_CHECKING:
     from lmforge.data.tokenizer import Tokenizer
 
@@ -70,8 +72,13 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = I
     nll_sum = torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index, reduction="sum"
     )
+    return nll_output(nll_sum, targets, ignore_index)
+
+
+def nll_output(nll_sum: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> LossOutput:
+    """LossOutput from a summed NLL: the mean over counted targets for backward, the counts for metrics."""
     n_tokens = (targets != ignore_index).sum()
-    return LossOutput(loss=nll_sum / n_tokens.clamp(min=1), nll_sum=nll_sum.detach(), n_tokens=n_tokens, targets=targets)
+    return LossOutput(loss=mean_loss(nll_sum, n_tokens), nll_sum=nll_sum.detach(), n_tokens=n_tokens, targets=targets)
 
 
 def decoder_nll(
@@ -80,9 +87,7 @@ def decoder_nll(
     """A decoder's loss on `targets`: through forward's chunked head + cross-entropy where the model offers it
     (`loss_in_forward`, never materialising the logits), else from full logits. Both give the same numbers."""
     if fused and getattr(model, "loss_in_forward", False):
-        nll_sum = model(input_ids, targets=targets, ignore_index=ignore_index, **kwargs)
-        n_tokens = (targets != ignore_index).sum()
-        return LossOutput(loss=nll_sum / n_tokens.clamp(min=1), nll_sum=nll_sum.detach(), n_tokens=n_tokens, targets=targets)
+        return nll_output(model(input_ids, targets=targets, ignore_index=ignore_index, **kwargs), targets, ignore_index)
     return token_nll(model(input_ids, **kwargs), targets, ignore_index)
 
 
