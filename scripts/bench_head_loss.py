@@ -2,11 +2,16 @@
 
     python scripts/benchmark.py head-loss                              # Llama 2 × 256, vocab 32000 and 128256
     python scripts/benchmark.py head-loss --vocabs 32000 --batch 8 --seq 512
+    python scripts/benchmark.py head-loss --tp 2                       # tensor parallel: loss_parallel on vs off
 
 For each vocabulary, each variant runs in its own child process (so peak memory is that variant's alone):
 a 2-layer Llama (width 256, GQA 4/2) takes a CLM forward + backward on one random batch; reported are the
 median wall time of 3 steps after one warm-up, the peak memory the first step added (CPU: peak RSS growth;
 CUDA: peak allocated), and the loss (equal across variants). Writes logs/benchmark/head-loss.{json,md}.
+
+With `--tp N` the variants are instead `strategy.loss_parallel` on (vocab-parallel head, loss on the logit
+shards) and off (replicated head, chunked loss on every rank): each child spawns N ranks (gloo on CPU, one
+thread each; NCCL on N GPUs) that tensor-parallelise the same model; peak memory is the largest rank's.
 """
 
 from __future__ import annotations
@@ -26,15 +31,23 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(fused: bool, vocab: int, batch: int, seq: int, device: str) -> dict[str, Any]:
-    """One variant, in this process: peak memory of the first step, then the median of 3 timed steps."""
+def measure(fused: bool, vocab: int, batch: int, seq: int, device: str, tp_mesh: Any = None) -> dict[str, Any]:
+    """One variant, in this process: peak memory of the first step, then the median of 3 timed steps.
+    With `tp_mesh`, the model is tensor-parallel over it and `fused` means loss parallelism on."""
     from lmforge.models import build
     from lmforge.objectives.clm import CausalLM
 
     torch.manual_seed(0)
     model = build({"family": "llama", "vocab_size": vocab, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 256,
                    "intermediate_size": 688, "max_seq_len": seq}).to(device)
-    x = torch.randint(0, vocab, (batch, seq + 1), device=device)
+    variant = "chunked (fused_loss)" if fused else "full logits"
+    if tp_mesh is not None:
+        from lmforge.parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, tp_mesh, loss_parallel=fused)
+        variant = f"tp{tp_mesh.size()} " + ("loss_parallel (vocab-sharded head)" if fused else "replicated head (chunked loss)")
+        fused = True
+    x = torch.randint(0, vocab, (batch, seq + 1), device=device, generator=torch.Generator(device).manual_seed(1))
     batch_ = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
     objective = CausalLM(fused_loss=fused)
     cuda = device.startswith("cuda")
@@ -54,9 +67,47 @@ def measure(fused: bool, vocab: int, batch: int, seq: int, device: str) -> dict[
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return {"bench": "head-loss", "variant": "chunked (fused_loss)" if fused else "full logits", "vocab": vocab,
+    return {"bench": "head-loss", "variant": variant, "vocab": vocab,
             "tokens": batch * seq, "logits_fp32_mib": round(batch * seq * vocab * 4 / 2**20), "peak_mib": round(peak / 2**20),
             "fwd_bwd_ms": round(1e3 * statistics.median(times)), "loss": round(loss.item(), 6), "device": device}
+
+
+def _tp_rank(rank: int, world: int, port: int, args: tuple, queue: Any) -> None:
+    """One tensor-parallel rank of `measure` (a `torch.multiprocessing.spawn` target)."""
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    fused, vocab, batch, seq, device = args
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
+    try:
+        row = measure(fused, vocab, batch, seq, device, init_device_mesh(device.split(":")[0], (world,)))
+        queue.put((rank, row))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_tp(fused: bool, vocab: int, batch: int, seq: int, device: str, world: int) -> dict[str, Any]:
+    """`measure` on `world` tensor-parallel ranks; rank 0's row with the largest rank's peak memory."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_tp_rank, args=(world, port, (fused, vocab, batch, seq, device), queue), nprocs=world, join=True)
+    rows = dict(queue.get() for _ in range(world))
+    return {**rows[0], "peak_mib": max(r["peak_mib"] for r in rows.values()), "ranks": world}
 
 
 def main(argv: list[str]) -> list[dict[str, Any]]:
@@ -67,17 +118,22 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=ROOT / "logs" / "benchmark" / "head-loss")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: compare loss_parallel on/off (needs TP GPUs on CUDA)")
+    p.add_argument("--out", type=Path, default=None, help="default logs/benchmark/head-loss (head-loss-tpN with --tp N)")
     p.add_argument("--child", nargs=2, metavar=("FUSED", "VOCAB"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:  # one measurement, printed as JSON for the parent
-        print(json.dumps(measure(args.child[0] == "1", int(args.child[1]), args.batch, args.seq, args.device)))
+        fused, vocab = args.child[0] == "1", int(args.child[1])
+        row = (measure_tp(fused, vocab, args.batch, args.seq, args.device, args.tp) if args.tp > 1
+               else measure(fused, vocab, args.batch, args.seq, args.device))
+        print(json.dumps(row))
         return []
+    args.out = args.out or ROOT / "logs" / "benchmark" / ("head-loss" if args.tp == 1 else f"head-loss-tp{args.tp}")
     rows = []
     for vocab in args.vocabs:
         for fused in (True, False):
             cmd = [sys.executable, str(Path(__file__).with_name("benchmark.py")), "head-loss", "--child", str(int(fused)), str(vocab),
-                   "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device]
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--tp", str(args.tp)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)

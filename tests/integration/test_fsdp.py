@@ -4,7 +4,8 @@ the classic Hydra + DDP pain: one run dir, one metrics CSV with each step once, 
 
 DDP and `fsdp_tp` with sequence parallelism (TP 2 x DP 1: both ranks see the whole batch) run the same comparison.
 Cost: four `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, then a resume of the fsdp run from its
-step-3 checkpoint) and one in-process single-process run, all 6 steps of a 2-layer, 64-wide Llama on bytes in fp32.
+step-3 checkpoint) and one in-process single-process run, all 6 steps of a 2-layer, 64-wide Llama (untied head, so
+TP shards it over the vocabulary) on bytes in fp32.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ MICRO_BATCH, STEPS = 4, 6
 
 def overrides(cache_dir: Path, logs: Path) -> list[str]:
     return ["debug=fast", "tokenizer=byte", "model=llama-tiny", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
-            "model.n_kv_head=2", "trainer.precision=32-true", f"trainer.max_steps={STEPS}", "trainer.val_check_interval=1000",
+            "model.n_kv_head=2", "model.tie_embeddings=false", "trainer.precision=32-true", f"trainer.max_steps={STEPS}", "trainer.val_check_interval=1000",
             "trainer.deterministic=true", "seed=3", "validate_full_at_end=true", "trainer.limit_val_batches=2",
             "callbacks.checkpoint.every_n_train_steps=3", "callbacks.checkpoint.monitor=null",
             "callbacks.periodic.every_n_train_steps=3", "callbacks.periodic.save_top_k=2", "callbacks.progress_bar=null",
@@ -81,6 +82,14 @@ def test_checkpoint_is_sharded_across_both_ranks(runs: dict[str, Path]) -> None:
     chunks = meta["state_dict.model.blocks.0.attn.q_proj.weight"].chunks
     assert sorted(c.offsets[0] for c in chunks) == [0, 32]  # 64 rows: rank 0 holds 0..31, rank 1 holds 32..63
     assert not list(last.parent.glob("*.partial")) and not list(last.parent.glob("*.old"))  # swaps finished
+
+
+def test_tensor_parallel_run_shards_the_lm_head_over_the_vocabulary(runs: dict[str, Path]) -> None:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(runs["tp_sp"] / "checkpoints" / "last.ckpt")).read_metadata().state_dict_metadata
+    head = meta["state_dict.model.lm_head.weight"]  # loss parallelism (strategy.loss_parallel, on by default)
+    assert sorted(c.offsets[0] for c in head.chunks) == [0, -(-head.size[0] // 2)]
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp", "tp_sp"])

@@ -1,5 +1,6 @@
 """Sharding building blocks, checked against the unsharded model on two CPU ranks (gloo, one spawn for all):
-the tensor-parallel plan (with and without sequence parallelism) gives the same logits and gradients, meta-device
+the tensor-parallel plan (with and without sequence parallelism) gives the same logits and gradients, the
+vocab-parallel LM head's sharded loss (loss parallelism) the same CLM loss and gradients, meta-device
 init under FSDP gives the weights of a plain build, the mixed-precision policy computes in bf16 over fp32 shards, and the DTensor-aware gradient
 norm equals the plain one."""
 
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 
 from lmforge.errors import ConfigError
 from lmforge.models import build
+from lmforge.objectives.clm import CausalLM
 from lmforge.optim.grad_norm import clip_grads_, total_grad_norm
 from lmforge.parallel import apply_tensor_parallel, build_on_meta, materialize_and_init
 
@@ -104,6 +106,54 @@ def _worker(rank: int, port: int, results: dict) -> None:
                     results[(rank, family, "odd")] = "ran"
                 except ValueError as err:
                     results[(rank, family, "odd")] = str(err)
+        # loss parallelism: the head holds half the vocabulary rows per rank (97 -> 49 + 48) and the CLM loss runs
+        # chunked on those rows (all-reduced softmax statistics); same loss and gradients as the whole model, with
+        # several chunks, through the gathered logits (fused_loss=false) and through torch's loss_parallel on the
+        # head's sharded logits; a tied head stays replicated and tied
+        import lmforge.losses.linear_cross_entropy as lce
+        from lmforge.losses.vocab_parallel_cross_entropy import vocab_parallel_cross_entropy
+
+        targets = tokens.roll(-1, dims=1)
+        targets[0, :3] = -100  # ignored targets on both sides
+        batch = {"input_ids": tokens, "targets": targets}
+        sharded_calls: list[int] = []
+        real = lce._sharded_softmax
+        lce._sharded_softmax = lambda *a: sharded_calls.append(1) or real(*a)
+
+        def fused_rows_5(model: torch.nn.Module) -> torch.Tensor:
+            return lce.linear_cross_entropy(model.hidden_states(tokens), model.lm_head, targets, rows=5) / 21
+
+        def torch_loss_parallel(model: torch.nn.Module) -> torch.Tensor:
+            logits = model.lm_head(model.hidden_states(tokens))
+            if hasattr(logits, "placements"):
+                return vocab_parallel_cross_entropy(logits.reshape(-1, 97), targets.reshape(-1)) / 21
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, 97), targets.reshape(-1), reduction="sum") / 21
+
+        losses = {"clm": lambda m: CausalLM()(m, batch).loss, "rows5": fused_rows_5,
+                  "full_logits": lambda m: CausalLM(fused_loss=False)(m, batch).loss, "loss_parallel": torch_loss_parallel}
+        for name, overrides, sp, how in (("untied", {}, False, "clm"), ("untied", {}, True, "clm"), ("untied", {}, False, "rows5"),
+                                         ("untied", {}, False, "full_logits"), ("untied", {}, False, "loss_parallel"),
+                                         ("tied", {"tie_embeddings": True}, False, "clm")):
+            torch.manual_seed(0)
+            reference, sharded = build({**tiny("llama"), **overrides}), build({**tiny("llama"), **overrides})
+            sharded.load_state_dict(reference.state_dict())
+            mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+            apply_tensor_parallel(sharded, mesh["tensor_parallel"], sequence_parallel=sp)
+            if how in ("clm", "full_logits"):  # the others call hidden_states, past FSDP's root hook: TP only
+                apply_fsdp(sharded, mesh["data_parallel"])
+            rows = sharded.lm_head.weight.to_local().shape[0]  # this rank's vocabulary rows (FSDP over 1 rank keeps all)
+            sharded_calls.clear()
+            ref_loss, loss = CausalLM()(reference, batch).loss, losses[how](sharded)
+            ref_loss.backward()
+            loss.backward()
+            worst_grad = 0.0
+            for p, q in zip(reference.parameters(), sharded.parameters()):
+                full = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
+                worst_grad = max(worst_grad, (full - p.grad).abs().max().item())
+            tied = sharded.lm_head.weight is sharded.wte.weight
+            results[(rank, "loss_parallel", name, sp, how)] = (abs(loss.item() - ref_loss.item()), worst_grad, rows, tied,
+                                                               type(loss).__name__, len(sharded_calls))
+        lce._sharded_softmax = real
         # meta-device init under FSDP over 2 ranks: each rank allocates half, the full weights equal a plain build
         torch.manual_seed(5)
         plain = build(tiny("gpt"))
@@ -136,6 +186,12 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
                 logits, grads, norm = results[(rank, family, sp)]
                 assert logits < 1e-5 and grads < 1e-5 and norm < 1e-5, (family, sp, rank, logits, grads, norm)
             assert "multiple of tensor_parallel_size=2, got 7" in results[(rank, family, "odd")]
+        for name, sp, how, chunks in (("untied", False, "clm", 1), ("untied", True, "clm", 1), ("untied", False, "rows5", 5),
+                                      ("untied", False, "full_logits", 0), ("untied", False, "loss_parallel", 0), ("tied", False, "clm", 0)):
+            loss, grads, rows, tied, kind, on_shards = results[(rank, "loss_parallel", name, sp, how)]
+            assert loss < 1e-5 and grads < 1e-5 and kind == "Tensor", (name, sp, how, rank, loss, grads, kind)
+            expected = ((49, 48)[rank], False) if name == "untied" else (97, True)  # tied: replicated head
+            assert (rows, tied, on_shards) == (*expected, chunks), (name, how, rows, tied, on_shards)
         worst, local_rows = results[(rank, "meta_fsdp")]
         assert worst == 0.0 and local_rows == 48  # qkv: 96 rows, 48 per rank
         assert results[(rank, "mixed")] == (torch.bfloat16, torch.float32, torch.float32)

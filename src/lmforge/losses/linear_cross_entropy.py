@@ -12,6 +12,9 @@ torchtune's chunked loss; the maths is the textbook softmax cross-entropy gradie
 `linear_cross_entropy(hidden, head, targets)` falls back to `cross_entropy(head(hidden))` whenever the head
 is not a plain bias-free `nn.Linear` on ordinary tensors (LoRA-wrapped or quantised heads, tensor-parallel
 DTensors, DeepSpeed ZeRO-3 partitions that only its module hooks can gather), so it is always safe to call.
+A vocab-parallel (tensor-parallel) head runs the same chunks on each rank's V/tp rows, all-reducing two
+per-row statistics per chunk (Megatron's vocab-parallel cross-entropy, chunked); other heads whose logits come
+out vocab-sharded go through torch's `loss_parallel` (`vocab_parallel_cross_entropy`). Neither gathers logits.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmforge.losses.vocab_parallel_cross_entropy import is_vocab_sharded, vocab_parallel_cross_entropy
 
 
 def fusable(head: nn.Module) -> bool:
@@ -47,7 +52,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Summed NLL of `targets` under softmax(hidden @ weightᵀ); gradients formed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, rows: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, rows: int,
+        group: Any = None, vocab_offset: int = 0,
+    ) -> torch.Tensor:
+        """`group`/`vocab_offset`: `weight` holds vocabulary rows [offset, offset + rows) of a head sharded over
+        the tensor-parallel `group`; softmax statistics are all-reduced per chunk, d(hidden) once at the end."""
         # autocast is active inside Function.forward: do the GEMMs in its dtype, everything softmax-side in fp32
         dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
         h, w = hidden.to(dtype), weight.to(dtype)
@@ -59,14 +69,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.size(0), rows):
                 h_c, t_c = h[start : start + rows], targets[start : start + rows]
-                logprobs = torch.log_softmax((h_c @ w.t()).to(acc), dim=1)  # one fused pass (logsumexp is four)
                 valid = t_c != ignore_index
-                safe = torch.where(valid, t_c, 0).unsqueeze(1)
-                total -= logprobs.gather(1, safe).squeeze(1).masked_fill(~valid, 0.0).sum()
+                if group is None:
+                    logprobs = torch.log_softmax((h_c @ w.t()).to(acc), dim=1)  # one fused pass (logsumexp is four)
+                    hit, safe = valid, torch.where(valid, t_c, 0).unsqueeze(1)
+                    total -= logprobs.gather(1, safe).squeeze(1).masked_fill(~valid, 0.0).sum()
+                    probs = logprobs.exp_() if need_h or need_w else logprobs
+                else:
+                    probs, hit, safe, nll = _sharded_softmax((h_c @ w.t()).to(acc), t_c, valid, vocab_offset, group)
+                    total += nll
                 if not (need_h or need_w):
                     continue
-                probs = logprobs.exp_()  # d(sum NLL)/d(logits) = p - onehot(target) on counted rows, 0 elsewhere
-                probs.scatter_add_(1, safe, torch.full_like(safe, -1.0, dtype=probs.dtype))
+                # d(sum NLL)/d(logits) = p - onehot(target) on counted rows, 0 elsewhere (onehot: on the target's shard)
+                probs.scatter_add_(1, safe, -hit.to(probs.dtype).unsqueeze(1))
                 probs *= valid.unsqueeze(1)
                 g = probs.to(dtype)
                 if need_h:
@@ -76,6 +91,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         grad_w.addmm_(g.t(), h_c)
                     else:  # accumulate across chunks in fp32, as autograd's accumulation of one big GEMM would
                         grad_w += (g.t() @ h_c).to(acc)
+        if group is not None and need_h:  # each shard's d(hidden) is a partial sum over its vocabulary rows
+            torch.distributed.all_reduce(grad_h, group=group)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total
@@ -85,7 +102,48 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         dh = None if grad_h is None else (grad_h * grad_out).to(ctx.dtypes[0])
         dw = None if grad_w is None else (grad_w * grad_out).to(ctx.dtypes[1])
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None, None
+
+
+def _sharded_softmax(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, offset: int, group: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax over a vocabulary split across `group` (this rank's columns start at `offset`), two all-reduces:
+    the row max, then the row's sum of exponentials stacked with its target logit (found on one rank only).
+    Returns this rank's probabilities, where the target is local (and its local index), and the summed NLL."""
+    import torch.distributed as dist
+
+    row_max = logits.amax(dim=1)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    logits -= row_max.unsqueeze(1)
+    local = targets - offset
+    hit = valid & (local >= 0) & (local < logits.size(1))
+    safe = torch.where(hit, local, 0).unsqueeze(1)
+    probs = logits.exp()
+    sums = torch.stack([probs.sum(dim=1), logits.gather(1, safe).squeeze(1).masked_fill(~hit, 0.0)])
+    dist.all_reduce(sums, group=group)
+    probs /= sums[0].unsqueeze(1)
+    return probs, hit, safe, (sums[0].log() - sums[1]).masked_fill(~valid, 0.0).sum()
+
+
+def vocab_shard(head: nn.Module) -> tuple[torch.Tensor, Any, int] | None:
+    """(local weight, TP process group, first vocabulary row) for a bias-free `nn.Linear` whose weight is a DTensor
+    sharded by rows over one mesh dimension (`parallel/tensor_parallel.py:shard_lm_head`, also after FSDP2's
+    all-gather); None for anything else. The local weight is `to_local()`'s view, so gradients reach the DTensor."""
+    if type(head) is not nn.Linear or head.bias is not None or type(head.weight) in (nn.Parameter, torch.Tensor):
+        return None
+    from torch.distributed.tensor import DTensor, Shard
+
+    weight = head.weight
+    if not isinstance(weight, DTensor) or weight.device_mesh.ndim != 1 or weight.placements != (Shard(0),):
+        return None
+    mesh, vocab = weight.device_mesh, weight.shape[0]
+    per_rank = -(-vocab // mesh.size())  # torch.chunk's split, which Shard(0) uses: ceil(V / n) rows, the last ones fewer
+    offset = mesh.get_local_rank() * per_rank
+    local = weight.to_local()
+    if local.shape[0] != max(0, min(per_rank, vocab - offset)) or local.shape[0] == 0:
+        return None  # a layout this arithmetic does not describe: let the module (and loss_parallel) handle it
+    return local, mesh.get_group(), offset
 
 
 def linear_cross_entropy(
@@ -93,9 +151,17 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Summed fp32 cross-entropy of `targets` (any shape, `ignore_index` = skip) under `head(hidden)`."""
     flat_targets = targets.reshape(-1)
+    shard = vocab_shard(head)
+    if shard is not None:  # vocab-parallel head: the same chunks on this rank's V/tp rows, statistics all-reduced
+        weight, group, offset = shard
+        flat = hidden.reshape(-1, hidden.size(-1))
+        rows = rows or chunk_rows(flat.size(0), weight.size(0), flat.size(1))
+        return _LinearCrossEntropy.apply(flat, weight, flat_targets, ignore_index, rows, group, offset)
     if not fusable(head):  # the head sees `hidden` in its own shape: tensor/sequence-parallel plans expect (B, T, d)
         logits = head(hidden)
         logits = logits.reshape(-1, logits.size(-1))
+        if is_vocab_sharded(logits):
+            return vocab_parallel_cross_entropy(logits, flat_targets, ignore_index)
         return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), flat_targets, ignore_index=ignore_index, reduction="sum")
     flat = hidden.reshape(-1, hidden.size(-1))
     rows = rows or chunk_rows(flat.size(0), head.weight.size(0), flat.size(1))

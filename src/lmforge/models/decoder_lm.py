@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lmforge.losses.linear_cross_entropy import linear_cross_entropy
+from lmforge.losses.vocab_parallel_cross_entropy import gather_vocab
 from lmforge.models.layers.kv_cache import KVCache
 
 
@@ -33,8 +34,9 @@ class DecoderLM(nn.Module):
         a padding mask covers all past + T keys. `position_ids` default to past .. past + T - 1.
 
         With `targets` (B, T) the result is the summed fp32 cross-entropy instead of logits (B, T, vocab),
-        computed chunk by chunk without materialising the logits."""
+        computed chunk by chunk without materialising the logits (or, with a vocab-parallel head under tensor
+        parallelism, on each rank's vocabulary shard; logits are then gathered only when returned)."""
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         if targets is None:
-            return self.lm_head(hidden)
+            return gather_vocab(self.lm_head(hidden))
         return linear_cross_entropy(hidden, self.lm_head, targets, ignore_index)

@@ -35,7 +35,8 @@ def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None)
     dp_mesh, tp_mesh = mesh["data_parallel"], mesh["tensor_parallel"]
     report = {"tensor_parallel": tp_mesh.size(), "data_parallel": dp_mesh.size(), "fsdp_units": 0}
     if tp_mesh.size() > 1:
-        apply_tensor_parallel(stage.model, tp_mesh, sequence_parallel=bool(getattr(strategy, "sequence_parallel", False)))
+        apply_tensor_parallel(stage.model, tp_mesh, sequence_parallel=bool(getattr(strategy, "sequence_parallel", False)),
+                              loss_parallel=bool(getattr(strategy, "loss_parallel", True)))
         group = dp_mesh.get_group()  # TP ranks see the same batch: validation sums count each once
         for metric in stage.modules():
             if hasattr(metric, "process_group") and type(metric).__module__.startswith("torchmetrics"):

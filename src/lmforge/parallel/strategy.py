@@ -28,6 +28,7 @@ class ShardedStrategy(ModelParallelStrategy):
         tensor_parallel_size: int = 1,
         data_parallel_size: int | Literal["auto"] = "auto",
         sequence_parallel: bool = False,
+        loss_parallel: bool = True,
         param_dtype: str | None = "auto",
         reduce_dtype: str | None = "float32",
         reshard_after_forward: bool = True,
@@ -45,7 +46,7 @@ class ShardedStrategy(ModelParallelStrategy):
             save_distributed_checkpoint=save_distributed_checkpoint, process_group_backend=process_group_backend,
             timeout=timedelta(minutes=timeout_minutes),
         )
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.loss_parallel = sequence_parallel, loss_parallel
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
         self.reshard_after_forward, self.cpu_offload, self.meta_init = reshard_after_forward, cpu_offload, meta_init
 

@@ -3,7 +3,9 @@
 Per block, on the tensor-parallel mesh: Q, K, V and the MLP's input projections are column-parallel (each
 rank holds a slice of the heads / hidden units, so attention runs on local heads with no communication),
 the attention output and the MLP's down projection are row-parallel (one all-reduce each in forward and in
-backward). Embeddings, norms and the LM head stay replicated across the TP group (FSDP still shards them
+backward). The LM head is column-parallel over the vocabulary (loss parallelism, `strategy.loss_parallel`):
+each rank computes V/tp of the logits and the loss runs on those shards (`losses/vocab_parallel_cross_entropy.py`);
+a head tied to the input embedding stays replicated, like the embeddings and norms (FSDP still shards them
 over the data-parallel mesh). Mixtral's experts are split the same way, expert by expert; the router stays
 replicated. GPT fuses Q, K and V in one matrix and BERT/T5 are encoders: they are refused with a clear
 error rather than sharded wrongly.
@@ -66,11 +68,12 @@ def _sequence_parallel_plan(block: nn.Module) -> dict[str, Any]:
     return plan
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: bool = False) -> int:
+def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: bool = False, loss_parallel: bool = True) -> int:
     """Shard every block of `model` over `tp_mesh` in place; returns the number of blocks sharded.
 
     `sequence_parallel`: also shard the residual stream, norms and dropout along the sequence (Megatron's
-    sequence parallelism): activation memory outside attention/MLP drops by the TP size, at no extra traffic."""
+    sequence parallelism): activation memory outside attention/MLP drops by the TP size, at no extra traffic.
+    `loss_parallel`: shard the LM head over the vocabulary (see `shard_lm_head`)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     tp = tp_mesh.size()
@@ -98,7 +101,30 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: boo
         attn.n_head, attn.n_kv_head = attn.n_head // tp, attn.n_kv_head // tp  # this rank's heads
     if sequence_parallel:
         _shard_sequence_between(model, tp_mesh)
+    if loss_parallel:
+        shard_lm_head(model, tp_mesh)
     return len(blocks)
+
+
+def head_is_tied(model: nn.Module) -> bool:
+    """True where the LM head's weight is also another module's parameter (the tied input embedding)."""
+    weight = model.lm_head.weight
+    return any(p is weight for name, p in model.named_parameters(remove_duplicate=False) if not name.startswith("lm_head."))
+
+
+def shard_lm_head(model: nn.Module, tp_mesh: Any) -> bool:
+    """Column-parallel LM head: rank r holds vocabulary rows [r·V/tp, (r+1)·V/tp) and returns its slice of the
+    logits as a DTensor sharded on the last dim. The decoder's loss then runs on the shards and plain forward
+    gathers them (`models/decoder_lm.py`). Skipped (returns False) for a head tied to the embedding: sharding one
+    would silently untie them, and a vocab-parallel embedding changes the sequence-parallel layout."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    head = getattr(model, "lm_head", None)
+    if type(head) is not nn.Linear or head_is_tied(model):
+        return False
+    parallelize_module(head, tp_mesh, ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
+    return True
 
 
 def _shard_sequence_between(model: nn.Module, tp_mesh: Any) -> None:
