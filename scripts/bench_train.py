@@ -14,7 +14,11 @@ targets, computed by the chunked head + loss inside forward, `objective.fused_lo
 `conf/optimizer/adamw.yaml` (`lmforge.optim.adamw.AdamW`: torch's AdamW, fused on CPU and CUDA) and HF
 Trainer's default `adamw_torch_fused` (torch.optim.AdamW(fused=True) for torch >= 2.8); same lr,
 betas, eps, weight decay (2-D weights only, both). Contenders alternate: --rounds rounds of --steps timed
-steps each after --warmup steps; tokens/s from the median step; ratio = lmforge / HF. On a CPU without
+steps each after --warmup steps; tokens/s from the median step; ratio = lmforge / HF. Each contender runs in
+a fresh process per round (`--same-process` puts them all in one): in one process, glibc's heap state left by
+one side (it hands freed blocks > its dynamic mmap threshold back to the OS) changes what the other side's
+allocations cost, which swung HF's bf16 step between 400 and 750 ms here from run to run. The rows record
+GLIBC_TUNABLES, which sets that behaviour for both sides (see the README). On a CPU without
 native bf16 matmuls (AVX2 only) a bf16 step takes ~15× an fp32 one on both sides: `--precisions 32-true`.
 
 `lightning`: the same model and batch trained by a bare PyTorch loop and by `lightning.Trainer`, ms/step
@@ -108,67 +112,105 @@ def timed_rounds(fns: dict[str, Callable[[], Any]], rounds: int, steps: int, war
     return times
 
 
-def bench_vs_hf(args: argparse.Namespace) -> list[dict[str, Any]]:
+def contenders(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, Callable[[bool], Callable[[], torch.Tensor]]], dict[str, str]]:
+    """Step factories (amp -> one training step) for the named contenders, all starting from the same weights,
+    and what each side's optimizer / attention is."""
     from lmforge.interop.hf import to_hf
     from lmforge.models import build
     from lmforge.objectives.clm import CausalLM
 
     torch.manual_seed(0)
     ours = build(gpt_cfg(args)).train()
-    hf = to_hf(ours)
-    hf.config._attn_implementation = "sdpa"  # also transformers' default where SDPA is available
-    hf.train()
     x = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
-    objective = CausalLM()
-    full_logits = CausalLM(fused_loss=False)
     opt_ours = lmforge_optimizer(ours)
-    opt_hf = hf_optimizer(hf, opt_ours)
-    compiled = None
-    if args.compile:
+    info = {"optimizer_lmforge": optimizer_kind(opt_ours)}
+
+    def step_ours(model: nn.Module, opt: torch.optim.Optimizer, obj: CausalLM) -> Callable[[bool], Callable[[], torch.Tensor]]:
+        def make(amp: bool) -> Callable[[], torch.Tensor]:
+            def step() -> torch.Tensor:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    loss = obj(model, batch).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss.detach()
+            return step
+        return make
+
+    steps: dict[str, Callable[[bool], Callable[[], torch.Tensor]]] = {}
+    if "hf" in names:
+        hf = to_hf(ours)
+        hf.config._attn_implementation = "sdpa"  # also transformers' default where SDPA is available
+        hf.train()
+        opt_hf = hf_optimizer(hf, opt_ours)
+        info.update(optimizer_hf=optimizer_kind(opt_hf), hf_attn=hf.config._attn_implementation)
+
+        def make_hf(amp: bool) -> Callable[[], torch.Tensor]:
+            def step() -> torch.Tensor:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                    loss = hf(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+                loss.backward()
+                opt_hf.step()
+                opt_hf.zero_grad(set_to_none=True)
+                return loss.detach()
+            return step
+        steps["hf"] = make_hf
+    if "lmforge" in names:
+        steps["lmforge"] = step_ours(ours, opt_ours, CausalLM())
+    if "lmforge-full-logits" in names:
+        steps["lmforge-full-logits"] = step_ours(ours, opt_ours, CausalLM(fused_loss=False))
+    if "lmforge-compiled" in names:
         compiled = build(gpt_cfg(args)).train()
         compiled.load_state_dict(ours.state_dict())
         compiled.compile()
-        opt_compiled = lmforge_optimizer(compiled)
+        steps["lmforge-compiled"] = step_ours(compiled, lmforge_optimizer(compiled), CausalLM())
+    return steps, info
 
-    def step_ours(model: nn.Module, opt: torch.optim.Optimizer, amp: bool, obj: CausalLM = objective) -> Callable[[], torch.Tensor]:
-        def step() -> torch.Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                loss = obj(model, batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss.detach()
-        return step
 
-    def step_hf(amp: bool) -> Callable[[], torch.Tensor]:
-        def step() -> torch.Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                loss = hf(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
-            loss.backward()
-            opt_hf.step()
-            opt_hf.zero_grad(set_to_none=True)
-            return loss.detach()
-        return step
+def child_times(args: argparse.Namespace, name: str, precision: str) -> list[float]:
+    """One contender's `--warmup` + `--steps` steps in a fresh process: its allocator state is its own."""
+    import subprocess
+    import sys
 
+    cmd = [sys.executable, str(Path(__file__).with_name("benchmark.py")), "train-vs-hf", "--child", name, precision,
+           "--layers", str(args.layers), "--width", str(args.width), "--heads", str(args.heads), "--seq", str(args.seq),
+           "--batch", str(args.batch), "--vocab", str(args.vocab), "--clock", args.clock, "--steps", str(args.steps),
+           "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["times"]
+
+
+def bench_vs_hf(args: argparse.Namespace) -> list[dict[str, Any]]:
+    names = ["lmforge", "hf"] + (["lmforge-compiled"] if args.compile else []) + (["lmforge-full-logits"] if args.full_logits else [])
+    if args.child:  # one contender, one precision, in this process; the parent reads the JSON line
+        name, precision = args.child
+        make, _ = contenders(args, [name])
+        times = timed_rounds({name: make[name](precision == "bf16-mixed")}, 1, args.steps, args.warmup)[name]
+        print(json.dumps({"times": times}))
+        return []
+    info: dict[str, str] = {"optimizer_lmforge": "fused", "optimizer_hf": "fused", "hf_attn": "sdpa"}
+    if args.same_process:
+        make, info = contenders(args, names)
     rows = []
     tokens = args.batch * args.seq
     for precision in args.precisions:
         amp = precision == "bf16-mixed"
-        fns = {"lmforge": step_ours(ours, opt_ours, amp), "hf": step_hf(amp)}
-        if compiled is not None:
-            fns["lmforge-compiled"] = step_ours(compiled, opt_compiled, amp)
-        if args.full_logits:
-            fns["lmforge-full-logits"] = step_ours(ours, opt_ours, amp, full_logits)
-        times = timed_rounds(fns, args.rounds, args.steps, args.warmup)
+        if args.same_process:
+            times = timed_rounds({name: make[name](amp) for name in names}, args.rounds, args.steps, args.warmup)
+        else:
+            times = {name: [] for name in names}
+            for r in range(args.rounds):
+                for name in names if r % 2 == 0 else list(reversed(names)):  # neither side always runs first
+                    times[name] += child_times(args, name, precision)
         med = {k: statistics.median(v) for k, v in times.items()}
-        for name in [k for k in fns if k != "hf"]:
+        for name in [k for k in names if k != "hf"]:
             rows.append({
                 "bench": "train-vs-hf", "shape": f"{args.layers}x{args.width} h{args.heads} seq{args.seq} b{args.batch} v{args.vocab}",
                 "precision": precision, "lmforge": name, "lmforge_tok_s": round(tokens / med[name]), "hf_tok_s": round(tokens / med["hf"]),
                 "ratio": round(med["hf"] / med[name], 3), "lmforge_ms": round(1e3 * med[name], 1), "hf_ms": round(1e3 * med["hf"], 1),
-                "steps_each": len(times[name]), "optimizer_lmforge": optimizer_kind(opt_ours), "optimizer_hf": optimizer_kind(opt_hf),
-                "hf_attn": hf.config._attn_implementation, **machine_info(),
+                "steps_each": len(times[name]), "processes": "one" if args.same_process else "one per contender and round",
+                **info, "malloc": os.environ.get("GLIBC_TUNABLES", "default"), **machine_info(),
             })
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -299,8 +341,12 @@ def parse(mode: str, argv: list[str]) -> argparse.Namespace:
         p.add_argument("--compile", action="store_true", help="add a torch.compile'd lmforge row")
         p.add_argument("--full-logits", action="store_true", help="add an lmforge row with objective.fused_loss=false")
         p.add_argument("--rounds", type=int, default=3)
-        p.add_argument("--steps", type=int, default=2, help="timed steps per contender per round")
-        p.add_argument("--warmup", type=int, default=1)
+        p.add_argument("--steps", type=int, default=4, help="timed steps per contender per round")
+        p.add_argument("--warmup", type=int, default=2)
+        p.add_argument("--same-process", action="store_true",
+                       help="all contenders in this process (the default runs each in a fresh one per round: one side's "
+                            "freed memory then cannot change what the other's allocations cost)")
+        p.add_argument("--child", nargs=2, metavar=("NAME", "PRECISION"), help=argparse.SUPPRESS)
     else:
         p.add_argument("--rounds", type=int, default=3, help="fits of each contender, alternating")
         p.add_argument("--steps", type=int, default=12, help="timed steps per fit")
@@ -317,6 +363,8 @@ def main(mode: str, argv: list[str]) -> list[dict[str, Any]]:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = bench_vs_hf(args) if mode == "train-vs-hf" else bench_lightning(args)
+    if not rows:  # a --child run: its JSON line is the output
+        return rows
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")

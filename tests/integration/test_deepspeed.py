@@ -116,7 +116,9 @@ def test_zero_checkpoint_consolidates_to_the_plain_weights(runs: dict[str, Path]
     assert zero.keys() == plain.keys()
     for key in plain:
         assert zero[key].dtype == torch.float32
-        torch.testing.assert_close(zero[key], plain[key], atol=ATOL / 10, rtol=0, msg=key)
+        # ZeRO-3 sums partitioned gradients in another order; Adam's m / sqrt(v) turns that into ~1e-6 on weights
+        # whose gradient is near zero (AVX-512 CPU: one element of 22528 off by 2.3e-6 after the run's steps)
+        torch.testing.assert_close(zero[key], plain[key], atol=ATOL / 2, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_resume_from_a_zero3_checkpoint_is_exact(runs: dict[str, Path]) -> None:

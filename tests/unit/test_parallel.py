@@ -109,7 +109,8 @@ def _worker(rank: int, port: int, results: dict) -> None:
         # loss parallelism: the head holds half the vocabulary rows per rank (97 -> 49 + 48) and the CLM loss runs
         # chunked on those rows (all-reduced softmax statistics); same loss and gradients as the whole model, with
         # several chunks, through the gathered logits (fused_loss=false) and through torch's loss_parallel on the
-        # head's sharded logits; a tied head stays replicated and tied
+        # head's sharded logits; a tied head shares the vocab-parallel embedding table, stays tied, and is vocab-parallel
+        # even with loss_parallel=false (clm_flag_off)
         import lmforge.losses.linear_cross_entropy as lce
         from lmforge.losses.vocab_parallel_cross_entropy import vocab_parallel_cross_entropy
 
@@ -129,19 +130,21 @@ def _worker(rank: int, port: int, results: dict) -> None:
                 return vocab_parallel_cross_entropy(logits.reshape(-1, 97), targets.reshape(-1)) / 21
             return torch.nn.functional.cross_entropy(logits.reshape(-1, 97), targets.reshape(-1), reduction="sum") / 21
 
-        losses = {"clm": lambda m: CausalLM()(m, batch).loss, "rows5": fused_rows_5,
+        losses = {"clm": lambda m: CausalLM()(m, batch).loss, "rows5": fused_rows_5, "clm_flag_off": lambda m: CausalLM()(m, batch).loss,
                   "full_logits": lambda m: CausalLM(fused_loss=False)(m, batch).loss, "loss_parallel": torch_loss_parallel}
         for name, overrides, sp, how in (("untied", {}, False, "clm"), ("untied", {}, True, "clm"), ("untied", {}, False, "rows5"),
                                          ("untied", {}, False, "full_logits"), ("untied", {}, False, "loss_parallel"),
-                                         ("tied", {"tie_embeddings": True}, False, "clm")):
+                                         ("tied", {"tie_embeddings": True}, False, "clm"), ("tied", {"tie_embeddings": True}, True, "clm"),
+                                         ("tied", {"tie_embeddings": True}, False, "clm_flag_off")):
             torch.manual_seed(0)
             reference, sharded = build({**tiny("llama"), **overrides}), build({**tiny("llama"), **overrides})
             sharded.load_state_dict(reference.state_dict())
             mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
-            apply_tensor_parallel(sharded, mesh["tensor_parallel"], sequence_parallel=sp)
-            if how in ("clm", "full_logits"):  # the others call hidden_states, past FSDP's root hook: TP only
+            apply_tensor_parallel(sharded, mesh["tensor_parallel"], sequence_parallel=sp, loss_parallel=how != "clm_flag_off")
+            if how in ("clm", "full_logits", "clm_flag_off"):  # the others call hidden_states, past FSDP's root hook: TP only
                 apply_fsdp(sharded, mesh["data_parallel"])
-            rows = sharded.lm_head.weight.to_local().shape[0]  # this rank's vocabulary rows (FSDP over 1 rank keeps all)
+            # this rank's vocabulary rows of the head and of the embedding (FSDP over 1 rank keeps all)
+            rows = (sharded.lm_head.weight.to_local().shape[0], sharded.wte.weight.to_local().shape[0])
             sharded_calls.clear()
             ref_loss, loss = CausalLM()(reference, batch).loss, losses[how](sharded)
             ref_loss.backward()
@@ -187,11 +190,12 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
                 assert logits < 1e-5 and grads < 1e-5 and norm < 1e-5, (family, sp, rank, logits, grads, norm)
             assert "multiple of tensor_parallel_size=2, got 7" in results[(rank, family, "odd")]
         for name, sp, how, chunks in (("untied", False, "clm", 1), ("untied", True, "clm", 1), ("untied", False, "rows5", 5),
-                                      ("untied", False, "full_logits", 0), ("untied", False, "loss_parallel", 0), ("tied", False, "clm", 0)):
+                                      ("untied", False, "full_logits", 0), ("untied", False, "loss_parallel", 0), ("tied", False, "clm", 1), ("tied", True, "clm", 1),
+                                      ("tied", False, "clm_flag_off", 1)):
             loss, grads, rows, tied, kind, on_shards = results[(rank, "loss_parallel", name, sp, how)]
             assert loss < 1e-5 and grads < 1e-5 and kind == "Tensor", (name, sp, how, rank, loss, grads, kind)
-            expected = ((49, 48)[rank], False) if name == "untied" else (97, True)  # tied: replicated head
-            assert (rows, tied, on_shards) == (*expected, chunks), (name, how, rows, tied, on_shards)
+            half = (49, 48)[rank]
+            assert (rows, tied, on_shards) == ((half, half), name == "tied", chunks), (name, how, rows, tied, on_shards)
         worst, local_rows = results[(rank, "meta_fsdp")]
         assert worst == 0.0 and local_rows == 48  # qkv: 96 rows, 48 per rank
         assert results[(rank, "mixed")] == (torch.bfloat16, torch.float32, torch.float32)

@@ -79,8 +79,9 @@ def our_logits(model: T5, x, y, mask=None, dec_mask=None) -> torch.Tensor:
         return model(x, y, attention_mask=mask, decoder_attention_mask=dec_mask)
 
 
-# sdpa sums in another order: ~1e-7 relative, i.e. up to ~1e-5 on the untied heads' logits of size ~20
-TOLERANCE = {"eager": {"atol": 1e-5, "rtol": 0.0}, "sdpa": {"atol": 1e-5, "rtol": 1e-5}}
+# sdpa sums in another order: ~1e-7 relative, i.e. up to ~1e-5 on the untied heads' logits of size ~20; so do
+# MKL's AVX-512 GEMM kernels against HF's op order (eager, deeper decoder: one logit of 3201 off by 1.13e-5 there)
+TOLERANCE = {"eager": {"atol": 1e-5, "rtol": 1e-5}, "sdpa": {"atol": 1e-5, "rtol": 1e-5}}
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])

@@ -3,10 +3,11 @@
 Per block, on the tensor-parallel mesh: Q, K, V and the MLP's input projections are column-parallel (each
 rank holds a slice of the heads / hidden units, so attention runs on local heads with no communication),
 the attention output and the MLP's down projection are row-parallel (one all-reduce each in forward and in
-backward). The LM head is column-parallel over the vocabulary (loss parallelism, `strategy.loss_parallel`):
-each rank computes V/tp of the logits and the loss runs on those shards (`losses/vocab_parallel_cross_entropy.py`);
-a head tied to the input embedding stays replicated, like the embeddings and norms (FSDP still shards them
-over the data-parallel mesh). Mixtral's experts are split the same way, expert by expert; the router stays
+backward). The token embedding is row-parallel over the vocabulary (each rank looks up its V/tp rows, one
+all-reduce, or a reduce-scatter straight to sequence shards under sequence parallelism), and the LM head is
+column-parallel over the vocabulary (loss parallelism, `strategy.loss_parallel`): each rank computes V/tp of
+the logits and the loss runs on those shards (`losses/linear_cross_entropy.py`). A tied head shares the sharded
+table. Norms stay replicated (FSDP still shards every parameter over the data-parallel mesh). Mixtral's experts are split the same way, expert by expert; the router stays
 replicated. GPT fuses Q, K and V in one matrix and BERT/T5 are encoders: they are refused with a clear
 error rather than sharded wrongly.
 
@@ -99,10 +100,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: boo
             plan.update(_sequence_parallel_plan(block))
         parallelize_module(block, tp_mesh, plan)
         attn.n_head, attn.n_kv_head = attn.n_head // tp, attn.n_kv_head // tp  # this rank's heads
+    tied = head_is_tied(model)
+    shard_embedding(model, tp_mesh, sequence_parallel)
     if sequence_parallel:
         _shard_sequence_between(model, tp_mesh)
-    if loss_parallel:
-        shard_lm_head(model, tp_mesh)
+    if loss_parallel or tied:  # a tied head reads the sharded table: it is vocab-parallel whatever the flag says
+        shard_lm_head(model, tp_mesh, tied=tied)
     return len(blocks)
 
 
@@ -112,29 +115,45 @@ def head_is_tied(model: nn.Module) -> bool:
     return any(p is weight for name, p in model.named_parameters(remove_duplicate=False) if not name.startswith("lm_head."))
 
 
-def shard_lm_head(model: nn.Module, tp_mesh: Any) -> bool:
+def shard_embedding(model: nn.Module, tp_mesh: Any, sequence_parallel: bool) -> None:
+    """Row-parallel token embedding: rank r stores vocabulary rows [r·V/tp, (r+1)·V/tp) (ids outside them look up
+    zeros), and the partial lookups are summed: all-reduced to every rank, or reduce-scattered to this rank's
+    sequence rows when the residual stream is sequence-parallel (half the traffic of all-reduce + slice)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+    parallelize_module(model.wte, tp_mesh, RowwiseParallel(input_layouts=Replicate(),
+                                                           output_layouts=Shard(1) if sequence_parallel else Replicate()))
+
+
+def shard_lm_head(model: nn.Module, tp_mesh: Any, tied: bool = False) -> bool:
     """Column-parallel LM head: rank r holds vocabulary rows [r·V/tp, (r+1)·V/tp) and returns its slice of the
     logits as a DTensor sharded on the last dim. The decoder's loss then runs on the shards and plain forward
-    gathers them (`models/decoder_lm.py`). Skipped (returns False) for a head tied to the embedding: sharding one
-    would silently untie them, and a vocab-parallel embedding changes the sequence-parallel layout."""
+    gathers them (`models/decoder_lm.py`). A `tied` head is re-pointed at the (already sharded) embedding table."""
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     head = getattr(model, "lm_head", None)
-    if type(head) is not nn.Linear or head_is_tied(model):
+    if type(head) is not nn.Linear:
+        if tied:
+            raise ConfigError("strategy.tensor_parallel_size", f"the tied LM head is a {type(head).__name__}, not an nn.Linear, "
+                              "and cannot share the vocab-parallel embedding", "use tensor_parallel_size=1 or an untied head")
         return False
+    if tied:
+        head.weight = model.wte.weight
     parallelize_module(head, tp_mesh, ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
+    if tied:  # parallelize_module wraps the DTensor in a new Parameter: point the head back at the table's
+        head.weight = model.wte.weight
     return True
 
 
 def _shard_sequence_between(model: nn.Module, tp_mesh: Any) -> None:
-    """The embedding output (replicated) is cut to this rank's rows before the first block; the final norm's input
-    is all-gathered, so the norm, LM head and anything reading `hidden_states` (reward/value heads) see whole rows."""
+    """The embedding already outputs this rank's sequence rows (`shard_embedding`); the final norm's input is
+    all-gathered, so the norm, LM head and anything reading `hidden_states` (reward/value heads) see whole rows."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import PrepareModuleInput, PrepareModuleOutput, parallelize_module
+    from torch.distributed.tensor.parallel import PrepareModuleInput, parallelize_module
 
     parallelize_module(model, tp_mesh, {
-        "wte": PrepareModuleOutput(output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True),
         "norm": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True),
     })
     tp = tp_mesh.size()
