@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import torch
 
+BF16_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+
 
 def cpu_has_fast_bf16() -> bool:
-    cpu = getattr(torch._C, "_cpu", None)
-    if cpu is None:
-        return False
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(cpu, name, lambda: False)() for name in checks)
+    """AMX or AVX512-BF16, from torch's CPU probes: `torch.cpu` (torch >= 2.4; the only place in 2.13) or, on older
+    torch, `torch._C._cpu`. No probe found means no claim of fast bf16."""
+    for module in (getattr(torch, "cpu", None), getattr(torch._C, "_cpu", None)):
+        probes = [getattr(module, name) for name in BF16_PROBES if callable(getattr(module, name, None))]
+        if probes:
+            return any(bool(probe()) for probe in probes)
+    return False
 
 
 def resolve_precision(precision: str | int, accelerator: str = "auto") -> str | int:

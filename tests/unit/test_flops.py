@@ -153,10 +153,27 @@ def test_cpu_has_fast_bf16_reads_torch_probes(monkeypatch: pytest.MonkeyPatch) -
             self._is_avx512_bf16_supported = lambda: avx
 
     for amx, avx, expected in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(torch, "cpu", Probe(amx, avx))  # where torch 2.13 has them
+        assert precision_mod.cpu_has_fast_bf16() is expected
+    monkeypatch.setattr(torch, "cpu", object())  # older torch: torch._C._cpu
+    for amx, avx, expected in [(False, False, False), (True, False, True), (False, True, True)]:
         monkeypatch.setattr(torch._C, "_cpu", Probe(amx, avx), raising=False)
         assert precision_mod.cpu_has_fast_bf16() is expected
-    monkeypatch.delattr(torch._C, "_cpu")
+    monkeypatch.setattr(torch._C, "_cpu", object(), raising=False)
     assert precision_mod.cpu_has_fast_bf16() is False
+
+
+def test_cpu_bf16_probe_exists_in_this_torch() -> None:
+    """The probe must not silently vanish again (torch 2.13 moved it out of torch._C._cpu, and `auto` fell back to
+    fp32 on AVX512-BF16 machines without a word): it answers what /proc/cpuinfo says, where that file exists."""
+    import pathlib
+
+    assert any(callable(getattr(module, name, None)) for module in (torch.cpu, getattr(torch._C, "_cpu", None))
+               for name in precision_mod.BF16_PROBES)
+    cpuinfo = pathlib.Path("/proc/cpuinfo")
+    if cpuinfo.exists() and torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        flags = set(cpuinfo.read_text().split())
+        assert precision_mod.cpu_has_fast_bf16() == bool({"avx512_bf16", "amx_tile"} & flags)
 
 
 def test_peak_tables_by_device_name_and_dtype() -> None:

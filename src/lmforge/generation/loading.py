@@ -39,7 +39,7 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 where matmuls in bf16 are fast (CUDA with bf16, AMX CPUs), else fp32 (~90x faster on AVX2)."""
+    """`auto`: bf16 where matmuls in bf16 are fast (CUDA with bf16, AMX or AVX512-BF16 CPUs), else fp32 (~90x faster on AVX2)."""
     if dtype in (None, "auto"):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -7,9 +7,9 @@ backward). The token embedding is row-parallel over the vocabulary (each rank lo
 all-reduce, or a reduce-scatter straight to sequence shards under sequence parallelism), and the LM head is
 column-parallel over the vocabulary (loss parallelism, `strategy.loss_parallel`): each rank computes V/tp of
 the logits and the loss runs on those shards (`losses/linear_cross_entropy.py`). A tied head shares the sharded
-table. Norms stay replicated (FSDP still shards every parameter over the data-parallel mesh). Mixtral's experts are split the same way, expert by expert; the router stays
-replicated. GPT fuses Q, K and V in one matrix and BERT/T5 are encoders: they are refused with a clear
-error rather than sharded wrongly.
+table. Norms stay replicated (FSDP still shards every parameter over the data-parallel mesh). Mixtral's experts
+are split like the MLP, expert by expert; the router stays replicated. GPT fuses Q, K and V in one matrix and
+BERT/T5 are encoders: they are refused with a clear error rather than sharded wrongly.
 
 Sequence parallelism (opt-in, `strategy.sequence_parallel`) shards the residual stream and norms along the
 sequence as well; it needs every forward's length to be a multiple of the TP size (fixed-length training and
@@ -74,7 +74,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: boo
 
     `sequence_parallel`: also shard the residual stream, norms and dropout along the sequence (Megatron's
     sequence parallelism): activation memory outside attention/MLP drops by the TP size, at no extra traffic.
-    `loss_parallel`: shard the LM head over the vocabulary (see `shard_lm_head`)."""
+    The token embedding is always split over the vocabulary (`shard_embedding`); `loss_parallel`: the LM head
+    too (`shard_lm_head`; a tied head is, whatever the flag)."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     tp = tp_mesh.size()
