@@ -11,7 +11,8 @@ torchtune's chunked loss; the maths is the textbook softmax cross-entropy gradie
 
 `linear_cross_entropy(hidden, head, targets)` falls back to `cross_entropy(head(hidden))` whenever the head
 is not a plain bias-free `nn.Linear` on ordinary tensors (LoRA-wrapped or quantised heads, tensor-parallel
-DTensors, DeepSpeed ZeRO-3 partitions that only its module hooks can gather), so it is always safe to call.
+layouts other than the one below, DeepSpeed ZeRO-3 partitions that only its module hooks can gather), so it is
+always safe to call.
 A vocab-parallel (tensor-parallel) head runs the same chunks on each rank's V/tp rows, all-reducing two
 per-row statistics per chunk (Megatron's vocab-parallel cross-entropy, chunked); other heads whose logits come
 out vocab-sharded go through torch's `loss_parallel` (`vocab_parallel_cross_entropy`). Neither gathers logits.
@@ -151,18 +152,14 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Summed fp32 cross-entropy of `targets` (any shape, `ignore_index` = skip) under `head(hidden)`."""
     flat_targets = targets.reshape(-1)
-    shard = vocab_shard(head)
-    if shard is not None:  # vocab-parallel head: the same chunks on this rank's V/tp rows, statistics all-reduced
-        weight, group, offset = shard
-        flat = hidden.reshape(-1, hidden.size(-1))
-        rows = rows or chunk_rows(flat.size(0), weight.size(0), flat.size(1))
-        return _LinearCrossEntropy.apply(flat, weight, flat_targets, ignore_index, rows, group, offset)
-    if not fusable(head):  # the head sees `hidden` in its own shape: tensor/sequence-parallel plans expect (B, T, d)
+    shard = vocab_shard(head)  # a vocab-parallel head: the same chunks on this rank's V/tp rows, statistics all-reduced
+    if shard is None and not fusable(head):  # the head sees `hidden` in its own shape: TP/SP plans expect (B, T, d)
         logits = head(hidden)
         logits = logits.reshape(-1, logits.size(-1))
         if is_vocab_sharded(logits):
             return vocab_parallel_cross_entropy(logits, flat_targets, ignore_index)
         return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), flat_targets, ignore_index=ignore_index, reduction="sum")
+    weight, group, offset = shard or (head.weight, None, 0)
     flat = hidden.reshape(-1, hidden.size(-1))
-    rows = rows or chunk_rows(flat.size(0), head.weight.size(0), flat.size(1))
-    return _LinearCrossEntropy.apply(flat, head.weight, flat_targets, ignore_index, rows)
+    rows = rows or chunk_rows(flat.size(0), weight.size(0), flat.size(1))
+    return _LinearCrossEntropy.apply(flat, weight, flat_targets, ignore_index, rows, group, offset)

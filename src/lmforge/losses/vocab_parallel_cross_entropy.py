@@ -3,7 +3,9 @@
 Why: under `strategy=fsdp_tp` the LM head is column-parallel over the vocabulary, so each TP rank computes
 and holds only its V/tp slice of the logits (for a 128K vocabulary the head is the largest GEMM of a 1B
 model and the logits its largest activation). Gathering them to compute the loss would undo both savings.
-torch's `loss_parallel()` computes log-softmax and NLL on the shards with three small all-reduces per call
+The decoders' own loss never builds those logits (`linear_cross_entropy.py` runs its chunks on the head's
+shard); this module is for logits that already exist vocab-sharded (a head that path cannot fuse) and for
+gathering them where whole logits are wanted. torch's `loss_parallel()` computes log-softmax and NLL on the shards with three small all-reduces per call
 (max, sum of exponentials, target logit), but its context has to be active in backward as well, which
 Lightning's `loss.backward()` knows nothing about. `_VocabParallelCrossEntropy` scopes it: forward builds
 the loss graph on a detached leaf inside the context, backward replays that graph inside the context again
