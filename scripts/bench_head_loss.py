@@ -3,6 +3,7 @@
     python scripts/benchmark.py head-loss                              # Llama 2 × 256, vocab 32000 and 128256
     python scripts/benchmark.py head-loss --vocabs 32000 --batch 8 --seq 512
     python scripts/benchmark.py head-loss --tp 2                       # tensor parallel: loss_parallel on vs off
+    python scripts/benchmark.py head-loss --logprobs                   # DPO's per-sequence log-probs instead of CLM
 
 For each vocabulary, each variant runs in its own child process (so peak memory is that variant's alone):
 a 2-layer Llama (width 256, GQA 4/2) takes a CLM forward + backward on one random batch; reported are the
@@ -12,6 +13,9 @@ CUDA: peak allocated), and the loss (equal across variants). Writes logs/benchma
 With `--tp N` the variants are instead `strategy.loss_parallel` on (vocab-parallel head, loss on the logit
 shards) and off (replicated head, chunked loss on every rank): each child spawns N ranks (gloo on CPU, one
 thread each; NCCL on N GPUs) that tensor-parallelise the same model; peak memory is the largest rank's.
+With `--logprobs` the loss is DPO's instead: the mean over sequences of log p(completion) (second half of each
+row; the first half is prompt), through `decoder_sequence_logprobs` (per-token chunks, recomputed in backward)
+vs `sequence_logprobs` over full logits.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(fused: bool, vocab: int, batch: int, seq: int, device: str, tp_mesh: Any = None) -> dict[str, Any]:
+def measure(fused: bool, vocab: int, batch: int, seq: int, device: str, tp_mesh: Any = None, logprobs: bool = False) -> dict[str, Any]:
     """One variant, in this process: peak memory of the first step, then the median of 3 timed steps.
     With `tp_mesh`, the model is tensor-parallel over it and `fused` means loss parallelism on."""
+    from lmforge.losses import sequence_logprobs
     from lmforge.models import build
+    from lmforge.objectives.base import decoder_sequence_logprobs
     from lmforge.objectives.clm import CausalLM
 
     torch.manual_seed(0)
@@ -49,7 +55,19 @@ def measure(fused: bool, vocab: int, batch: int, seq: int, device: str, tp_mesh:
         fused = True
     x = torch.randint(0, vocab, (batch, seq + 1), device=device, generator=torch.Generator(device).manual_seed(1))
     batch_ = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
-    objective = CausalLM(fused_loss=fused)
+    clm = CausalLM(fused_loss=fused)
+    completion = batch_["targets"].clone()
+    completion[:, : seq // 2] = -100  # prompt half
+
+    def objective(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> Any:
+        if not logprobs:
+            return clm(model, b)
+        ids = b["input_ids"]
+        logps = (decoder_sequence_logprobs(model, ids, completion) if fused else sequence_logprobs(model(ids), completion))
+        return type("Out", (), {"loss": -logps.mean()})
+
+    if logprobs:
+        variant = "chunked per-token log-probs" if fused else "full logits (sequence_logprobs)"
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -119,21 +137,26 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks: compare loss_parallel on/off (needs TP GPUs on CUDA)")
+    p.add_argument("--logprobs", action="store_true", help="DPO's sequence log-probs instead of the CLM loss")
     p.add_argument("--out", type=Path, default=None, help="default logs/benchmark/head-loss (head-loss-tpN with --tp N)")
     p.add_argument("--child", nargs=2, metavar=("FUSED", "VOCAB"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:  # one measurement, printed as JSON for the parent
         fused, vocab = args.child[0] == "1", int(args.child[1])
         row = (measure_tp(fused, vocab, args.batch, args.seq, args.device, args.tp) if args.tp > 1
-               else measure(fused, vocab, args.batch, args.seq, args.device))
+               else measure(fused, vocab, args.batch, args.seq, args.device, logprobs=args.logprobs))
         print(json.dumps(row))
         return []
-    args.out = args.out or ROOT / "logs" / "benchmark" / ("head-loss" if args.tp == 1 else f"head-loss-tp{args.tp}")
+    if args.logprobs and args.tp > 1:
+        p.error("--logprobs runs on one process: drop --tp")
+    name = "head-loss" + (f"-tp{args.tp}" if args.tp > 1 else "") + ("-logprobs" if args.logprobs else "")
+    args.out = args.out or ROOT / "logs" / "benchmark" / name
     rows = []
     for vocab in args.vocabs:
         for fused in (True, False):
             cmd = [sys.executable, str(Path(__file__).with_name("benchmark.py")), "head-loss", "--child", str(int(fused)), str(vocab),
                    "--batch", str(args.batch), "--seq", str(args.seq), "--device", args.device, "--tp", str(args.tp)]
+            cmd += ["--logprobs"] if args.logprobs else []
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)

@@ -27,7 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.losses.vocab_parallel_cross_entropy import is_vocab_sharded, vocab_parallel_cross_entropy
+from lmforge.losses.vocab_parallel_cross_entropy import (
+    gather_vocab,
+    is_vocab_sharded,
+    vocab_parallel_cross_entropy,
+)
 
 
 def fusable(head: nn.Module) -> bool:
@@ -106,6 +110,59 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None, None, None
 
 
+class _LinearTokenNLL(torch.autograd.Function):
+    """Per-row NLL (N,) of `targets` under softmax(hidden @ weightᵀ), 0 on ignored rows. The upstream gradient
+    differs per row, so d(weight) cannot be formed ahead as in `_LinearCrossEntropy`: forward keeps only each
+    row's logsumexp, backward recomputes each chunk's logits (one GEMM more than the plain path, no logits kept)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, rows: int) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        h, w = hidden.to(dtype), weight.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)
+        valid = targets != ignore_index
+        safe = torch.where(valid, targets, 0)
+        nll = torch.empty(h.size(0), dtype=acc, device=h.device)
+        lse = torch.empty_like(nll)
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, h.size(0), rows):
+                logits = (h[start : start + rows] @ w.t()).to(acc)
+                lse[start : start + rows] = torch.logsumexp(logits, dim=1)
+                picked = logits.gather(1, safe[start : start + rows].unsqueeze(1)).squeeze(1)
+                nll[start : start + rows] = lse[start : start + rows] - picked
+        nll.masked_fill_(~valid, 0.0)
+        ctx.save_for_backward(h, w, safe, valid, lse)
+        ctx.rows, ctx.dtypes = rows, (hidden.dtype, weight.dtype)
+        return nll
+
+    @staticmethod
+    def backward(ctx: Any, grad_nll: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, w, safe, valid, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = lse.dtype
+        scale = (grad_nll.to(acc) * valid).unsqueeze(1)  # d(nll_i)/d(logits_i) = p_i - onehot_i, times the row's grad
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, h.size(0), ctx.rows):
+                stop = start + ctx.rows
+                h_c = h[start:stop]
+                probs = ((h_c @ w.t()).to(acc) - lse[start:stop].unsqueeze(1)).exp_()
+                probs.scatter_add_(1, safe[start:stop].unsqueeze(1), torch.full_like(lse[start:stop], -1.0).unsqueeze(1))
+                probs *= scale[start:stop]
+                g = probs.to(h.dtype)
+                if need_h:
+                    torch.mm(g, w, out=grad_h[start:stop])
+                if need_w:
+                    if g.dtype == acc:
+                        grad_w.addmm_(g.t(), h_c)
+                    else:  # fp32 accumulation across chunks
+                        grad_w += (g.t() @ h_c).to(acc)
+        dh = None if grad_h is None else grad_h.to(ctx.dtypes[0])
+        dw = None if grad_w is None else grad_w.to(ctx.dtypes[1])
+        return dh, dw, None, None, None
+
+
 def _sharded_softmax(
     logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, offset: int, group: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -148,18 +205,28 @@ def vocab_shard(head: nn.Module) -> tuple[torch.Tensor, Any, int] | None:
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, ignore_index: int = -100, rows: int | None = None
+    hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, ignore_index: int = -100, rows: int | None = None,
+    reduction: str = "sum",
 ) -> torch.Tensor:
-    """Summed fp32 cross-entropy of `targets` (any shape, `ignore_index` = skip) under `head(hidden)`."""
+    """Summed fp32 cross-entropy of `targets` (any shape, `ignore_index` = skip) under `head(hidden)`, or with
+    `reduction="none"` each target's NLL in `targets`' shape (0 where ignored: DPO's sequence log-probs)."""
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
     flat_targets = targets.reshape(-1)
-    shard = vocab_shard(head)  # a vocab-parallel head: the same chunks on this rank's V/tp rows, statistics all-reduced
+    shard = vocab_shard(head) if reduction == "sum" else None  # vocab-parallel: same chunks on this rank's V/tp rows
     if shard is None and not fusable(head):  # the head sees `hidden` in its own shape: TP/SP plans expect (B, T, d)
         logits = head(hidden)
         logits = logits.reshape(-1, logits.size(-1))
         if is_vocab_sharded(logits):
-            return vocab_parallel_cross_entropy(logits, flat_targets, ignore_index)
-        return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), flat_targets, ignore_index=ignore_index, reduction="sum")
+            if reduction == "sum":
+                return vocab_parallel_cross_entropy(logits, flat_targets, ignore_index)
+            logits = gather_vocab(logits)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        nll = F.cross_entropy(logits, flat_targets, ignore_index=ignore_index, reduction=reduction)
+        return nll if reduction == "sum" else nll.view(targets.shape)
     weight, group, offset = shard or (head.weight, None, 0)
     flat = hidden.reshape(-1, hidden.size(-1))
     rows = rows or chunk_rows(flat.size(0), weight.size(0), flat.size(1))
+    if reduction == "none":
+        return _LinearTokenNLL.apply(flat, weight, flat_targets, ignore_index, rows).view(targets.shape)
     return _LinearCrossEntropy.apply(flat, weight, flat_targets, ignore_index, rows, group, offset)

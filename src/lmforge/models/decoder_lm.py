@@ -18,7 +18,7 @@ class DecoderLM(nn.Module):
     """Base of the decoder-only families; subclasses define `hidden_states(input_ids, attention_mask,
     position_ids, cache) -> (B, T, n_embd)` and `self.lm_head`."""
 
-    loss_in_forward = True  # forward(..., targets=) returns the summed NLL (objectives/base.py:decoder_nll)
+    loss_in_forward = True  # forward(..., targets=) returns the summed NLL (objectives/base.py:decoder_nll), or per token
     lm_head: nn.Module
 
     def forward(
@@ -29,14 +29,16 @@ class DecoderLM(nn.Module):
         cache: KVCache | None = None,
         targets: torch.Tensor | None = None,
         ignore_index: int = -100,
+        reduction: str = "sum",
     ) -> torch.Tensor:
         """`attention_mask`: (B, T) padding or (B, 1, T, T) boolean mask; with a `cache` holding `past` tokens
         a padding mask covers all past + T keys. `position_ids` default to past .. past + T - 1.
 
         With `targets` (B, T) the result is the summed fp32 cross-entropy instead of logits (B, T, vocab),
         computed chunk by chunk without materialising the logits (or, with a vocab-parallel head under tensor
-        parallelism, on each rank's vocabulary shard; logits are then gathered only when returned)."""
+        parallelism, on each rank's vocabulary shard; logits are then gathered only when returned).
+        `reduction="none"`: each target's NLL (B, T) instead, 0 where ignored (sequence log-probs for DPO)."""
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         if targets is None:
             return gather_vocab(self.lm_head(hidden))
-        return linear_cross_entropy(hidden, self.lm_head, targets, ignore_index)
+        return linear_cross_entropy(hidden, self.lm_head, targets, ignore_index, reduction=reduction)

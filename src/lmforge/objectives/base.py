@@ -91,6 +91,21 @@ def decoder_nll(
     return token_nll(model(input_ids, **kwargs), targets, ignore_index)
 
 
+def decoder_sequence_logprobs(
+    model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, average: bool = False, ignore_index: int = IGNORE_INDEX,
+    **kwargs: torch.Tensor | None,
+) -> torch.Tensor:
+    """log p(targets) per sequence (B,): the sum over counted targets, or their mean when `average` (DPO/IPO).
+    Through forward's chunked head (`reduction="none"`) where the model offers it, so a preference batch's
+    (2B, T, vocab) logits never exist; else `sequence_logprobs` over full logits. Both give the same numbers."""
+    from lmforge.losses.logprobs import sequence_logprobs
+
+    if not getattr(model, "loss_in_forward", False):
+        return sequence_logprobs(model(input_ids, **kwargs), targets, ignore_index, average)
+    total = -model(input_ids, targets=targets, ignore_index=ignore_index, reduction="none", **kwargs).sum(-1)
+    return total / (targets != ignore_index).sum(-1).clamp(min=1) if average else total
+
+
 def batch_generator(input_ids: torch.Tensor, salt: int) -> torch.Generator:
     """A generator seeded from the batch content: validation draws the same split every evaluation."""
     seed = int((input_ids.long() * torch.arange(1, input_ids.numel() + 1, device=input_ids.device).view_as(input_ids)).sum().item())

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lmforge.losses import dpo_loss, dpo_uses_average_logps, sequence_logprobs
+from lmforge.losses import dpo_loss, dpo_uses_average_logps
+from lmforge.objectives.base import decoder_sequence_logprobs
 from lmforge.stages.base import LMStage
 from lmforge.stages.pairs import stack_pairs
 
@@ -48,16 +49,17 @@ class DPOStage(LMStage):
         elif self.peft_cfg is None:  # under PEFT the reference is the base model with adapters disabled
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
 
-    def reference_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def reference_sequence_logps(self, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        average = dpo_uses_average_logps(self.loss_type)
         with torch.no_grad():
             reference = self.reference if self.reference is not None else self.__dict__.get("_reference_copy")
             if reference is not None:
                 reference.eval()  # Lightning's model.train() reaches it too: keep dropout off
-                return reference(ids, attention_mask=mask)
+                return decoder_sequence_logprobs(reference, ids, targets, average, attention_mask=mask)
             from lmforge.peft import adapters_disabled
 
             with adapters_disabled(self.model):
-                return self.model(ids, attention_mask=mask)
+                return decoder_sequence_logprobs(self.model, ids, targets, average, attention_mask=mask)
 
     def reference_logps(self, batch: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(2B,) reference sequence log-probs: looked up when precomputed, else one no-grad forward."""
@@ -65,7 +67,7 @@ class DPOStage(LMStage):
             table = self.reference_train if self.training else self.reference_val
             pairs = table[batch["index"]]
             return torch.cat([pairs[:, 0], pairs[:, 1]])
-        return sequence_logprobs(self.reference_logits(ids, mask), targets, average=dpo_uses_average_logps(self.loss_type))
+        return self.reference_sequence_logps(ids, mask, targets)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -80,14 +82,14 @@ class DPOStage(LMStage):
             for batch in datamodule.ordered_dataloader(split):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 ids, mask, targets = stack_pairs(batch)
-                logps = sequence_logprobs(self.reference_logits(ids, mask), targets, average=dpo_uses_average_logps(self.loss_type))
+                logps = self.reference_sequence_logps(ids, mask, targets)
                 table[batch["index"]] = torch.stack(logps.float().chunk(2), dim=1)
         self.__dict__.pop("_reference_copy", None)  # the weights are no longer needed: free them
 
     def step(self, batch: dict[str, torch.Tensor]) -> Any:
         ids, mask, targets = stack_pairs(batch)
         average = dpo_uses_average_logps(self.loss_type)
-        policy = sequence_logprobs(self.model(ids, attention_mask=mask), targets, average=average)
+        policy = decoder_sequence_logprobs(self.model, ids, targets, average, attention_mask=mask)
         reference = self.reference_logps(batch, ids, mask, targets)
         pc, pr = policy.chunk(2)
         rc, rr = reference.chunk(2)
