@@ -182,6 +182,21 @@ def test_per_token_bf16_autocast_and_no_grad() -> None:
         assert not linear_cross_entropy(h, head, t, rows=8, reduction="none").requires_grad
     with pytest.raises(ValueError, match="reduction must be 'sum' or 'none'"):
         linear_cross_entropy(h, head, t, reduction="mean")
+    with pytest.raises(ValueError, match="with_entropy needs reduction='none'"):
+        linear_cross_entropy(h, head, t, with_entropy=True)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_per_token_entropy_equals_entropy_from_logits_fp64(rows: int) -> None:
+    from lmforge.losses import entropy_from_logits
+
+    h, head, t = case(torch.float64)
+    nll, entropy = linear_cross_entropy(h, head, t, rows=rows, reduction="none", with_entropy=True)
+    torch.testing.assert_close(nll, token_reference(h, head, t), atol=1e-12, rtol=0)
+    logp = head(h).log_softmax(-1)
+    torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1), atol=1e-12, rtol=0)  # fp64 throughout
+    torch.testing.assert_close(entropy.float(), entropy_from_logits(head(h)), atol=1e-6, rtol=0)  # what RL logged (fp32)
+    assert not entropy.requires_grad and nll.requires_grad
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama", "mixtral"])

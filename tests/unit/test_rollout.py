@@ -65,8 +65,9 @@ def test_scalar_head_reads_the_last_real_token_for_either_padding_side():
     torch.testing.assert_close(rm.score(ids, mask_right), per_token[[0, 1], [2, 3]])
 
 
-def test_rollout_logprobs_without_entropy_take_the_chunked_head_with_the_same_values_and_grads():
-    """Old-policy and reference passes skip the logits: same log-probs (0 where masked) and gradients."""
+def test_rollout_logprobs_take_the_chunked_head_with_the_same_values_entropies_and_grads():
+    """Old-policy, reference and policy passes skip the logits: same log-probs (0 where masked), entropies and
+    gradients as the logits path."""
     for family in ("gpt", "llama"):
         model = tiny(family)
         ids = torch.tensor([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]])
@@ -75,15 +76,21 @@ def test_rollout_logprobs_without_entropy_take_the_chunked_head_with_the_same_va
                                  num_generations=2, max_new_tokens=6, stop_ids=[3], pad_id=0, temperature=1.0)
         rollout.completion_mask[1, 3:] = False  # a stop partway
         weights = torch.randn(rollout.completion_mask.shape, generator=torch.Generator().manual_seed(0))
-        results = []
-        for chunked in (True, False):
-            model.loss_in_forward = chunked  # instance attribute: False sends rollout_logprobs down the logits path
-            logp, _ = rollout_logprobs(model, rollout)
-            (weights * logp).sum().backward()
-            results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-            model.zero_grad(set_to_none=True)
-        (a, ga), (b, gb) = results
-        assert (a[~rollout.completion_mask] == 0).all()
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-        for name in ga:
-            torch.testing.assert_close(ga[name], gb[name], atol=1e-6, rtol=1e-4, msg=f"{family} {name}")
+        for with_entropy in (False, True):
+            results = []
+            for chunked in (True, False):
+                model.loss_in_forward = chunked  # instance attribute: False sends rollout_logprobs down the logits path
+                logp, entropy = rollout_logprobs(model, rollout, with_entropy=with_entropy)
+                (weights * logp).sum().backward()
+                results.append((logp.detach(), entropy, {n: p.grad.clone() for n, p in model.named_parameters()}))
+                model.zero_grad(set_to_none=True)
+            (a, ea, ga), (b, eb, gb) = results
+            assert (a[~rollout.completion_mask] == 0).all()
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+            if with_entropy:
+                assert ea.shape == a.shape and not ea.requires_grad
+                torch.testing.assert_close(ea, eb, atol=1e-5, rtol=0)
+            else:
+                assert ea is None and eb is None
+            for name in ga:
+                torch.testing.assert_close(ga[name], gb[name], atol=1e-6, rtol=1e-4, msg=f"{family} {name}")

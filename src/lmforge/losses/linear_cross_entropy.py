@@ -113,10 +113,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
 class _LinearTokenNLL(torch.autograd.Function):
     """Per-row NLL (N,) of `targets` under softmax(hidden @ weightᵀ), 0 on ignored rows. The upstream gradient
     differs per row, so d(weight) cannot be formed ahead as in `_LinearCrossEntropy`: forward keeps only each
-    row's logsumexp, backward recomputes each chunk's logits (one GEMM more than the plain path, no logits kept)."""
+    row's logsumexp, backward recomputes each chunk's logits (one GEMM more than the plain path, no logits kept).
+    With `with_entropy`, also each row's softmax entropy (N,) as a second, non-differentiable output (RL logs it);
+    else that output is empty."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, rows: int) -> torch.Tensor:
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, rows: int, with_entropy: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
         h, w = hidden.to(dtype), weight.to(dtype)
         acc = torch.promote_types(dtype, torch.float32)
@@ -124,19 +128,24 @@ class _LinearTokenNLL(torch.autograd.Function):
         safe = torch.where(valid, targets, 0)
         nll = torch.empty(h.size(0), dtype=acc, device=h.device)
         lse = torch.empty_like(nll)
+        entropy = torch.empty(h.size(0) if with_entropy else 0, dtype=acc, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.size(0), rows):
-                logits = (h[start : start + rows] @ w.t()).to(acc)
-                lse[start : start + rows] = torch.logsumexp(logits, dim=1)
-                picked = logits.gather(1, safe[start : start + rows].unsqueeze(1)).squeeze(1)
-                nll[start : start + rows] = lse[start : start + rows] - picked
+                stop = start + rows
+                logits = (h[start:stop] @ w.t()).to(acc)
+                lse[start:stop] = torch.logsumexp(logits, dim=1)
+                nll[start:stop] = lse[start:stop] - logits.gather(1, safe[start:stop].unsqueeze(1)).squeeze(1)
+                if with_entropy:  # -sum p log p with log p = logits - lse: stable, as entropy_from_logits
+                    logp = logits.clamp_(min=torch.finfo(acc).min).sub_(lse[start:stop].unsqueeze(1))
+                    entropy[start:stop] = -(logp.exp() * logp).sum(dim=1)
         nll.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(h, w, safe, valid, lse)
         ctx.rows, ctx.dtypes = rows, (hidden.dtype, weight.dtype)
-        return nll
+        ctx.mark_non_differentiable(entropy)
+        return nll, entropy
 
     @staticmethod
-    def backward(ctx: Any, grad_nll: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, grad_nll: torch.Tensor, _grad_entropy: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
         h, w, safe, valid, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = lse.dtype
@@ -160,7 +169,7 @@ class _LinearTokenNLL(torch.autograd.Function):
                         grad_w += (g.t() @ h_c).to(acc)
         dh = None if grad_h is None else grad_h.to(ctx.dtypes[0])
         dw = None if grad_w is None else grad_w.to(ctx.dtypes[1])
-        return dh, dw, None, None, None
+        return dh, dw, None, None, None, None
 
 
 def _sharded_softmax(
@@ -206,12 +215,15 @@ def vocab_shard(head: nn.Module) -> tuple[torch.Tensor, Any, int] | None:
 
 def linear_cross_entropy(
     hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, ignore_index: int = -100, rows: int | None = None,
-    reduction: str = "sum",
-) -> torch.Tensor:
+    reduction: str = "sum", with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Summed fp32 cross-entropy of `targets` (any shape, `ignore_index` = skip) under `head(hidden)`, or with
-    `reduction="none"` each target's NLL in `targets`' shape (0 where ignored: DPO's sequence log-probs)."""
+    `reduction="none"` each target's NLL in `targets`' shape (0 where ignored: DPO's and RL's log-probs), and
+    then with `with_entropy` also each position's softmax entropy (detached), as a pair."""
     if reduction not in ("sum", "none"):
         raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    if with_entropy and reduction != "none":
+        raise ValueError("with_entropy needs reduction='none' (entropies are per position)")
     flat_targets = targets.reshape(-1)
     shard = vocab_shard(head) if reduction == "sum" else None  # vocab-parallel: same chunks on this rank's V/tp rows
     if shard is None and not fusable(head):  # the head sees `hidden` in its own shape: TP/SP plans expect (B, T, d)
@@ -223,10 +235,17 @@ def linear_cross_entropy(
             logits = gather_vocab(logits)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         nll = F.cross_entropy(logits, flat_targets, ignore_index=ignore_index, reduction=reduction)
-        return nll if reduction == "sum" else nll.view(targets.shape)
+        if reduction == "sum":
+            return nll
+        if not with_entropy:
+            return nll.view(targets.shape)
+        from lmforge.losses.logprobs import entropy_from_logits
+
+        return nll.view(targets.shape), entropy_from_logits(logits.detach()).view(targets.shape)
     weight, group, offset = shard or (head.weight, None, 0)
     flat = hidden.reshape(-1, hidden.size(-1))
     rows = rows or chunk_rows(flat.size(0), weight.size(0), flat.size(1))
     if reduction == "none":
-        return _LinearTokenNLL.apply(flat, weight, flat_targets, ignore_index, rows).view(targets.shape)
+        nll, entropy = _LinearTokenNLL.apply(flat, weight, flat_targets, ignore_index, rows, with_entropy)
+        return (nll.view(targets.shape), entropy.view(targets.shape)) if with_entropy else nll.view(targets.shape)
     return _LinearCrossEntropy.apply(flat, weight, flat_targets, ignore_index, rows, group, offset)

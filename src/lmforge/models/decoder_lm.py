@@ -30,15 +30,17 @@ class DecoderLM(nn.Module):
         targets: torch.Tensor | None = None,
         ignore_index: int = -100,
         reduction: str = "sum",
-    ) -> torch.Tensor:
+        with_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`attention_mask`: (B, T) padding or (B, 1, T, T) boolean mask; with a `cache` holding `past` tokens
         a padding mask covers all past + T keys. `position_ids` default to past .. past + T - 1.
 
         With `targets` (B, T) the result is the summed fp32 cross-entropy instead of logits (B, T, vocab),
         computed chunk by chunk without materialising the logits (or, with a vocab-parallel head under tensor
         parallelism, on each rank's vocabulary shard; logits are then gathered only when returned).
-        `reduction="none"`: each target's NLL (B, T) instead, 0 where ignored (sequence log-probs for DPO)."""
+        `reduction="none"`: each target's NLL (B, T) instead, 0 where ignored (sequence log-probs for DPO), and with
+        `with_entropy` the pair (NLL, detached entropy per position) for RL's policy pass."""
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         if targets is None:
             return gather_vocab(self.lm_head(hidden))
-        return linear_cross_entropy(hidden, self.lm_head, targets, ignore_index, reduction=reduction)
+        return linear_cross_entropy(hidden, self.lm_head, targets, ignore_index, reduction=reduction, with_entropy=with_entropy)

@@ -102,16 +102,17 @@ def sample_rollout(
 def rollout_logprobs(model: nn.Module, rollout: Rollout, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (N, L) of the completion under `model` (0 where masked), and optionally entropies.
 
-    Without entropies (the old-policy and reference passes) they go through the decoder's chunked head
-    (`reduction="none"`), so those passes never hold (N, P + L, vocab) logits; entropies need the whole
-    distribution, so that pass takes the logits."""
-    if not with_entropy and getattr(model, "loss_in_forward", False):
+    Through the decoder's chunked head (`reduction="none"`, entropies formed chunk by chunk too) where the model
+    offers it, so no pass holds (N, P + L, vocab) logits; else from the logits."""
+    if getattr(model, "loss_in_forward", False):
         P = rollout.prompt_len
         targets = torch.full_like(rollout.ids, IGNORE_INDEX)
         targets[:, P - 1 : -1] = rollout.targets
-        nll = model(rollout.ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids, targets=targets,
-                    reduction="none")
-        return nll[:, P - 1 : -1].neg().masked_fill(targets[:, P - 1 : -1] == IGNORE_INDEX, 0.0), None
+        out = model(rollout.ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids, targets=targets,
+                    reduction="none", with_entropy=with_entropy)
+        nll, entropy = out if with_entropy else (out, None)
+        logp = nll[:, P - 1 : -1].neg().masked_fill(targets[:, P - 1 : -1] == IGNORE_INDEX, 0.0)
+        return logp, None if entropy is None else entropy[:, P - 1 : -1]
     logits = model(rollout.ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids)
     logits = logits[:, rollout.prompt_len - 1 : -1]
     logp = token_logprobs(logits, rollout.targets)
