@@ -110,16 +110,28 @@ def _worker(rank: int, port: int, results: dict) -> None:
         # chunked on those rows (all-reduced softmax statistics); same loss and gradients as the whole model, with
         # several chunks, through the gathered logits (fused_loss=false) and through torch's loss_parallel on the
         # head's sharded logits; a tied head shares the vocab-parallel embedding table, stays tied, and is vocab-parallel
-        # even with loss_parallel=false (clm_flag_off)
+        # even with loss_parallel=false (clm_flag_off). Per-token NLL on the shards too: DPO's sequence log-probs
+        # (dpo) and RL's log-probs with entropies (rl, entropies compared as well), against the same on the whole model
         import lmforge.losses.linear_cross_entropy as lce
         from lmforge.losses.vocab_parallel_cross_entropy import vocab_parallel_cross_entropy
+        from lmforge.objectives.base import decoder_sequence_logprobs
 
         targets = tokens.roll(-1, dims=1)
         targets[0, :3] = -100  # ignored targets on both sides
         batch = {"input_ids": tokens, "targets": targets}
         sharded_calls: list[int] = []
-        real = lce._sharded_softmax
-        lce._sharded_softmax = lambda *a: sharded_calls.append(1) or real(*a)
+        real = lce._shard_logsumexp
+        lce._shard_logsumexp = lambda *a: sharded_calls.append(1) or real(*a)
+        seq_weights = torch.tensor([1.5, -0.5])
+        entropies: dict[str, torch.Tensor] = {}
+
+        def dpo(model: torch.nn.Module) -> torch.Tensor:
+            return (seq_weights * decoder_sequence_logprobs(model, tokens, targets)).sum() / 21  # per token, as the others
+
+        def rl(model: torch.nn.Module) -> torch.Tensor:
+            nll, entropy = model(tokens, targets=targets, reduction="none", with_entropy=True)
+            entropies[model.__class__.__name__ + str(id(model))] = entropy
+            return (seq_weights[:, None] * nll).sum() / 21
 
         def fused_rows_5(model: torch.nn.Module) -> torch.Tensor:
             return lce.linear_cross_entropy(model.hidden_states(tokens), model.lm_head, targets, rows=5) / 21
@@ -131,22 +143,27 @@ def _worker(rank: int, port: int, results: dict) -> None:
             return torch.nn.functional.cross_entropy(logits.reshape(-1, 97), targets.reshape(-1), reduction="sum") / 21
 
         losses = {"clm": lambda m: CausalLM()(m, batch).loss, "rows5": fused_rows_5, "clm_flag_off": lambda m: CausalLM()(m, batch).loss,
-                  "full_logits": lambda m: CausalLM(fused_loss=False)(m, batch).loss, "loss_parallel": torch_loss_parallel}
+                  "full_logits": lambda m: CausalLM(fused_loss=False)(m, batch).loss, "loss_parallel": torch_loss_parallel,
+                  "dpo": dpo, "rl": rl}
         for name, overrides, sp, how in (("untied", {}, False, "clm"), ("untied", {}, True, "clm"), ("untied", {}, False, "rows5"),
                                          ("untied", {}, False, "full_logits"), ("untied", {}, False, "loss_parallel"),
                                          ("tied", {"tie_embeddings": True}, False, "clm"), ("tied", {"tie_embeddings": True}, True, "clm"),
-                                         ("tied", {"tie_embeddings": True}, False, "clm_flag_off")):
+                                         ("tied", {"tie_embeddings": True}, False, "clm_flag_off"), ("untied", {}, False, "dpo"),
+                                         ("untied", {}, True, "rl")):
             torch.manual_seed(0)
             reference, sharded = build({**tiny("llama"), **overrides}), build({**tiny("llama"), **overrides})
             sharded.load_state_dict(reference.state_dict())
             mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
             apply_tensor_parallel(sharded, mesh["tensor_parallel"], sequence_parallel=sp, loss_parallel=how != "clm_flag_off")
-            if how in ("clm", "full_logits", "clm_flag_off"):  # the others call hidden_states, past FSDP's root hook: TP only
+            if how in ("clm", "full_logits", "clm_flag_off", "dpo", "rl"):  # the others call hidden_states, past FSDP's root hook
                 apply_fsdp(sharded, mesh["data_parallel"])
             # this rank's vocabulary rows of the head and of the embedding (FSDP over 1 rank keeps all)
             rows = (sharded.lm_head.weight.to_local().shape[0], sharded.wte.weight.to_local().shape[0])
             sharded_calls.clear()
-            ref_loss, loss = CausalLM()(reference, batch).loss, losses[how](sharded)
+            entropies.clear()
+            ref_loss = (losses[how] if how in ("dpo", "rl") else losses["clm"])(reference)
+            loss = losses[how](sharded)
+            entropy_gap = (entropies.popitem()[1] - entropies.popitem()[1]).abs().max().item() if how == "rl" else 0.0
             ref_loss.backward()
             loss.backward()
             worst_grad = 0.0
@@ -154,9 +171,9 @@ def _worker(rank: int, port: int, results: dict) -> None:
                 full = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
                 worst_grad = max(worst_grad, (full - p.grad).abs().max().item())
             tied = sharded.lm_head.weight is sharded.wte.weight
-            results[(rank, "loss_parallel", name, sp, how)] = (abs(loss.item() - ref_loss.item()), worst_grad, rows, tied,
-                                                               type(loss).__name__, len(sharded_calls))
-        lce._sharded_softmax = real
+            results[(rank, "loss_parallel", name, sp, how)] = (max(abs(loss.item() - ref_loss.item()), entropy_gap), worst_grad, rows,
+                                                               tied, type(loss).__name__, len(sharded_calls))
+        lce._shard_logsumexp = real
         # meta-device init under FSDP over 2 ranks: each rank allocates half, the full weights equal a plain build
         torch.manual_seed(5)
         plain = build(tiny("gpt"))
@@ -191,7 +208,7 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
             assert "multiple of tensor_parallel_size=2, got 7" in results[(rank, family, "odd")]
         for name, sp, how, chunks in (("untied", False, "clm", 1), ("untied", True, "clm", 1), ("untied", False, "rows5", 5),
                                       ("untied", False, "full_logits", 0), ("untied", False, "loss_parallel", 0), ("tied", False, "clm", 1), ("tied", True, "clm", 1),
-                                      ("tied", False, "clm_flag_off", 1)):
+                                      ("tied", False, "clm_flag_off", 1), ("untied", False, "dpo", 1), ("untied", True, "rl", 1)):
             loss, grads, rows, tied, kind, on_shards = results[(rank, "loss_parallel", name, sp, how)]
             assert loss < 1e-5 and grads < 1e-5 and kind == "Tensor", (name, sp, how, rank, loss, grads, kind)
             half = (49, 48)[rank]

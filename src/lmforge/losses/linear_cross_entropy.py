@@ -81,8 +81,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     total -= logprobs.gather(1, safe).squeeze(1).masked_fill(~valid, 0.0).sum()
                     probs = logprobs.exp_() if need_h or need_w else logprobs
                 else:
-                    probs, hit, safe, nll = _sharded_softmax((h_c @ w.t()).to(acc), t_c, valid, vocab_offset, group)
-                    total += nll
+                    logits = (h_c @ w.t()).to(acc)
+                    lse, picked, hit, safe = _shard_logsumexp(logits, t_c, valid, vocab_offset, group)
+                    total += (lse - picked).masked_fill(~valid, 0.0).sum()
+                    probs, safe = logits.sub_(lse.unsqueeze(1)).exp_(), safe.unsqueeze(1)
                 if not (need_h or need_w):
                     continue
                 # d(sum NLL)/d(logits) = p - onehot(target) on counted rows, 0 elsewhere (onehot: on the target's shard)
@@ -120,12 +122,15 @@ class _LinearTokenNLL(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, rows: int, with_entropy: bool,
+        group: Any = None, vocab_offset: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`group`/`vocab_offset` as in `_LinearCrossEntropy`: this rank holds a vocabulary shard of the head."""
         dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
         h, w = hidden.to(dtype), weight.to(dtype)
         acc = torch.promote_types(dtype, torch.float32)
         valid = targets != ignore_index
-        safe = torch.where(valid, targets, 0)
+        safe = torch.where(valid, targets, 0)  # under TP: the local index where the target is on this shard
+        hit = valid.clone()  # under TP: where the target is on this shard
         nll = torch.empty(h.size(0), dtype=acc, device=h.device)
         lse = torch.empty_like(nll)
         entropy = torch.empty(h.size(0) if with_entropy else 0, dtype=acc, device=h.device)
@@ -133,20 +138,28 @@ class _LinearTokenNLL(torch.autograd.Function):
             for start in range(0, h.size(0), rows):
                 stop = start + rows
                 logits = (h[start:stop] @ w.t()).to(acc)
-                lse[start:stop] = torch.logsumexp(logits, dim=1)
-                nll[start:stop] = lse[start:stop] - logits.gather(1, safe[start:stop].unsqueeze(1)).squeeze(1)
+                if group is None:
+                    lse[start:stop] = torch.logsumexp(logits, dim=1)
+                    nll[start:stop] = lse[start:stop] - logits.gather(1, safe[start:stop].unsqueeze(1)).squeeze(1)
+                else:
+                    lse_c, picked, hit[start:stop], safe[start:stop] = _shard_logsumexp(logits, targets[start:stop], valid[start:stop],
+                                                                                        vocab_offset, group)
+                    lse[start:stop], nll[start:stop] = lse_c, lse_c - picked
                 if with_entropy:  # -sum p log p with log p = logits - lse: stable, as entropy_from_logits
                     logp = logits.clamp_(min=torch.finfo(acc).min).sub_(lse[start:stop].unsqueeze(1))
                     entropy[start:stop] = -(logp.exp() * logp).sum(dim=1)
+        if group is not None and with_entropy:  # each shard summed its own columns' -p log p
+            torch.distributed.all_reduce(entropy, group=group)
         nll.masked_fill_(~valid, 0.0)
-        ctx.save_for_backward(h, w, safe, valid, lse)
+        ctx.save_for_backward(h, w, safe, hit, valid, lse)
+        ctx.group = group
         ctx.rows, ctx.dtypes = rows, (hidden.dtype, weight.dtype)
         ctx.mark_non_differentiable(entropy)
         return nll, entropy
 
     @staticmethod
     def backward(ctx: Any, grad_nll: torch.Tensor, _grad_entropy: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
-        h, w, safe, valid, lse = ctx.saved_tensors
+        h, w, safe, hit, valid, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = lse.dtype
         scale = (grad_nll.to(acc) * valid).unsqueeze(1)  # d(nll_i)/d(logits_i) = p_i - onehot_i, times the row's grad
@@ -157,7 +170,7 @@ class _LinearTokenNLL(torch.autograd.Function):
                 stop = start + ctx.rows
                 h_c = h[start:stop]
                 probs = ((h_c @ w.t()).to(acc) - lse[start:stop].unsqueeze(1)).exp_()
-                probs.scatter_add_(1, safe[start:stop].unsqueeze(1), torch.full_like(lse[start:stop], -1.0).unsqueeze(1))
+                probs.scatter_add_(1, safe[start:stop].unsqueeze(1), -hit[start:stop].to(acc).unsqueeze(1))
                 probs *= scale[start:stop]
                 g = probs.to(h.dtype)
                 if need_h:
@@ -167,30 +180,29 @@ class _LinearTokenNLL(torch.autograd.Function):
                         grad_w.addmm_(g.t(), h_c)
                     else:  # fp32 accumulation across chunks
                         grad_w += (g.t() @ h_c).to(acc)
+        if ctx.group is not None and need_h:  # partial sums over this shard's vocabulary rows
+            torch.distributed.all_reduce(grad_h, group=ctx.group)
         dh = None if grad_h is None else grad_h.to(ctx.dtypes[0])
         dw = None if grad_w is None else grad_w.to(ctx.dtypes[1])
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
-def _sharded_softmax(
+def _shard_logsumexp(
     logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, offset: int, group: Any
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax over a vocabulary split across `group` (this rank's columns start at `offset`), two all-reduces:
-    the row max, then the row's sum of exponentials stacked with its target logit (found on one rank only).
-    Returns this rank's probabilities, where the target is local (and its local index), and the summed NLL."""
+    """Row logsumexp and target logit over a vocabulary split across `group` (this rank's columns start at
+    `offset`), in two all-reduces: the row max, then the sum of exponentials stacked with the target logit (which
+    one rank holds). Returns (lse, target logit, where the target is on this rank, its local index)."""
     import torch.distributed as dist
 
     row_max = logits.amax(dim=1)
     dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-    logits -= row_max.unsqueeze(1)
     local = targets - offset
     hit = valid & (local >= 0) & (local < logits.size(1))
-    safe = torch.where(hit, local, 0).unsqueeze(1)
-    probs = logits.exp()
-    sums = torch.stack([probs.sum(dim=1), logits.gather(1, safe).squeeze(1).masked_fill(~hit, 0.0)])
+    safe = torch.where(hit, local, 0)
+    sums = torch.stack([(logits - row_max.unsqueeze(1)).exp_().sum(dim=1), logits.gather(1, safe.unsqueeze(1)).squeeze(1) * hit])
     dist.all_reduce(sums, group=group)
-    probs /= sums[0].unsqueeze(1)
-    return probs, hit, safe, (sums[0].log() - sums[1]).masked_fill(~valid, 0.0).sum()
+    return row_max + sums[0].log(), sums[1], hit, safe
 
 
 def vocab_shard(head: nn.Module) -> tuple[torch.Tensor, Any, int] | None:
@@ -225,7 +237,7 @@ def linear_cross_entropy(
     if with_entropy and reduction != "none":
         raise ValueError("with_entropy needs reduction='none' (entropies are per position)")
     flat_targets = targets.reshape(-1)
-    shard = vocab_shard(head) if reduction == "sum" else None  # vocab-parallel: same chunks on this rank's V/tp rows
+    shard = vocab_shard(head)  # a vocab-parallel head: the same chunks on this rank's V/tp rows, statistics all-reduced
     if shard is None and not fusable(head):  # the head sees `hidden` in its own shape: TP/SP plans expect (B, T, d)
         logits = head(hidden)
         logits = logits.reshape(-1, logits.size(-1))
@@ -246,6 +258,6 @@ def linear_cross_entropy(
     flat = hidden.reshape(-1, hidden.size(-1))
     rows = rows or chunk_rows(flat.size(0), weight.size(0), flat.size(1))
     if reduction == "none":
-        nll, entropy = _LinearTokenNLL.apply(flat, weight, flat_targets, ignore_index, rows, with_entropy)
+        nll, entropy = _LinearTokenNLL.apply(flat, weight, flat_targets, ignore_index, rows, with_entropy, group, offset)
         return (nll.view(targets.shape), entropy.view(targets.shape)) if with_entropy else nll.view(targets.shape)
     return _LinearCrossEntropy.apply(flat, weight, flat_targets, ignore_index, rows, group, offset)
