@@ -9,13 +9,17 @@ scalar. On CPU, where glibc hands every > 32 MB block back to the OS, this also 
 re-allocating logits-sized buffers each step. Same idea as Liger-Kernel's fused linear cross-entropy and
 torchtune's chunked loss; the maths is the textbook softmax cross-entropy gradient.
 
+`reduction="none"` gives each target's NLL (DPO's sequence log-probs, RL's token log-probs, optionally with
+each position's entropy): its upstream gradient differs per row, so that path keeps each row's logsumexp and
+recomputes the chunk logits in backward instead of forming gradients ahead.
+
 `linear_cross_entropy(hidden, head, targets)` falls back to `cross_entropy(head(hidden))` whenever the head
 is not a plain bias-free `nn.Linear` on ordinary tensors (LoRA-wrapped or quantised heads, tensor-parallel
 layouts other than the one below, DeepSpeed ZeRO-3 partitions that only its module hooks can gather), so it is
-always safe to call.
-A vocab-parallel (tensor-parallel) head runs the same chunks on each rank's V/tp rows, all-reducing two
+always safe to call. A vocab-parallel (tensor-parallel) head runs the same chunks on each rank's V/tp rows, all-reducing two
 per-row statistics per chunk (Megatron's vocab-parallel cross-entropy, chunked); other heads whose logits come
-out vocab-sharded go through torch's `loss_parallel` (`vocab_parallel_cross_entropy`). Neither gathers logits.
+out vocab-sharded go through torch's `loss_parallel` (`vocab_parallel_cross_entropy`; summed loss only, per-token
+NLL from such heads gathers the logits). The chunked paths never gather them.
 """
 
 from __future__ import annotations
