@@ -26,4 +26,7 @@ bench() { timeout 120 python3 scripts/benchmark.py --precision bf16-mixed --comp
   bench --models llama-1b --block 2048 --batch 4 --vocab 32000; } | tee "$OUT/mfu.txt"
 # 3. Chunked head + loss vs full logits on CUDA (peak allocated memory, fwd+bwd ms), vocab 32000 and 128256.
 timeout 300 python3 scripts/benchmark.py head-loss --device cuda --out "$OUT/head-loss" 2>&1 | tail -12 | tee "$OUT/head-loss.txt"
+# 4. DPO/RL per-token log-probs through the chunked head vs full logits on CUDA.
+timeout 300 python3 scripts/benchmark.py head-loss --logprobs --device cuda --out "$OUT/head-loss-logprobs" 2>&1 | tail -12 \
+    | tee "$OUT/head-loss-logprobs.txt"
 cp logs/benchmark/results.jsonl "$OUT/results.jsonl" 2>/dev/null || true
