@@ -94,16 +94,21 @@ def test_chunk_rows_keeps_chunk_logits_near_hidden_size() -> None:
     assert chunk_rows(1, 128_256, 2048) == 256
 
 
-@pytest.mark.parametrize("family", ["gpt", "llama", "mixtral"])
-def test_objective_fused_equals_full_logits(family: str) -> None:
-    """CLM through forward(targets=) gives the logits path's loss and every parameter's gradient (tied head too)."""
+def tiny_decoder(family: str) -> nn.Module:
+    """A seeded 2-layer model of a decoder family, vocab 97 (GQA for Llama, 4 experts top-2 for Mixtral)."""
     torch.manual_seed(0)
     cfg = {"family": family, "vocab_size": 97, "n_layer": 2, "n_head": 4, "n_embd": 32, "max_seq_len": 32}
     if family != "gpt":
         cfg |= {"n_kv_head": 2, "intermediate_size": 48}
     if family == "mixtral":
         cfg |= {"n_expert": 4, "n_expert_per_token": 2}
-    model = build(cfg)
+    return build(cfg)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama", "mixtral"])
+def test_objective_fused_equals_full_logits(family: str) -> None:
+    """CLM through forward(targets=) gives the logits path's loss and every parameter's gradient (tied head too)."""
+    model = tiny_decoder(family)
     ids = torch.randint(0, 97, (3, 17))
     batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:].clone()}
     batch["targets"][2, 10:] = -100
@@ -207,13 +212,7 @@ def test_decoder_sequence_logprobs_equal_full_logits(family: str, average: bool)
     from lmforge.losses import sequence_logprobs
     from lmforge.objectives.base import decoder_sequence_logprobs
 
-    torch.manual_seed(0)
-    cfg = {"family": family, "vocab_size": 97, "n_layer": 2, "n_head": 4, "n_embd": 32, "max_seq_len": 32}
-    if family != "gpt":
-        cfg |= {"n_kv_head": 2, "intermediate_size": 48}
-    if family == "mixtral":
-        cfg |= {"n_expert": 4, "n_expert_per_token": 2}
-    model = build(cfg)
+    model = tiny_decoder(family)
     ids = torch.randint(0, 97, (4, 12))
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0  # right padding
