@@ -59,12 +59,12 @@ def measure(fused: bool, vocab: int, batch: int, seq: int, device: str, tp_mesh:
     completion = batch_["targets"].clone()
     completion[:, : seq // 2] = -100  # prompt half
 
-    def objective(model: torch.nn.Module, b: dict[str, torch.Tensor]) -> Any:
+    def step_loss() -> torch.Tensor:
         if not logprobs:
-            return clm(model, b)
-        ids = b["input_ids"]
-        logps = (decoder_sequence_logprobs(model, ids, completion) if fused else sequence_logprobs(model(ids), completion))
-        return type("Out", (), {"loss": -logps.mean()})
+            return clm(model, batch_).loss
+        ids = batch_["input_ids"]
+        logps = decoder_sequence_logprobs(model, ids, completion) if fused else sequence_logprobs(model(ids), completion)
+        return -logps.mean()
 
     if logprobs:
         variant = "chunked per-token log-probs" if fused else "full logits (sequence_logprobs)"
@@ -74,14 +74,14 @@ def measure(fused: bool, vocab: int, batch: int, seq: int, device: str, tp_mesh:
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    loss = objective(model, batch_).loss
+    loss = step_loss()
     loss.backward()
     peak = (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - base
     times = []
     for _ in range(3):
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        objective(model, batch_).loss.backward()
+        step_loss().backward()
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

@@ -126,11 +126,11 @@ def contenders(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, Ca
     opt_ours = lmforge_optimizer(ours)
     info = {"optimizer_lmforge": optimizer_kind(opt_ours)}
 
-    def step_ours(model: nn.Module, opt: torch.optim.Optimizer, obj: CausalLM) -> Callable[[bool], Callable[[], torch.Tensor]]:
+    def train_step(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer) -> Callable[[bool], Callable[[], torch.Tensor]]:
         def make(amp: bool) -> Callable[[], torch.Tensor]:
             def step() -> torch.Tensor:
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                    loss = obj(model, batch).loss
+                    loss = loss_fn()
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -145,31 +145,22 @@ def contenders(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, Ca
         hf.train()
         opt_hf = hf_optimizer(hf, opt_ours)
         info.update(optimizer_hf=optimizer_kind(opt_hf), hf_attn=hf.config._attn_implementation)
-
-        def make_hf(amp: bool) -> Callable[[], torch.Tensor]:
-            def step() -> torch.Tensor:
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                    loss = hf(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
-                loss.backward()
-                opt_hf.step()
-                opt_hf.zero_grad(set_to_none=True)
-                return loss.detach()
-            return step
-        steps["hf"] = make_hf
+        steps["hf"] = train_step(lambda: hf(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss, opt_hf)
     if "lmforge" in names:
-        steps["lmforge"] = step_ours(ours, opt_ours, CausalLM())
+        steps["lmforge"] = train_step(lambda: CausalLM()(ours, batch).loss, opt_ours)
     if "lmforge-full-logits" in names:
-        steps["lmforge-full-logits"] = step_ours(ours, opt_ours, CausalLM(fused_loss=False))
+        steps["lmforge-full-logits"] = train_step(lambda: CausalLM(fused_loss=False)(ours, batch).loss, opt_ours)
     if "lmforge-compiled" in names:
         compiled = build(gpt_cfg(args)).train()
         compiled.load_state_dict(ours.state_dict())
         compiled.compile()
-        steps["lmforge-compiled"] = step_ours(compiled, lmforge_optimizer(compiled), CausalLM())
+        steps["lmforge-compiled"] = train_step(lambda: CausalLM()(compiled, batch).loss, lmforge_optimizer(compiled))
     return steps, info
 
 
-def child_times(args: argparse.Namespace, name: str, precision: str) -> list[float]:
-    """One contender's `--warmup` + `--steps` steps in a fresh process: its allocator state is its own."""
+def child_times(args: argparse.Namespace, name: str, precision: str) -> tuple[list[float], dict[str, str]]:
+    """One contender's `--warmup` + `--steps` steps in a fresh process (its allocator state is its own): the
+    step times and what the child built (optimizer kinds, HF attention)."""
     import subprocess
     import sys
 
@@ -177,19 +168,19 @@ def child_times(args: argparse.Namespace, name: str, precision: str) -> list[flo
            "--layers", str(args.layers), "--width", str(args.width), "--heads", str(args.heads), "--seq", str(args.seq),
            "--batch", str(args.batch), "--vocab", str(args.vocab), "--clock", args.clock, "--steps", str(args.steps),
            "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["times"]
+    out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    return out.pop("times"), out
 
 
 def bench_vs_hf(args: argparse.Namespace) -> list[dict[str, Any]]:
     names = ["lmforge", "hf"] + (["lmforge-compiled"] if args.compile else []) + (["lmforge-full-logits"] if args.full_logits else [])
     if args.child:  # one contender, one precision, in this process; the parent reads the JSON line
         name, precision = args.child
-        make, _ = contenders(args, [name])
+        make, info = contenders(args, [name])
         times = timed_rounds({name: make[name](precision == "bf16-mixed")}, 1, args.steps, args.warmup)[name]
-        print(json.dumps({"times": times}))
+        print(json.dumps({"times": times, **info}))
         return []
-    info: dict[str, str] = {"optimizer_lmforge": "fused", "optimizer_hf": "fused", "hf_attn": "sdpa"}
+    info: dict[str, str] = {}
     if args.same_process:
         make, info = contenders(args, names)
     rows = []
@@ -202,7 +193,9 @@ def bench_vs_hf(args: argparse.Namespace) -> list[dict[str, Any]]:
             times = {name: [] for name in names}
             for r in range(args.rounds):
                 for name in names if r % 2 == 0 else list(reversed(names)):  # neither side always runs first
-                    times[name] += child_times(args, name, precision)
+                    child, built = child_times(args, name, precision)
+                    times[name] += child
+                    info.update(built)
         med = {k: statistics.median(v) for k, v in times.items()}
         for name in [k for k in names if k != "hf"]:
             rows.append({

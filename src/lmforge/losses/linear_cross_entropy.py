@@ -57,6 +57,22 @@ def chunk_rows(n_rows: int, vocab: int, width: int) -> int:
     return max(1 << (rows - 1).bit_length(), MIN_CHUNK_ROWS)  # next power of two
 
 
+def _operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+    """Hidden and weight in the GEMM dtype (autocast's, which is active inside Function.forward, else the input's)
+    and the softmax-side dtype: fp32, or fp64 for fp64 inputs."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return hidden.to(dtype), weight.to(dtype), torch.promote_types(dtype, torch.float32)
+
+
+def _accumulate(grad_w: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> None:
+    """grad_w += gᵀ h_c, summed across chunks in grad_w's (fp32) dtype as autograd's one big GEMM would."""
+    if g.dtype == grad_w.dtype:
+        grad_w.addmm_(g.t(), h_c)
+    else:
+        grad_w += (g.t() @ h_c).to(grad_w.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed NLL of `targets` under softmax(hidden @ weightᵀ); gradients formed chunk by chunk in forward."""
 
@@ -67,10 +83,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ) -> torch.Tensor:
         """`group`/`vocab_offset`: `weight` holds vocabulary rows [offset, offset + rows) of a head sharded over
         the tensor-parallel `group`; softmax statistics are all-reduced per chunk, d(hidden) once at the end."""
-        # autocast is active inside Function.forward: do the GEMMs in its dtype, everything softmax-side in fp32
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
-        h, w = hidden.to(dtype), weight.to(dtype)
-        acc = torch.promote_types(dtype, torch.float32)  # softmax side: fp32, or fp64 for fp64 inputs
+        h, w, acc = _operands(hidden, weight)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
@@ -94,14 +107,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # d(sum NLL)/d(logits) = p - onehot(target) on counted rows, 0 elsewhere (onehot: on the target's shard)
                 probs.scatter_add_(1, safe, -hit.to(probs.dtype).unsqueeze(1))
                 probs *= valid.unsqueeze(1)
-                g = probs.to(dtype)
+                g = probs.to(h.dtype)
                 if need_h:
                     torch.mm(g, w, out=grad_h[start : start + rows])
                 if need_w:
-                    if dtype == acc:
-                        grad_w.addmm_(g.t(), h_c)
-                    else:  # accumulate across chunks in fp32, as autograd's accumulation of one big GEMM would
-                        grad_w += (g.t() @ h_c).to(acc)
+                    _accumulate(grad_w, g, h_c)
         if group is not None and need_h:  # each shard's d(hidden) is a partial sum over its vocabulary rows
             torch.distributed.all_reduce(grad_h, group=group)
         ctx.save_for_backward(grad_h, grad_w)
@@ -129,9 +139,7 @@ class _LinearTokenNLL(torch.autograd.Function):
         group: Any = None, vocab_offset: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`group`/`vocab_offset` as in `_LinearCrossEntropy`: this rank holds a vocabulary shard of the head."""
-        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
-        h, w = hidden.to(dtype), weight.to(dtype)
-        acc = torch.promote_types(dtype, torch.float32)
+        h, w, acc = _operands(hidden, weight)
         valid = targets != ignore_index
         safe = torch.where(valid, targets, 0)  # under TP: the local index where the target is on this shard
         hit = valid.clone()  # under TP: where the target is on this shard
@@ -180,10 +188,7 @@ class _LinearTokenNLL(torch.autograd.Function):
                 if need_h:
                     torch.mm(g, w, out=grad_h[start:stop])
                 if need_w:
-                    if g.dtype == acc:
-                        grad_w.addmm_(g.t(), h_c)
-                    else:  # fp32 accumulation across chunks
-                        grad_w += (g.t() @ h_c).to(acc)
+                    _accumulate(grad_w, g, h_c)
         if ctx.group is not None and need_h:  # partial sums over this shard's vocabulary rows
             torch.distributed.all_reduce(grad_h, group=ctx.group)
         dh = None if grad_h is None else grad_h.to(ctx.dtypes[0])

@@ -45,10 +45,14 @@ def sequence_logprobs(
     Prompt and padding targets are `ignore_index`, so only completion tokens count. DPO uses the sum; IPO
     (and length-normalised variants) the mean. A sequence with no counted token gets 0.
     """
-    keep = targets != ignore_index
-    total = token_logprobs(logits, targets, ignore_index).sum(-1)
+    return sequence_total(token_logprobs(logits, targets, ignore_index), targets, ignore_index, average)
+
+
+def sequence_total(token_logps: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX, average: bool = False) -> Tensor:
+    """Per-token log-probs (B, T), 0 where ignored -> per sequence (B,): their sum, or mean over counted tokens."""
+    total = token_logps.sum(-1)
     if average:
-        return total / keep.sum(-1).clamp(min=1)
+        return total / (targets != ignore_index).sum(-1).clamp(min=1)
     return total
 
 

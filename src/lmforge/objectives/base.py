@@ -91,19 +91,33 @@ def decoder_nll(
     return token_nll(model(input_ids, **kwargs), targets, ignore_index)
 
 
+def decoder_token_logprobs(
+    model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False, ignore_index: int = IGNORE_INDEX,
+    **kwargs: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) per position (B, T), 0 where ignored, and optionally each position's entropy (detached).
+    Through forward's chunked head (`reduction="none"`) where the model offers it, so the (B, T, vocab) logits
+    never exist (DPO's preference batches, RL's rollouts); else from full logits. Both give the same numbers."""
+    from lmforge.losses.logprobs import entropy_from_logits, token_logprobs
+
+    if getattr(model, "loss_in_forward", False):
+        out = model(input_ids, targets=targets, ignore_index=ignore_index, reduction="none", with_entropy=with_entropy, **kwargs)
+        nll, entropy = out if with_entropy else (out, None)
+        return -nll, entropy
+    logits = model(input_ids, **kwargs)
+    return token_logprobs(logits, targets, ignore_index), entropy_from_logits(logits.detach()) if with_entropy else None
+
+
 def decoder_sequence_logprobs(
     model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, average: bool = False, ignore_index: int = IGNORE_INDEX,
     **kwargs: torch.Tensor | None,
 ) -> torch.Tensor:
-    """log p(targets) per sequence (B,): the sum over counted targets, or their mean when `average` (DPO/IPO).
-    Through forward's chunked head (`reduction="none"`) where the model offers it, so a preference batch's
-    (2B, T, vocab) logits never exist; else `sequence_logprobs` over full logits. Both give the same numbers."""
-    from lmforge.losses.logprobs import sequence_logprobs
+    """log p(targets) per sequence (B,): the sum over counted targets, or their mean when `average` (DPO/IPO),
+    from `decoder_token_logprobs`."""
+    from lmforge.losses.logprobs import sequence_total
 
-    if not getattr(model, "loss_in_forward", False):
-        return sequence_logprobs(model(input_ids, **kwargs), targets, ignore_index, average)
-    total = -model(input_ids, targets=targets, ignore_index=ignore_index, reduction="none", **kwargs).sum(-1)
-    return total / (targets != ignore_index).sum(-1).clamp(min=1) if average else total
+    logps, _ = decoder_token_logprobs(model, input_ids, targets, ignore_index=ignore_index, **kwargs)
+    return sequence_total(logps, targets, ignore_index, average)
 
 
 def batch_generator(input_ids: torch.Tensor, salt: int) -> torch.Generator:

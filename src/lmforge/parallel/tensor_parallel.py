@@ -127,10 +127,11 @@ def shard_embedding(model: nn.Module, tp_mesh: Any, sequence_parallel: bool) -> 
                                                            output_layouts=Shard(1) if sequence_parallel else Replicate()))
 
 
-def shard_lm_head(model: nn.Module, tp_mesh: Any, tied: bool = False) -> bool:
+def shard_lm_head(model: nn.Module, tp_mesh: Any, tied: bool = False) -> None:
     """Column-parallel LM head: rank r holds vocabulary rows [r·V/tp, (r+1)·V/tp) and returns its slice of the
     logits as a DTensor sharded on the last dim. The decoder's loss then runs on the shards and plain forward
-    gathers them (`models/decoder_lm.py`). A `tied` head is re-pointed at the (already sharded) embedding table."""
+    gathers them (`models/decoder_lm.py`). A `tied` head is re-pointed at the (already sharded) embedding table;
+    a head that is not a plain `nn.Linear` (LoRA-wrapped) stays replicated."""
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
@@ -139,13 +140,12 @@ def shard_lm_head(model: nn.Module, tp_mesh: Any, tied: bool = False) -> bool:
         if tied:
             raise ConfigError("strategy.tensor_parallel_size", f"the tied LM head is a {type(head).__name__}, not an nn.Linear, "
                               "and cannot share the vocab-parallel embedding", "use tensor_parallel_size=1 or an untied head")
-        return False
+        return
     if tied:
         head.weight = model.wte.weight
     parallelize_module(head, tp_mesh, ColwiseParallel(output_layouts=Shard(-1), use_local_output=False))
     if tied:  # parallelize_module wraps the DTensor in a new Parameter: point the head back at the table's
         head.weight = model.wte.weight
-    return True
 
 
 def _shard_sequence_between(model: nn.Module, tp_mesh: Any) -> None:

@@ -17,8 +17,7 @@ from torch import nn
 
 from lmforge.generation import generate
 from lmforge.generation.state import positions_from_mask
-from lmforge.losses import entropy_from_logits, token_logprobs
-from lmforge.objectives.base import IGNORE_INDEX
+from lmforge.objectives.base import IGNORE_INDEX, decoder_token_logprobs
 
 
 @dataclass
@@ -100,21 +99,11 @@ def sample_rollout(
 
 
 def rollout_logprobs(model: nn.Module, rollout: Rollout, with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs (N, L) of the completion under `model` (0 where masked), and optionally entropies.
-
-    Through the decoder's chunked head (`reduction="none"`, entropies formed chunk by chunk too) where the model
-    offers it, so no pass holds (N, P + L, vocab) logits; else from the logits."""
-    if getattr(model, "loss_in_forward", False):
-        P = rollout.prompt_len
-        targets = torch.full_like(rollout.ids, IGNORE_INDEX)
-        targets[:, P - 1 : -1] = rollout.targets
-        out = model(rollout.ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids, targets=targets,
-                    reduction="none", with_entropy=with_entropy)
-        nll, entropy = out if with_entropy else (out, None)
-        logp = nll[:, P - 1 : -1].neg().masked_fill(targets[:, P - 1 : -1] == IGNORE_INDEX, 0.0)
-        return logp, None if entropy is None else entropy[:, P - 1 : -1]
-    logits = model(rollout.ids, attention_mask=rollout.attention_mask, position_ids=rollout.position_ids)
-    logits = logits[:, rollout.prompt_len - 1 : -1]
-    logp = token_logprobs(logits, rollout.targets)
-    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
-    return logp, entropy
+    """Per-token log-probs (N, L) of the completion under `model` (0 where masked), and optionally entropies,
+    through the decoder's chunked head where it has one (`decoder_token_logprobs`: no (N, P + L, vocab) logits)."""
+    P = rollout.prompt_len
+    targets = torch.full_like(rollout.ids, IGNORE_INDEX)  # position t predicts token t+1: the completion's window
+    targets[:, P - 1 : -1] = rollout.targets
+    logp, entropy = decoder_token_logprobs(model, rollout.ids, targets, with_entropy, attention_mask=rollout.attention_mask,
+                                           position_ids=rollout.position_ids)
+    return logp[:, P - 1 : -1], None if entropy is None else entropy[:, P - 1 : -1]
