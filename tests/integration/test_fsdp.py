@@ -2,8 +2,9 @@
 exactly from its sharded checkpoint, and consolidated back to the single-process weights. The DDP run also checks
 the classic Hydra + DDP pain: one run dir, one metrics CSV with each step once, one metrics.json.
 
-DDP and `fsdp_tp` with sequence parallelism (TP 2 x DP 1: both ranks see the whole batch) run the same comparison.
-Cost: four `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, then a resume of the fsdp run from its
+DDP, `fsdp_tp` with sequence parallelism (TP 2 x DP 1: both ranks see the whole batch) and HSDP (2 replica groups,
+2 accumulated micro-batches with the cross-replica all-reduce deferred to the last) run the same comparison.
+Cost: five `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, hsdp, then a resume of the fsdp run from its
 step-3 checkpoint) and one in-process single-process run, all 6 steps of a 2-layer, 64-wide Llama (untied head, so
 TP shards it over the vocabulary) on bytes in fp32.
 """
@@ -59,10 +60,16 @@ def runs(cli, cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     proc = cli("train.py", *base, "strategy=fsdp_tp", "strategy.sequence_parallel=true", "trainer.devices=2", "trainer.accelerator=cpu",
                f"data.batch_size={2 * MICRO_BATCH}", "callbacks.periodic.save_top_k=0", f"hydra.run.dir={tp}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    hsdp = logs / "debug" / "runs" / "hsdp"  # 2 replica groups of 1 shard, 2 accumulated micro-batches of 2: global batch 8 again
+    proc = cli("train.py", *base, "strategy=fsdp", "strategy.data_parallel_replicate_size=2", "strategy.accumulation_sync=intra_replica",
+               "trainer.accumulate_grad_batches=2", "trainer.devices=2", "trainer.accelerator=cpu", f"data.batch_size={MICRO_BATCH // 2}",
+               "callbacks.periodic.save_top_k=0", f"hydra.run.dir={hsdp}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'replica_groups': 2" in proc.stdout + proc.stderr + (hsdp / "train.log").read_text()
     resumed = logs / "debug" / "runs" / "resumed"
     proc = cli("train.py", *sharded, f"ckpt_path={fsdp / 'checkpoints' / 'step-000003.ckpt'}", f"hydra.run.dir={resumed}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"single": single, "fsdp": fsdp, "ddp": ddp, "resumed": resumed, "tp_sp": tp}
+    return {"single": single, "fsdp": fsdp, "ddp": ddp, "resumed": resumed, "tp_sp": tp, "hsdp": hsdp}
 
 
 def test_two_process_ddp_writes_one_run_dir_and_logs_from_rank_zero(runs: dict[str, Path]) -> None:
@@ -92,7 +99,7 @@ def test_tensor_parallel_run_shards_the_lm_head_over_the_vocabulary(runs: dict[s
     assert sorted(c.offsets[0] for c in head.chunks) == [0, -(-head.size[0] // 2)]
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp", "tp_sp"])
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp", "tp_sp", "hsdp"])
 def test_two_processes_match_one_process_with_the_same_global_batch(runs: dict[str, Path], strategy: str) -> None:
     single = load_checkpoint(runs["single"] / "checkpoints" / "last.ckpt")["state_dict"]
     parallel = load_checkpoint(runs[strategy] / "checkpoints" / "last.ckpt")["state_dict"]  # fsdp, tp: consolidated from shards

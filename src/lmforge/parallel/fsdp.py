@@ -5,10 +5,17 @@ freed after, so peak memory holds one block's full weights plus every block's 1/
 is not resharded after forward: the root's backward needs it straight away. `param_dtype=bfloat16` keeps
 the sharded master weights and the optimizer in fp32 while compute and all-gathers run in bf16;
 `reduce_dtype=float32` sums gradients in fp32 (exact across many ranks).
+
+HSDP (`strategy.data_parallel_replicate_size` > 1) passes a 2-D (replicate, shard) mesh instead: parameters
+are sharded inside each replica group (a node, on NVLink) and replicated across groups, so the per-block
+all-gathers never leave the group and only gradients cross it (a reduce-scatter inside, an all-reduce across).
+`hold_gradient_sync` is what gradient accumulation does between micro-batches.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -39,7 +46,8 @@ def apply_fsdp(
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
 ) -> int:
-    """Shard `model` over the 1-D data-parallel `mesh`; returns the number of per-block FSDP units."""
+    """Shard `model` over the data-parallel `mesh` (1-D: FSDP; 2-D (replicate, shard): HSDP); returns the
+    number of per-block FSDP units."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kwargs: dict[str, Any] = {"mesh": mesh}
@@ -52,3 +60,48 @@ def apply_fsdp(
         fully_shard(block, reshard_after_forward=reshard_after_forward and index < len(blocks) - 1, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
     return len(blocks)
+
+
+def hybrid_shard_mesh(mesh: Any, replicate: int) -> Any:
+    """The mesh `fully_shard` gets from Lightning's (data_parallel, tensor_parallel) `mesh`: its data-parallel
+    dim, split into (replicate, shard) when `replicate` > 1 (HSDP). Rank r's replica group is r // shard, so with
+    `replicate` = number of nodes each node is one group. Collective: every rank must call it."""
+    if replicate == 1:
+        return mesh["data_parallel"]
+    dp = mesh["data_parallel"].size()
+    return mesh._unflatten("data_parallel", (replicate, dp // replicate), ("dp_replicate", "dp_shard"))["dp_replicate", "dp_shard"]
+
+
+# strategy.accumulation_sync: what a micro-batch that is not the last of an accumulated step communicates.
+ACCUMULATION_SYNC = {
+    "every_microbatch": None,  # reduce-scatter (and HSDP's all-reduce) each micro-batch: only sharded grads are kept
+    "intra_replica": "set_requires_all_reduce",  # HSDP: reduce-scatter inside the replica group, all-reduce once at the end
+    "last_microbatch": "set_requires_gradient_sync",  # nothing until the last: unsharded grads held (DDP-size grad memory)
+}
+
+
+def check_accumulation_sync(mode: str, replicate: int) -> None:
+    if mode not in ACCUMULATION_SYNC:
+        raise ConfigError("strategy.accumulation_sync", f"unknown mode {mode!r}", f"use one of {', '.join(ACCUMULATION_SYNC)}")
+    if mode == "intra_replica" and replicate == 1:
+        raise ConfigError("strategy.accumulation_sync", "intra_replica defers HSDP's all-reduce across replica groups, "
+                          "but strategy.data_parallel_replicate_size is 1 (plain FSDP has none)",
+                          "set strategy.data_parallel_replicate_size (e.g. to trainer.num_nodes), or use every_microbatch or last_microbatch")
+
+
+@contextmanager
+def hold_gradient_sync(module: nn.Module, mode: str) -> Iterator[None]:
+    """Around the forward + backward of a micro-batch that is not the last of an accumulated step: defer the
+    gradient communication `mode` names (see ACCUMULATION_SYNC) on every FSDP unit under `module`. FSDP keeps
+    what it did not reduce and sends it with the last micro-batch's gradients, so the step's gradients do not change."""
+    from torch.distributed.fsdp import FSDPModule
+
+    setter = ACCUMULATION_SYNC[mode]
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)] if setter else []
+    for unit in units:
+        getattr(unit, setter)(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            getattr(unit, setter)(True, recurse=False)

@@ -33,7 +33,10 @@ def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None)
     """TP + FSDP2 on `stage`'s modules; returns counts for the log line."""
     mesh = stage.device_mesh
     dp_mesh, tp_mesh = mesh["data_parallel"], mesh["tensor_parallel"]
-    report = {"tensor_parallel": tp_mesh.size(), "data_parallel": dp_mesh.size(), "fsdp_units": 0}
+    fsdp_mesh = getattr(strategy, "fsdp_mesh", None)  # 2-D (replicate, shard) under HSDP
+    fsdp_mesh = dp_mesh if fsdp_mesh is None else fsdp_mesh
+    report = {"tensor_parallel": tp_mesh.size(), "data_parallel": dp_mesh.size(),
+              "replica_groups": fsdp_mesh.size(0) if fsdp_mesh.ndim == 2 else 1, "fsdp_units": 0}
     if tp_mesh.size() > 1:
         apply_tensor_parallel(stage.model, tp_mesh, sequence_parallel=bool(getattr(strategy, "sequence_parallel", False)),
                               loss_parallel=bool(getattr(strategy, "loss_parallel", True)))
@@ -49,7 +52,7 @@ def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None)
     }
     for _, child in stage.named_children():
         if isinstance(child, nn.Module) and transformer_blocks(child):
-            report["fsdp_units"] += apply_fsdp(child, dp_mesh, **options) + 1
+            report["fsdp_units"] += apply_fsdp(child, fsdp_mesh, **options) + 1
     if meta_rng is not None:
         materialize_and_init(stage.model, strategy.root_device, meta_rng)
     return report

@@ -7,12 +7,18 @@ Lightning builds the device mesh and the process group, moves batches, and saves
 
 * `data_parallel_size: auto` = world size / tensor_parallel_size (Lightning's `auto` means "number of
   nodes", i.e. pure tensor parallel inside a node — the opposite of what `strategy=fsdp` should do);
+* HSDP: `data_parallel_replicate_size` > 1 splits the data-parallel ranks into that many replica groups
+  (`fsdp_mesh`, a 2-D (replicate, shard) view of Lightning's mesh) that each shard the model and replicate it;
+* `accumulation_sync`: which gradient traffic the micro-batches before the last of an accumulated step skip
+  (Lightning only knows DDP's `no_sync`, so FSDP would otherwise reduce every micro-batch);
 * checkpoints written atomically: to `<name>.partial`, then swapped in, so a kill mid-save leaves the
   previous checkpoint whole (`ckpt_path=last` never sees a half-written directory).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -20,6 +26,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lmforge.errors import ConfigError
 from lmforge.parallel.atomic_save import remove_checkpoint_path, save_directory_atomically
+from lmforge.parallel.fsdp import check_accumulation_sync, hold_gradient_sync, hybrid_shard_mesh
 
 
 class ShardedStrategy(ModelParallelStrategy):
@@ -27,6 +34,8 @@ class ShardedStrategy(ModelParallelStrategy):
         self,
         tensor_parallel_size: int = 1,
         data_parallel_size: int | Literal["auto"] = "auto",
+        data_parallel_replicate_size: int = 1,
+        accumulation_sync: str = "every_microbatch",
         sequence_parallel: bool = False,
         loss_parallel: bool = True,
         param_dtype: str | None = "auto",
@@ -41,6 +50,10 @@ class ShardedStrategy(ModelParallelStrategy):
         if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
             raise ConfigError("strategy.tensor_parallel_size", f"must be an integer >= 1, got {tensor_parallel_size!r}",
                               "use 1 (FSDP only) or a divisor of the devices per node")
+        if isinstance(data_parallel_replicate_size, bool) or not isinstance(data_parallel_replicate_size, int) or data_parallel_replicate_size < 1:
+            raise ConfigError("strategy.data_parallel_replicate_size", f"must be an integer >= 1, got {data_parallel_replicate_size!r}",
+                              "use 1 (shard over every data-parallel rank) or the number of replica groups, e.g. trainer.num_nodes")
+        check_accumulation_sync(accumulation_sync, data_parallel_replicate_size)
         super().__init__(
             data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size,
             save_distributed_checkpoint=save_distributed_checkpoint, process_group_backend=process_group_backend,
@@ -49,6 +62,8 @@ class ShardedStrategy(ModelParallelStrategy):
         self.sequence_parallel, self.loss_parallel = sequence_parallel, loss_parallel
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
         self.reshard_after_forward, self.cpu_offload, self.meta_init = reshard_after_forward, cpu_offload, meta_init
+        self.data_parallel_replicate_size, self.accumulation_sync = data_parallel_replicate_size, accumulation_sync
+        self.fsdp_mesh: Any = None  # set in setup_environment: the mesh `fully_shard` gets
 
     def setup_environment(self) -> None:
         world = self.num_nodes * self.num_processes
@@ -58,7 +73,18 @@ class ShardedStrategy(ModelParallelStrategy):
                               "choose trainer.devices (x trainer.num_nodes) as a multiple of the tensor-parallel size")
         if self._data_parallel_size == "auto":
             self._data_parallel_size = world // tp
+        replicate, dp = self.data_parallel_replicate_size, int(self._data_parallel_size)
+        if dp % replicate:
+            raise ConfigError("strategy.data_parallel_replicate_size", f"{replicate} does not divide the {dp} data-parallel ranks",
+                              "choose a divisor, usually trainer.num_nodes (shard inside a node, replicate across nodes)")
         super().setup_environment()
+        self.fsdp_mesh = hybrid_shard_mesh(self.device_mesh, replicate)
+
+    @contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        """Lightning enters this around every micro-batch but the last of an accumulated step."""
+        with hold_gradient_sync(self.lightning_module, self.accumulation_sync):
+            yield
 
     def compute_param_dtype(self) -> str | None:
         """`auto`: bf16 compute when the trainer runs bf16 (fp32 sharded master weights stay for the optimizer)."""
