@@ -60,8 +60,11 @@ def runs(cli, cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     proc = cli("train.py", *base, "strategy=fsdp_tp", "strategy.sequence_parallel=true", "trainer.devices=2", "trainer.accelerator=cpu",
                f"data.batch_size={2 * MICRO_BATCH}", "callbacks.periodic.save_top_k=0", f"hydra.run.dir={tp}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    hsdp = logs / "debug" / "runs" / "hsdp"  # 2 replica groups of 1 shard, 2 accumulated micro-batches of 2: global batch 8 again
+    # HSDP: 2 replica groups of 1 shard, 2 accumulated micro-batches of 2 (global batch 8 again); also the ZeRO-2-like
+    # and offload switches, which must not change the numbers
+    hsdp = logs / "debug" / "runs" / "hsdp"
     proc = cli("train.py", *base, "strategy=fsdp", "strategy.data_parallel_replicate_size=2", "strategy.accumulation_sync=intra_replica",
+               "strategy.reshard_after_forward=false", "strategy.cpu_offload=true",
                "trainer.accumulate_grad_batches=2", "trainer.devices=2", "trainer.accelerator=cpu", f"data.batch_size={MICRO_BATCH // 2}",
                "callbacks.periodic.save_top_k=0", f"hydra.run.dir={hsdp}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

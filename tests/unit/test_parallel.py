@@ -1,8 +1,9 @@
 """Sharding building blocks, checked against the unsharded model on two CPU ranks (gloo, one spawn for all):
 the tensor-parallel plan (with and without sequence parallelism) gives the same logits and gradients, the
 vocab-parallel LM head's sharded loss (loss parallelism) the same CLM loss and gradients, meta-device
-init under FSDP gives the weights of a plain build, the mixed-precision policy computes in bf16 over fp32 shards, and the DTensor-aware gradient
-norm equals the plain one."""
+init under FSDP gives the weights of a plain build, the mixed-precision policy computes in bf16 over fp32 shards,
+`reshard_after_forward` keeps or frees the gathered weights, `cpu_offload` trains the same, and the DTensor-aware
+gradient norm equals the plain one."""
 
 from __future__ import annotations
 
@@ -192,6 +193,20 @@ def _worker(rank: int, port: int, results: dict) -> None:
         out.float().square().mean().backward()
         weight = mixed.blocks[0].attn.q_proj.weight
         results[(rank, "mixed")] = (out.dtype, weight.dtype, weight.grad.dtype)
+        # reshard_after_forward=false keeps every block's gathered weights from forward to backward (ZeRO-2-like), true
+        # frees them (ZeRO-3) except the last block's (backward needs it at once); cpu_offload: the same gradients
+        for reshard, offload in ((True, False), (False, False), (True, True)):
+            torch.manual_seed(0)
+            reference, model = build(tiny("llama")), build(tiny("llama"))
+            model.load_state_dict(reference.state_dict())
+            apply_fsdp(model, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)), reshard_after_forward=reshard,
+                       cpu_offload=offload)
+            out = model(tokens)
+            gathered = [not isinstance(block.attn.q_proj.weight, DTensor) for block in model.blocks]  # a plain tensor: unsharded
+            out.square().mean().backward()
+            reference(tokens).square().mean().backward()  # both ranks see the same tokens: FSDP's mean is this gradient
+            worst = max((q.grad.full_tensor() - p.grad).abs().max().item() for p, q in zip(reference.parameters(), model.parameters()))
+            results[(rank, "reshard", reshard, offload)] = (gathered, worst)
     finally:
         dist.destroy_process_group()
 
@@ -216,3 +231,6 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
         worst, local_rows = results[(rank, "meta_fsdp")]
         assert worst == 0.0 and local_rows == 48  # qkv: 96 rows, 48 per rank
         assert results[(rank, "mixed")] == (torch.bfloat16, torch.float32, torch.float32)
+        for reshard, offload, gathered in ((True, False, [False, True]), (False, False, [True, True]), (True, True, [False, True])):
+            seen, worst = results[(rank, "reshard", reshard, offload)]
+            assert seen == gathered and worst < 1e-6, (reshard, offload, seen, worst)

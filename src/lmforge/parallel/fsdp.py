@@ -54,7 +54,8 @@ def apply_fsdp(
     if param_dtype is not None or reduce_dtype is not None:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     if cpu_offload:
-        kwargs["offload_policy"] = CPUOffloadPolicy()
+        # pinned host memory makes the copies to the GPU asynchronous; pinning needs an accelerator (a CPU mesh has none)
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type != "cpu")
     blocks = transformer_blocks(model)
     for index, block in enumerate(blocks):
         fully_shard(block, reshard_after_forward=reshard_after_forward and index < len(blocks) - 1, **kwargs)
