@@ -146,7 +146,7 @@ class LMStage(L.LightningModule):
     # --- steps ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         out = self.objective(self.model, batch)
-        self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True)
+        self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True, sync_dist=True)  # mean over ranks
         self.log_lr()
         aux = getattr(self.model, "aux_loss", None)  # mixture-of-experts: weighted load-balancing + z-loss
         loss = out.loss if aux is None else out.loss + aux
