@@ -10,12 +10,12 @@ none). Meta-device init over the 2-D mesh gives the weights of a plain build.
 from __future__ import annotations
 
 import os
-import socket
 from collections import Counter
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from lmforge.errors import ConfigError
 from lmforge.models import build
@@ -24,12 +24,6 @@ from lmforge.parallel.fsdp import check_accumulation_sync, hold_gradient_sync, h
 
 WORLD, REPLICAS, MICRO = 4, 2, 2
 CONFIG = {"family": "llama", "vocab_size": 97, "n_layer": 2, "n_head": 4, "n_embd": 32, "max_seq_len": 64, "n_kv_head": 2}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -105,7 +99,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
 @pytest.mark.slow
 def test_hybrid_sharding_and_deferred_gradient_sync_on_four_cpu_ranks() -> None:
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), results), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         assert results[(rank, "mesh")] == (("dp_replicate", "dp_shard"), rank // 2, rank % 2)  # a group = consecutive ranks (a node)
         sharded, local_rows, rows, is_dtensor = results[(rank, "placement")]

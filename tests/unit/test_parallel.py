@@ -8,12 +8,12 @@ gradient norm equals the plain one."""
 from __future__ import annotations
 
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from lmforge.errors import ConfigError
 from lmforge.models import build
@@ -62,12 +62,6 @@ def test_total_grad_norm_and_clipping_match_torch_on_plain_tensors() -> None:
     clipped = [g.clone() for g in grads]
     clip_grads_(clipped, 0.5, total_grad_norm(clipped))
     assert torch.allclose(total_grad_norm(clipped), torch.tensor(0.5), atol=1e-5)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, results: dict) -> None:
@@ -214,7 +208,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
 @pytest.mark.slow
 def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
     results = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), results), nprocs=2, join=True)
     for rank in (0, 1):
         for family in ("llama", "mixtral"):
             for sp in (False, True):
