@@ -82,6 +82,11 @@ def runs(cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     return {name: out / name for name in ("plain", "zero1", "zero2", "zero3", "resumed")}
 
 
+def test_zero3_leaves_torch_linear_as_it_found_it(runs: dict[str, Path]) -> None:
+    # ZeRO-3's engine swaps torch.nn.functional.linear for its own process-wide; later runs here must not inherit it
+    assert torch.nn.functional.linear is torch._C._nn.linear
+
+
 @pytest.mark.parametrize("stage", ["zero1", "zero2", "zero3"])
 def test_zero_trains_as_one_plain_process(runs: dict[str, Path], stage: str) -> None:
     for name in ("train/loss", "train/grad_norm"):  # grad norm: DeepSpeed's own (no p.grad exists under ZeRO)
