@@ -146,7 +146,7 @@ class LMStage(L.LightningModule):
     # --- steps ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         out = self.objective(self.model, batch)
-        self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True, sync_dist=True)  # mean over ranks
+        self.log_train_loss(out.loss)
         self.log_lr()
         aux = getattr(self.model, "aux_loss", None)  # mixture-of-experts: weighted load-balancing + z-loss
         loss = out.loss if aux is None else out.loss + aux
@@ -226,6 +226,11 @@ class LMStage(L.LightningModule):
                 "Fix: lower optimizer.lr or raise scheduler.warmup_steps, check the data, then resume from an "
                 "earlier checkpoint (ckpt_path=<run dir>/checkpoints/last.ckpt); the checkpoints already written are kept"
             )
+
+    def log_train_loss(self, loss: torch.Tensor) -> None:
+        """`train/loss`, averaged over ranks (one scalar all-reduce), so a multi-process run's curve is the
+        single-process one with the same global batch rather than rank 0's share."""
+        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, sync_dist=True)
 
     def log_lr(self) -> None:
         if self._trainer is not None and self.trainer.optimizers:

@@ -97,7 +97,7 @@ class DPOStage(LMStage):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.step(batch)
-        self.log("train/loss", out.loss.detach(), on_step=True, prog_bar=True, sync_dist=True)  # mean over ranks
+        self.log_train_loss(out.loss)
         self.note_train_loss(out.loss)  # loss-spike detection (LMStage)
         self.log_dict({
             "dpo/chosen_reward": out.chosen_rewards.mean(), "dpo/rejected_reward": out.rejected_rewards.mean(),

@@ -45,7 +45,7 @@ class RewardStage(LMStage):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, out = self.step(batch)
-        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, sync_dist=True)  # mean over ranks
+        self.log_train_loss(loss)
         self.note_train_loss(loss)  # loss-spike detection (LMStage)
         self.log_dict({"reward/accuracy": out.accuracy, "reward/margin": out.margin_mean}, on_step=True)
         self.log_lr()

@@ -169,8 +169,8 @@ class RLStage(LMStage):
             "rl/reward_mean": rewards.mean(), "rl/reward_std": rewards.std() if rewards.numel() > 1 else torch.zeros(()),
             "rl/completion_len": lengths.mean(), **logs,
         }, on_step=True, prog_bar=False)
-        self.log("train/loss", logs["rl/loss"], on_step=True, prog_bar=True, sync_dist=True)  # mean over ranks
-        self.note_train_loss(torch.as_tensor(logs["rl/loss"]))  # loss-spike detection (LMStage)
+        self.log_train_loss(logs["rl/loss"])
+        self.note_train_loss(logs["rl/loss"])  # loss-spike detection (LMStage)
         self.log_lr()
 
     # --- validation ----------------------------------------------------------------------------------
