@@ -8,6 +8,7 @@
     python scripts/benchmark.py train-vs-hf             # training step vs HF GPT2LMHeadModel, fp32 + bf16 autocast
     python scripts/benchmark.py lightning               # bare PyTorch loop vs lightning.Trainer, ms/step
     python scripts/benchmark.py head-loss               # chunked head + cross-entropy vs full logits: peak memory, ms
+    python scripts/benchmark.py gemm                    # float32 CPU GEMMs: torch's BLAS vs oneDNN (cpu_gemm), GFLOP/s
     python scripts/benchmark.py head-loss --tp 2        # tensor parallel: vocab-parallel head + loss vs replicated head
     python scripts/benchmark.py matrix --strategies auto fsdp:2 --act-ckpt 0 1   # train.py runs over a grid
 
@@ -151,6 +152,11 @@ def main() -> None:
         from bench_head_loss import main as bench_head_loss
 
         bench_head_loss(sys.argv[2:])
+        return
+    if sys.argv[1:2] == ["gemm"]:  # scripts/bench_gemm.py
+        from bench_gemm import main as bench_gemm
+
+        bench_gemm(sys.argv[2:])
         return
     if sys.argv[1:2] in (["train-vs-hf"], ["lightning"]):  # scripts/bench_train.py
         from bench_train import main as bench_train

@@ -65,6 +65,9 @@ def test_checkpointed_blocks_run_forward_again_in_backward():
     assert calls == {0: 2, 1: 1}
 
 
+MATMULS = (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm, torch.ops.mkldnn._linear_pointwise)  # the last: CPU fp32 Linear
+
+
 def ops_in_backward(every_n: int | str) -> tuple[int, int]:
     """(matmuls, other ops) executed during backward: recomputation shows up as extra forward ops."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -77,7 +80,7 @@ def ops_in_backward(every_n: int | str) -> tuple[int, int]:
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            counts[0 if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm) else 1] += 1
+            counts[0 if func.overloadpacket in MATMULS else 1] += 1
             return func(*args, **(kwargs or {}))
 
     with Count():

@@ -22,10 +22,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.models.layers.linear import is_plain_linear, linear
 
 QUANTIZE_MODES = ("int8_dynamic", "int8_weight")
 KEEP_FULL_PRECISION = ("router",)  # Linear layers whose name ends with one of these are not quantized
@@ -54,7 +54,7 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # scaling the (.., out) output is cheaper than dequantizing the (out, in) weight (measured 2.7x at 768)
-        y = F.linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
+        y = linear(x, self.qweight.to(x.dtype)) * self.scale.to(x.dtype)
         return y + self.bias.to(x.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -63,7 +63,7 @@ class Int8WeightOnlyLinear(nn.Module):
 
 def quantizable_linears(model: nn.Module) -> list[str]:
     """Names of the nn.Linear modules a quantize mode replaces."""
-    return [name for name, m in model.named_modules() if type(m) is nn.Linear and not name.endswith(KEEP_FULL_PRECISION)]
+    return [name for name, m in model.named_modules() if is_plain_linear(m) and not name.endswith(KEEP_FULL_PRECISION)]
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -92,6 +92,8 @@ def quantize_model(model: nn.Module, mode: str | None) -> nn.Module:
                           "use device=cpu dtype=fp32, or quantize=int8_weight")
     with warnings.catch_warnings():  # torch.ao's eager-mode API warns about its future move to torchao
         warnings.simplefilter("ignore")
+        for name in names:  # torch.ao swaps exact nn.Linear types only; lmforge's Linear holds the same state
+            model.get_submodule(name).__class__ = nn.Linear
         spec = dict.fromkeys(names, torch.ao.quantization.per_channel_dynamic_qconfig)
         torch.ao.quantization.quantize_dynamic(model, spec, dtype=torch.qint8, inplace=True)
     return model

@@ -36,11 +36,12 @@ from lmforge.losses.vocab_parallel_cross_entropy import (
     is_vocab_sharded,
     vocab_parallel_cross_entropy,
 )
+from lmforge.models.layers.linear import gemm_nt, gemm_tn, is_plain_linear, on_onednn
 
 
 def fusable(head: nn.Module) -> bool:
     """True where the chunked path computes exactly what `head(hidden)` would."""
-    if type(head) is not nn.Linear or head.bias is not None:
+    if not is_plain_linear(head) or head.bias is not None:
         return False
     weight = head.weight
     return type(weight) in (nn.Parameter, torch.Tensor) and not hasattr(weight, "ds_id") and not weight.is_meta
@@ -67,10 +68,20 @@ def _operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor,
 
 def _accumulate(grad_w: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> None:
     """grad_w += gᵀ h_c, summed across chunks in grad_w's (fp32) dtype as autograd's one big GEMM would."""
-    if g.dtype == grad_w.dtype:
-        grad_w.addmm_(g.t(), h_c)
-    else:
+    if g.dtype != grad_w.dtype:
         grad_w += (g.t() @ h_c).to(grad_w.dtype)
+    elif on_onednn(g, h_c):  # float32 on CPU (layers/linear.py)
+        grad_w += gemm_tn(g, h_c)
+    else:
+        grad_w.addmm_(g.t(), h_c)
+
+
+def _grad_hidden(out: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
+    """out = g · w (one chunk's d(hidden))."""
+    if on_onednn(g, w):
+        out.copy_(gemm_nt(g, w.t()))
+    else:
+        torch.mm(g, w, out=out)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -93,12 +104,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 h_c, t_c = h[start : start + rows], targets[start : start + rows]
                 valid = t_c != ignore_index
                 if group is None:
-                    logprobs = torch.log_softmax((h_c @ w.t()).to(acc), dim=1)  # one fused pass (logsumexp is four)
+                    logprobs = torch.log_softmax(gemm_nt(h_c, w).to(acc), dim=1)  # one fused pass (logsumexp is four)
                     hit, safe = valid, torch.where(valid, t_c, 0).unsqueeze(1)
                     total -= logprobs.gather(1, safe).squeeze(1).masked_fill(~valid, 0.0).sum()
                     probs = logprobs.exp_() if need_h or need_w else logprobs
                 else:
-                    logits = (h_c @ w.t()).to(acc)
+                    logits = gemm_nt(h_c, w).to(acc)
                     lse, picked, hit, safe = _shard_logsumexp(logits, t_c, valid, vocab_offset, group)
                     total += (lse - picked).masked_fill(~valid, 0.0).sum()
                     probs, safe = logits.sub_(lse.unsqueeze(1)).exp_(), safe.unsqueeze(1)
@@ -109,7 +120,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs *= valid.unsqueeze(1)
                 g = probs.to(h.dtype)
                 if need_h:
-                    torch.mm(g, w, out=grad_h[start : start + rows])
+                    _grad_hidden(grad_h[start : start + rows], g, w)
                 if need_w:
                     _accumulate(grad_w, g, h_c)
         if group is not None and need_h:  # each shard's d(hidden) is a partial sum over its vocabulary rows
@@ -149,7 +160,7 @@ class _LinearTokenNLL(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.size(0), rows):
                 stop = start + rows
-                logits = (h[start:stop] @ w.t()).to(acc)
+                logits = gemm_nt(h[start:stop], w).to(acc)
                 if group is None:
                     lse[start:stop] = torch.logsumexp(logits, dim=1)
                     nll[start:stop] = lse[start:stop] - logits.gather(1, safe[start:stop].unsqueeze(1)).squeeze(1)
@@ -181,12 +192,12 @@ class _LinearTokenNLL(torch.autograd.Function):
             for start in range(0, h.size(0), ctx.rows):
                 stop = start + ctx.rows
                 h_c = h[start:stop]
-                probs = ((h_c @ w.t()).to(acc) - lse[start:stop].unsqueeze(1)).exp_()
+                probs = (gemm_nt(h_c, w).to(acc) - lse[start:stop].unsqueeze(1)).exp_()
                 probs.scatter_add_(1, safe[start:stop].unsqueeze(1), -hit[start:stop].to(acc).unsqueeze(1))
                 probs *= scale[start:stop]
                 g = probs.to(h.dtype)
                 if need_h:
-                    torch.mm(g, w, out=grad_h[start:stop])
+                    _grad_hidden(grad_h[start:stop], g, w)
                 if need_w:
                     _accumulate(grad_w, g, h_c)
         if ctx.group is not None and need_h:  # partial sums over this shard's vocabulary rows
@@ -218,7 +229,7 @@ def vocab_shard(head: nn.Module) -> tuple[torch.Tensor, Any, int] | None:
     """(local weight, TP process group, first vocabulary row) for a bias-free `nn.Linear` whose weight is a DTensor
     sharded by rows over one mesh dimension (`parallel/tensor_parallel.py:shard_lm_head`, also after FSDP2's
     all-gather); None for anything else. The local weight is `to_local()`'s view, so gradients reach the DTensor."""
-    if type(head) is not nn.Linear or head.bias is not None or type(head.weight) in (nn.Parameter, torch.Tensor):
+    if not is_plain_linear(head) or head.bias is not None or type(head.weight) in (nn.Parameter, torch.Tensor):
         return None
     from torch.distributed.tensor import DTensor, Shard
 

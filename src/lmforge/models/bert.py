@@ -18,6 +18,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.models.config import ATTN_BACKENDS, FamilyConfig, require_choice, require_positive_ints
+from lmforge.models.layers.linear import Linear
 from lmforge.models.layers.masks import build_attention_mask
 
 
@@ -83,8 +84,8 @@ class SelfAttention(nn.Module):
         self.head_dim = n_embd // n_head
         self.backend = backend
         self.dropout = dropout  # on the attention probabilities, as BERT's attention_probs_dropout_prob
-        self.qkv = nn.Linear(n_embd, 3 * n_embd)
-        self.proj = nn.Linear(n_embd, n_embd)
+        self.qkv = Linear(n_embd, 3 * n_embd)
+        self.proj = Linear(n_embd, n_embd)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, C); mask: optional bool (B or 1, 1, T, T), True = may attend; None = attend to all."""
@@ -106,8 +107,8 @@ class ErfGeluMLP(nn.Module):
 
     def __init__(self, n_embd: int, hidden: int) -> None:
         super().__init__()
-        self.fc = nn.Linear(n_embd, hidden)
-        self.proj = nn.Linear(hidden, n_embd)
+        self.fc = Linear(n_embd, hidden)
+        self.proj = Linear(hidden, n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))
@@ -134,7 +135,7 @@ class MLMTransform(nn.Module):
 
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dense = Linear(cfg.n_embd, cfg.n_embd)
         self.norm = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +162,7 @@ class Bert(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.head = MLMTransform(cfg)
         # named lm_head like GPT's so optimiser grouping (e.g. Muon's) treats it as the output layer
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=True)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=True)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.reset_parameters()

@@ -25,6 +25,7 @@ from lmforge.models.decoder_lm import DecoderLM
 from lmforge.models.layers.alibi import alibi_attention_mask, alibi_slopes
 from lmforge.models.layers.attention import CausalSelfAttention, causal_padding_mask
 from lmforge.models.layers.kv_cache import KVCache
+from lmforge.models.layers.linear import Linear
 from lmforge.models.layers.mlp import GeluMLP
 
 
@@ -59,7 +60,7 @@ class GPT(DecoderLM):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.reset_parameters()

@@ -15,6 +15,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.models import build
+from lmforge.models.layers.linear import Linear
 
 
 def last_token_index(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
@@ -34,7 +35,7 @@ class ScalarHeadModel(nn.Module):
         if not hasattr(backbone, "hidden_states"):
             raise ConfigError("model.family", f"{type(backbone).__name__} has no hidden_states()", "use a decoder family (gpt, llama, mixtral)")
         self.backbone = backbone
-        self.head = nn.Linear(backbone.config.n_embd, 1)
+        self.head = Linear(backbone.config.n_embd, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 

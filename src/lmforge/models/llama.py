@@ -26,6 +26,7 @@ from lmforge.models.decoder_lm import DecoderLM
 from lmforge.models.layers.alibi import alibi_attention_mask, alibi_slopes
 from lmforge.models.layers.gqa import GroupedQueryAttention
 from lmforge.models.layers.kv_cache import KVCache
+from lmforge.models.layers.linear import Linear
 from lmforge.models.layers.masks import build_attention_mask
 from lmforge.models.layers.mlp import SwiGLU
 from lmforge.models.layers.norm import RMSNorm
@@ -138,7 +139,7 @@ class Llama(DecoderLM):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len) if cfg.position == "rope" else None
         self.blocks = nn.ModuleList(LlamaBlock(cfg, self.make_mlp(cfg)) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.reset_parameters()

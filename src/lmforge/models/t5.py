@@ -32,6 +32,7 @@ from torch import nn
 from lmforge.errors import ConfigError
 from lmforge.models.config import ATTN_BACKENDS, FamilyConfig, require_choice, require_positive_ints
 from lmforge.models.layers.kv_cache import KVCache
+from lmforge.models.layers.linear import Linear
 from lmforge.models.layers.masks import build_attention_mask, causal_tril
 from lmforge.models.layers.norm import RMSNorm
 from lmforge.models.layers.relative_position import RelativePositionBias
@@ -138,10 +139,10 @@ class T5Attention(nn.Module):
         super().__init__()
         self.n_head, self.head_dim, self.dropout, self.backend = n_head, head_dim, dropout, backend
         inner = n_head * head_dim
-        self.q = nn.Linear(n_embd, inner, bias=False)
-        self.k = nn.Linear(n_embd, inner, bias=False)
-        self.v = nn.Linear(n_embd, inner, bias=False)
-        self.o = nn.Linear(inner, n_embd, bias=False)
+        self.q = Linear(n_embd, inner, bias=False)
+        self.k = Linear(n_embd, inner, bias=False)
+        self.v = Linear(n_embd, inner, bias=False)
+        self.o = Linear(inner, n_embd, bias=False)
 
     def forward(
         self,
@@ -197,11 +198,11 @@ class T5FeedForward(nn.Module):
         super().__init__()
         self.gated = gated
         if gated:
-            self.wi_0 = nn.Linear(n_embd, hidden, bias=False)
-            self.wi_1 = nn.Linear(n_embd, hidden, bias=False)
+            self.wi_0 = Linear(n_embd, hidden, bias=False)
+            self.wi_1 = Linear(n_embd, hidden, bias=False)
         else:
-            self.wi = nn.Linear(n_embd, hidden, bias=False)
-        self.wo = nn.Linear(hidden, n_embd, bias=False)
+            self.wi = Linear(n_embd, hidden, bias=False)
+        self.wo = Linear(hidden, n_embd, bias=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -298,7 +299,7 @@ class T5(nn.Module):
         self.shared = nn.Embedding(cfg.vocab_size, cfg.n_embd)  # input embedding of both stacks
         self.encoder = T5Stack(cfg, cfg.n_layer, decoder=False)
         self.decoder = T5Stack(cfg, cfg.decoder_depth, decoder=True)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.shared.weight
         self.reset_parameters()

@@ -24,6 +24,7 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.models.activation_checkpointing import transformer_blocks
+from lmforge.models.layers.linear import is_plain_linear
 
 
 def _mlp_plan(mlp: nn.Module, prefix: str) -> dict[str, Any]:
@@ -136,7 +137,7 @@ def shard_lm_head(model: nn.Module, tp_mesh: Any, tied: bool = False) -> None:
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     head = getattr(model, "lm_head", None)
-    if type(head) is not nn.Linear:
+    if not is_plain_linear(head):
         if tied:
             raise ConfigError("strategy.tensor_parallel_size", f"the tied LM head is a {type(head).__name__}, not an nn.Linear, "
                               "and cannot share the vocab-parallel embedding", "use tensor_parallel_size=1 or an untied head")

@@ -22,6 +22,7 @@ from torch import nn
 
 from lmforge.models.layers.attention_backends import attend
 from lmforge.models.layers.kv_cache import KVCache
+from lmforge.models.layers.linear import Linear
 from lmforge.models.layers.masks import build_attention_mask, causal_tril
 
 # Prefix tuning's hook (lmforge.peft.prefix): (k, v, mask, q_len) -> (k, v, mask) with learned keys/values
@@ -52,8 +53,8 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = n_embd // n_head
         self.backend = backend
         self.dropout = dropout
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
-        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.qkv = Linear(n_embd, 3 * n_embd, bias=bias)
+        self.proj = Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(

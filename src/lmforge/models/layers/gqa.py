@@ -24,6 +24,7 @@ from torch import nn
 from lmforge.models.layers.attention import KVPrefixHook
 from lmforge.models.layers.attention_backends import attend
 from lmforge.models.layers.kv_cache import KVCache
+from lmforge.models.layers.linear import Linear
 from lmforge.models.layers.masks import causal_tril
 from lmforge.models.layers.rope import apply_rotary
 
@@ -39,10 +40,10 @@ class GroupedQueryAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
         self.dropout, self.backend = dropout, backend
-        self.q_proj = nn.Linear(n_embd, n_head * head_dim, bias=bias)
-        self.k_proj = nn.Linear(n_embd, n_kv_head * head_dim, bias=bias)
-        self.v_proj = nn.Linear(n_embd, n_kv_head * head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_head * head_dim, n_embd, bias=bias)
+        self.q_proj = Linear(n_embd, n_head * head_dim, bias=bias)
+        self.k_proj = Linear(n_embd, n_kv_head * head_dim, bias=bias)
+        self.v_proj = Linear(n_embd, n_kv_head * head_dim, bias=bias)
+        self.o_proj = Linear(n_head * head_dim, n_embd, bias=bias)
 
     def forward(
         self,

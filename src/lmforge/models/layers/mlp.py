@@ -6,15 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.models.layers.linear import Linear
+
 
 class GeluMLP(nn.Module):
     """GPT-2 MLP: Linear → GELU (tanh approximation, as GPT-2's `gelu_new`) → Linear → dropout."""
 
     def __init__(self, n_embd: int, hidden: int, dropout: float, bias: bool) -> None:
         super().__init__()
-        self.fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.fc = Linear(n_embd, hidden, bias=bias)
         self.act = nn.GELU(approximate="tanh")
-        self.proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.proj = Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -30,9 +32,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, n_embd: int, hidden: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(n_embd, hidden, bias=bias)
-        self.up_proj = nn.Linear(n_embd, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.gate_proj = Linear(n_embd, hidden, bias=bias)
+        self.up_proj = Linear(n_embd, hidden, bias=bias)
+        self.down_proj = Linear(hidden, n_embd, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lmforge.models.layers.linear import Linear
 from lmforge.models.layers.mlp import SwiGLU
 
 
@@ -30,7 +31,7 @@ class MoEMLP(nn.Module):
     def __init__(self, n_embd: int, hidden: int, n_expert: int, n_expert_per_token: int) -> None:
         super().__init__()
         self.n_expert, self.k = n_expert, n_expert_per_token
-        self.router = nn.Linear(n_embd, n_expert, bias=False)
+        self.router = Linear(n_embd, n_expert, bias=False)
         self.experts = nn.ModuleList(SwiGLU(n_embd, hidden) for _ in range(n_expert))
         self.router_logits: torch.Tensor | None = None
 
