@@ -3,7 +3,7 @@
     python scripts/benchmark.py gemm                         # GPT 384-wide MLP/attention shapes, 2048 tokens
     python scripts/benchmark.py gemm --tokens 4096 --shapes 768x3072 3072x768
 
-What `cpu_gemm=onednn` (models/layers/linear.py) rests on: per (in x out) shape, GFLOP/s of the forward
+What `cpu_kernels=lmforge` does for float32 Linears (models/layers/linear.py) rests on: per (in x out) shape, GFLOP/s of the forward
 x·Wᵀ, the input gradient g·W and the weight gradient gᵀ·x, each through `F.linear`/`mm` (aten: MKL's sgemm
 in torch's x86 wheels) and through `lmforge.models.layers.linear` with oneDNN on; plus the largest relative
 difference between the two against a float64 reference, so the speed is not bought with precision.
@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from lmforge.models.layers import cpu_kernels
 from lmforge.models.layers import linear as lin
 from lmforge.utils.bench_report import append_results, markdown_table, print_rows
 
@@ -58,16 +59,16 @@ def bench_shape(tokens: int, d_in: int, d_out: int, repeats: int) -> list[dict[s
     flop = 2 * tokens * d_in * d_out
     rows = []
     for name, (aten, onednn, ref) in gemms.items():
-        lin.set_cpu_gemm("onednn")
+        cpu_kernels.set_cpu_kernels("lmforge")
         t_one, err_one = seconds(onednn, repeats), rel_err(onednn(), ref)
-        lin.set_cpu_gemm("aten")
+        cpu_kernels.set_cpu_kernels("torch")
         t_aten, err_aten = seconds(aten, repeats), rel_err(aten(), ref)
         rows.append({"bench": "gemm", "gemm": name, "tokens": tokens, "in": d_in, "out": d_out,
                      "aten_gflops": round(flop / t_aten / 1e9, 1), "onednn_gflops": round(flop / t_one / 1e9, 1),
                      "speedup": round(t_aten / t_one, 2), "aten_rel_err": f"{err_aten:.1e}", "onednn_rel_err": f"{err_one:.1e}",
                      "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                      "torch": torch.__version__, "load_avg_1m": round(os.getloadavg()[0], 2)})
-    lin.set_cpu_gemm("onednn")
+    cpu_kernels.set_cpu_kernels("lmforge")
     return rows
 
 
@@ -82,7 +83,7 @@ def main(argv: list[str]) -> list[dict[str, Any]]:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if lin.cpu_gemm() != "onednn":
+    if not lin.ONEDNN_AVAILABLE:
         raise SystemExit("this torch build has no oneDNN linear op (torch.ops.mkldnn._linear_pointwise): nothing to compare")
     rows = []
     for shape in args.shapes:

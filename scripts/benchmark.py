@@ -8,7 +8,7 @@
     python scripts/benchmark.py train-vs-hf             # training step vs HF GPT2LMHeadModel, fp32 + bf16 autocast
     python scripts/benchmark.py lightning               # bare PyTorch loop vs lightning.Trainer, ms/step
     python scripts/benchmark.py head-loss               # chunked head + cross-entropy vs full logits: peak memory, ms
-    python scripts/benchmark.py gemm                    # float32 CPU GEMMs: torch's BLAS vs oneDNN (cpu_gemm), GFLOP/s
+    python scripts/benchmark.py gemm                    # float32 CPU GEMMs: torch's BLAS vs oneDNN (cpu_kernels), GFLOP/s
     python scripts/benchmark.py head-loss --tp 2        # tensor parallel: vocab-parallel head + loss vs replicated head
     python scripts/benchmark.py matrix --strategies auto fsdp:2 --act-ckpt 0 1   # train.py runs over a grid
 

@@ -24,7 +24,7 @@ from lmforge.checkpoint_io import AtomicCheckpointIO
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import ConfigError
 from lmforge.init_from import grow_vocab, load_init_source
-from lmforge.models.layers.linear import set_cpu_gemm
+from lmforge.models.layers.cpu_kernels import set_cpu_kernels
 from lmforge.objectives import Objective
 from lmforge.precision import resolve_precision
 from lmforge.preflight import build_objective, check_config
@@ -220,7 +220,7 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
-    set_cpu_gemm(cfg.get("cpu_gemm", "onednn"))
+    set_cpu_kernels(cfg.get("cpu_kernels", "lmforge"))
     seed_everything(cfg.get("seed"))
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, exclude=output_dir)

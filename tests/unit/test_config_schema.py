@@ -107,8 +107,8 @@ def test_top_level_helper_nodes_pass_but_typos_do_not() -> None:
         check_schema({"task_nme": "x"})
     with pytest.raises(ConfigError, match=r"matmul_precision: 'hi' is not one of 'highest', 'high', 'medium' .*Fix: did you mean"):
         check_schema({"matmul_precision": "hi"})
-    with pytest.raises(ConfigError, match=r"cpu_gemm: 'mkl' is not one of 'onednn', 'aten'"):
-        check_schema({"cpu_gemm": "mkl"})
+    with pytest.raises(ConfigError, match=r"cpu_kernels: 'mkl' is not one of 'lmforge', 'torch'"):
+        check_schema({"cpu_kernels": "mkl"})
 
 
 def test_the_schema_reads_source_only() -> None:

@@ -11,9 +11,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmforge.errors import ConfigError
 from lmforge.models import build
+from lmforge.models.layers import cpu_kernels
 from lmforge.models.layers import linear as lin
 
-pytestmark = pytest.mark.skipif(lin.cpu_gemm() != "onednn", reason="this torch build has no oneDNN linear op")
+pytestmark = pytest.mark.skipif(not lin.ONEDNN_AVAILABLE, reason="this torch build has no oneDNN linear op")
 
 
 class CountGemms(TorchDispatchMode):
@@ -33,9 +34,9 @@ class CountGemms(TorchDispatchMode):
 
 @pytest.fixture(autouse=True)
 def _restore_gemm():
-    before = lin.cpu_gemm()
+    before = cpu_kernels.cpu_kernels()
     yield
-    lin.set_cpu_gemm(before)
+    cpu_kernels.set_cpu_kernels(before)
 
 
 def _operands(shape: tuple[int, ...], d_in: int, d_out: int, bias: bool):
@@ -102,8 +103,8 @@ def test_steps_aside_under_autocast_for_other_dtypes_and_when_switched_off():
         lin.linear(x.bfloat16(), w.bfloat16())
         lin.linear(x[:0], w)  # no rows
     assert count.onednn == 0
-    lin.set_cpu_gemm("aten")
-    assert lin.cpu_gemm() == "aten"
+    cpu_kernels.set_cpu_kernels("torch")
+    assert cpu_kernels.cpu_kernels() == "torch" and not cpu_kernels.enabled()
     with CountGemms() as count:
         out = lin.linear(x, w, b)
     assert count.onednn == 0 and count.aten == 1
@@ -111,8 +112,8 @@ def test_steps_aside_under_autocast_for_other_dtypes_and_when_switched_off():
 
 
 def test_unknown_setting_is_a_config_error_naming_the_key():
-    with pytest.raises(ConfigError, match="cpu_gemm.*onednn, aten"):
-        lin.set_cpu_gemm("mkl")
+    with pytest.raises(ConfigError, match="cpu_kernels.*lmforge, torch"):
+        cpu_kernels.set_cpu_kernels("mkl")
 
 
 def test_linear_is_a_drop_in_nn_linear():
@@ -134,15 +135,15 @@ def test_a_model_training_step_runs_its_linears_on_onednn_and_matches_aten():
     x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
     results = {}
-    for kind in ("onednn", "aten"):
-        lin.set_cpu_gemm(kind)
+    for kind in ("lmforge", "torch"):
+        cpu_kernels.set_cpu_kernels(kind)
         torch.manual_seed(0)
         model = build(cfg)
         with CountGemms() as count:
             loss = CausalLM()(model, batch).loss
             loss.backward()
         results[kind] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()}, count.onednn)
-    (loss_one, grads_one, n_one), (loss_aten, grads_aten, n_aten) = results["onednn"], results["aten"]
+    (loss_one, grads_one, n_one), (loss_aten, grads_aten, n_aten) = results["lmforge"], results["torch"]
     assert n_aten == 0 and n_one >= 2 * 4 * 3 + 3  # 4 Linears per block x 3 GEMMs, plus the head's chunk GEMMs
     torch.testing.assert_close(loss_one, loss_aten, rtol=0, atol=1e-6)
     for name, g in grads_aten.items():

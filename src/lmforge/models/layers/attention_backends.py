@@ -1,7 +1,9 @@
 """Attention kernels selectable per run (`model.attn_backend`) for the decoder families; all compute the same
 softmax(QK^T/sqrt(d) + mask) V and are checked against `eager` in tests/unit/test_attention_backends.py.
 
-* `sdpa` (default): torch's scaled_dot_product_attention (flash / memory-efficient / math kernels per device).
+* `sdpa` (default): torch's scaled_dot_product_attention (flash / memory-efficient / math kernels per device);
+  on CPU in bf16, plain causal self-attention runs as GEMMs instead (layers/cpu_attention.py: same precision,
+  ~2x faster there than SDPA's CPU flash kernel) unless `cpu_kernels=torch`.
 * `flex`: torch's FlexAttention. A boolean mask (padding, packed-document masks from `data.document_mask`,
   prefix-LM) becomes a `BlockMask` once per forward (it is reused by every layer), so blocks a document mask
   rules out are skipped instead of computed then masked; ALiBi's additive mask becomes a `score_mod`. Under
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import ConfigError
+from lmforge.models.layers import cpu_attention
 from lmforge.models.layers.masks import is_causal_query
 
 # The last forward's BlockMask, with the mask tensor it came from (held, so its identity cannot be reused by a
@@ -43,6 +46,8 @@ def attend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
             return out
     elif backend == "flash_attn":
         _import_flash()  # a missing package fails loudly even on the SDPA fallback (CPU, fp32)
+    elif backend == "sdpa" and cpu_attention.usable(q, k, v, mask, dropout_p):
+        return cpu_attention.gemm_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal_query(mask, q.size(-2)),
                                           enable_gqa=enable_gqa)
 

@@ -11,8 +11,8 @@ most of its speed. Both are IEEE float32 GEMMs with float32 accumulation; they d
 linears to) for the forward and both backward GEMMs when everything is plain float32 on CPU and nothing
 else owns the matmul: not under autocast (bf16 matmuls already run on oneDNN), not DTensors (tensor
 parallel), not while torch.compile traces (Inductor picks its own kernels), grad mode or not. Everything
-else is `F.linear`, unchanged. `set_cpu_gemm("aten")` (root config key `cpu_gemm`) turns the routing off
-process-wide, e.g. to compare against MKL or where a future torch drops the op.
+else is `F.linear`, unchanged, as is everything when `cpu_kernels=torch` (layers/cpu_kernels.py) or this
+torch build lacks the op.
 """
 
 from __future__ import annotations
@@ -23,24 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.errors import ConfigError
+from lmforge.models.layers import cpu_kernels
 
-CPU_GEMMS = ("onednn", "aten")
 _ONEDNN_OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-_cpu_gemm = "onednn" if _ONEDNN_OP is not None else "aten"
-
-
-def set_cpu_gemm(kind: str) -> None:
-    """Which library runs float32 CPU linears: `onednn` (default where torch has it) or `aten` (torch's BLAS)."""
-    global _cpu_gemm
-    if kind not in CPU_GEMMS:
-        raise ConfigError("cpu_gemm", f"unknown value {kind!r}", f"use one of {', '.join(CPU_GEMMS)}")
-    _cpu_gemm = kind if _ONEDNN_OP is not None else "aten"  # torch built without oneDNN: the BLAS it has
-
-
-def cpu_gemm() -> str:
-    """The library float32 CPU linears run on now (after `set_cpu_gemm` and what this torch build has)."""
-    return _cpu_gemm
+ONEDNN_AVAILABLE = _ONEDNN_OP is not None
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,7 +38,7 @@ def on_onednn(*tensors: torch.Tensor | None) -> bool:
     """Whether a GEMM of these tensors runs on oneDNN here: all plain float32 on CPU, routing on, and neither
     autocast nor torch.compile in charge."""
     return (
-        _cpu_gemm == "onednn"
+        _ONEDNN_OP is not None and cpu_kernels.enabled()
         and all(t is None or (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu" and t.dtype == torch.float32)
                 for t in tensors)
         and not torch.is_autocast_enabled("cpu")

@@ -1,0 +1,131 @@
+"""Causal attention for bfloat16 on CPU as four batched GEMMs, at flash attention's precision.
+
+Why: under bf16 autocast on a CPU with native bf16 dot products (AVX512-BF16, AMX), torch's SDPA runs its
+CPU flash-attention kernel, which takes ~17 ms forward + backward for 8 x 6 heads x 256 x 64 on 2 cores —
+as long as its float32 kernel, ~25% of a small GPT's bf16 training step. The same maths as whole-matrix
+bf16 GEMMs (oneDNN, ~0.5-1 ms each) plus one softmax takes ~10 ms, and the GPT step ~13% less time.
+
+Precision: Q·Kᵀ and dO·Vᵀ have bf16 inputs, float32 accumulation and float32 outputs (oneDNN's "bf32"
+mode on bf16-exact float32 copies: the inputs lose nothing, the products are summed in float32); softmax
+and d(scores) = P ∘ (dP - rowsum(dO ∘ O)) are float32; P and d(scores) are rounded to bf16 as the operands
+of the P·V, Pᵀ·dO, dS·K and dSᵀ·Q GEMMs, where FlashAttention-2 rounds them too. Against a float64
+reference its gradient errors are SDPA's, its output's ~1.3x (torch's CPU kernel keeps P in float32 for P·V):
+tests/unit/test_cpu_attention.py. P is kept for
+backward in bf16 — B·H·T²·2 bytes per layer, O(T²) like SDPA's math kernel — so above `MAX_SAVED_BYTES`
+per call SDPA's O(T) kernel runs instead. Score-sized temporaries live in per-thread buffers reused across
+layers and steps.
+
+Used by `attn_backend=sdpa` (layers/attention_backends.py) for plain causal self-attention (no mask tensor,
+no dropout, query length = key length, GQA allowed) on CPU in bf16 while `cpu_kernels=lmforge`;
+anything else is torch's SDPA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from lmforge.models.layers import cpu_kernels
+
+MAX_SAVED_BYTES = 256 << 20  # bf16 probabilities kept for backward, per layer call (B·H·T²·2 bytes)
+
+_CAUSAL_BIAS: dict[int, torch.Tensor] = {}  # T -> (T, T) float32: 0 on and below the diagonal, -inf above
+
+
+def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> bool:
+    """Whether `gemm_attention` computes this call (see the module doc)."""
+    B, H, T, _ = q.shape
+    return (
+        cpu_kernels.enabled()
+        and mask is None and dropout_p == 0.0 and T > 1 and k.size(-2) == T
+        and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and all(type(t) is torch.Tensor for t in (q, k, v))
+        and B * H * T * T * 2 <= MAX_SAVED_BYTES
+        and not torch.compiler.is_compiling()
+    )
+
+
+@contextlib.contextmanager
+def _bf16_products() -> Iterator[None]:
+    """float32 matmuls on oneDNN with bf16 products and float32 accumulation (exact for bf16-valued inputs)."""
+    flags = torch.backends.mkldnn.matmul
+    before = flags.fp32_precision
+    flags.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        flags.fp32_precision = before
+
+
+def _f32(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """(B, H, T, D) bf16 view -> contiguous (B·H, T, D) float32, one copy."""
+    return t.to(torch.float32, memory_format=torch.contiguous_format).view(rows, t.size(-2), t.size(-1))
+
+
+def _causal_bias(T: int) -> torch.Tensor:
+    bias = _CAUSAL_BIAS.get(T)
+    if bias is None:
+        bias = _CAUSAL_BIAS[T] = torch.full((T, T), float("-inf")).triu_(1)
+    return bias
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread scratch buffer reused across calls and layers: the (B·H, T, T) temporaries are not
+    allocated afresh each call, where glibc would map them from the OS again (page faults on first touch
+    cost as much as the softmax itself)."""
+    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
+    buf = buffers.get(name)
+    if buf is None or buf.shape != shape or buf.dtype != dtype:
+        buf = buffers[name] = torch.empty(shape, dtype=dtype)
+    return buf
+
+
+class _GemmAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        B, H, T, D = q.shape
+        rows = B * H
+        q3, k3, v3 = (t.reshape(rows, T, D) for t in (q, k, v))
+        square = torch.Size((rows, T, T))
+        scores, probs32 = _workspace("scores", square, torch.float32), _workspace("probs", square, torch.float32)
+        with _bf16_products():
+            torch.baddbmm(_causal_bias(T), _f32(q, rows), _f32(k, rows).transpose(1, 2), alpha=scale, out=scores)
+        torch.ops.aten._softmax.out(scores, -1, False, out=probs32)
+        probs = probs32.to(torch.bfloat16)  # kept for backward: P·V's and Pᵀ·dO's operand, as in FlashAttention-2
+        out = torch.bmm(probs, v3)  # bf16 GEMM, float32 accumulation inside
+        ctx.save_for_backward(q3, k3, v3, out, probs)
+        ctx.scale = scale
+        return out.view(B, H, T, D)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q3, k3, v3, out, probs = ctx.saved_tensors
+        shape = grad_out.shape
+        rows = q3.size(0)
+        do3 = grad_out.reshape(out.shape).to(torch.bfloat16)
+        grad_v = torch.bmm(do3.transpose(1, 2), probs).transpose(1, 2)  # (dOᵀ·P)ᵀ: the small operand is transposed
+        grad_p = _workspace("scores", probs.shape, torch.float32)
+        with _bf16_products():
+            torch.bmm(_f32(do3, rows), _f32(v3, rows).transpose(1, 2), out=grad_p)
+        delta = (do3.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
+        grad_p.sub_(delta).mul_(probs).mul_(ctx.scale)  # softmax backward in float32: dS = P ∘ (dP - delta)
+        grad_s = _workspace("grad_s", probs.shape, torch.bfloat16).copy_(grad_p)
+        grad_q = torch.bmm(grad_s, k3)
+        grad_k = torch.bmm(q3.transpose(1, 2), grad_s).transpose(1, 2)  # (Qᵀ·dS)ᵀ
+        return grad_q.view(shape), grad_k.reshape(shape), grad_v.reshape(shape), None
+
+
+def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(Q·Kᵀ·scale + causal mask)·V for q (B, H, T, D), k/v (B, H_kv, T, D) with H % H_kv == 0."""
+    group = q.size(1) // k.size(1)
+    if group > 1:  # GQA: head h reads key/value head h // group (SDPA's enable_gqa); grads sum back via autograd
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return _GemmAttention.apply(q, k, v, q.size(-1) ** -0.5 if scale is None else scale)

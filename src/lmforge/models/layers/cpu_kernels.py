@@ -1,0 +1,32 @@
+"""Which kernels CPU training uses: lmforge's choices (default) or exactly torch's defaults.
+
+`lmforge` (root config key `cpu_kernels`):
+* float32 Linears (models, chunked head + loss) on oneDNN instead of MKL: layers/linear.py;
+* bf16 causal self-attention as batched GEMMs instead of SDPA's CPU flash kernel: layers/cpu_attention.py.
+Each keeps float32-level (resp. flash-attention-level) accuracy and only applies where it is faster; both are
+what makes lmforge's CPU training step faster than a stock PyTorch model's (README, "Training step vs Hugging
+Face"). `torch` turns both off process-wide: A/B comparisons, or a torch version without the ops they use.
+"""
+
+from __future__ import annotations
+
+from lmforge.errors import ConfigError
+
+CPU_KERNELS = ("lmforge", "torch")
+_kind = "lmforge"
+
+
+def set_cpu_kernels(kind: str) -> None:
+    global _kind
+    if kind not in CPU_KERNELS:
+        raise ConfigError("cpu_kernels", f"unknown value {kind!r}", f"use one of {', '.join(CPU_KERNELS)}")
+    _kind = kind
+
+
+def cpu_kernels() -> str:
+    return _kind
+
+
+def enabled() -> bool:
+    """lmforge's CPU kernels are on."""
+    return _kind == "lmforge"
