@@ -77,19 +77,25 @@ def test_attend_routes_plain_causal_bf16_cpu_calls_and_nothing_else(monkeypatch)
     real = cpu_attention.gemm_attention
     monkeypatch.setattr(cpu_attention, "gemm_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q, k, v, _ = _inputs(2, 4, 2, 16, 8)
-    attention_backends.attend("sdpa", q, k, v, None, enable_gqa=True)
-    assert calls == [1]
-    mask = torch.ones(1, 1, 16, 16, dtype=torch.bool).tril()
-    attention_backends.attend("sdpa", q, k, v, mask, enable_gqa=True)  # an explicit mask tensor
-    attention_backends.attend("sdpa", q, k, v, None, dropout_p=0.1, enable_gqa=True)
-    attention_backends.attend("sdpa", q.float(), k.float(), v.float(), None, enable_gqa=True)  # float32
-    attention_backends.attend("sdpa", q[:, :, -1:], k, v, None, enable_gqa=True)  # one decode step over a cache
+
+    def routed(*args, **kwargs) -> bool:
+        before = len(calls)
+        out = attention_backends.attend(*args, enable_gqa=True, **kwargs)
+        assert out.shape == args[1].shape
+        return len(calls) > before
+
+    assert routed("sdpa", q, k, v, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 q/k (Llama's RoPE) that autocast casts for SDPA
+        assert routed("sdpa", q.float(), k.float(), v, None)
+    assert not routed("sdpa", q, k, v, torch.ones(1, 1, 16, 16, dtype=torch.bool).tril())  # an explicit mask tensor
+    assert not routed("sdpa", q, k, v, None, dropout_p=0.1)
+    assert not routed("sdpa", q.float(), k.float(), v.float(), None)  # float32, no autocast
+    assert not routed("sdpa", q[:, :, -1:], k, v, None)  # one decode step over a cache
     monkeypatch.setattr(cpu_attention, "MAX_SAVED_BYTES", 2 * 4 * 16 * 16 * 2 - 1)  # P over the memory cap
-    attention_backends.attend("sdpa", q, k, v, None, enable_gqa=True)
+    assert not routed("sdpa", q, k, v, None)
     monkeypatch.setattr(cpu_attention, "MAX_SAVED_BYTES", 256 << 20)
     cpu_kernels.set_cpu_kernels("torch")
-    attention_backends.attend("sdpa", q, k, v, None, enable_gqa=True)
-    assert calls == [1]
+    assert not routed("sdpa", q, k, v, None)
 
 
 def test_the_mkldnn_precision_flag_is_restored_even_after_an_error():
@@ -115,12 +121,19 @@ def test_reused_workspaces_give_the_same_result_across_shapes():
     torch.testing.assert_close(b1.float(), _sdpa(*second).float(), rtol=0, atol=2e-2)
 
 
-def test_a_gpt_bf16_step_matches_torch_sdpa_to_bf16_accuracy():
-    """The same GPT training step under bf16 autocast with lmforge's CPU kernels and with torch's: loss and
-    gradients agree to what bf16 rounding allows."""
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_a_bf16_training_step_matches_torch_sdpa_to_bf16_accuracy(family, monkeypatch):
+    """The same training step under bf16 autocast with lmforge's CPU kernels and with torch's (GPT; Llama with
+    GQA and float32 RoPE outputs): every layer took the GEMM path, and loss and gradients agree to what bf16
+    rounding allows."""
     from lmforge.objectives.clm import CausalLM
 
-    cfg = {"family": "gpt", "n_layer": 2, "n_head": 4, "n_embd": 64, "max_seq_len": 32, "vocab_size": 96, "dropout": 0.0}
+    calls = []
+    real = cpu_attention.gemm_attention
+    monkeypatch.setattr(cpu_attention, "gemm_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cfg = {"family": family, "n_layer": 2, "n_head": 4, "n_embd": 64, "max_seq_len": 32, "vocab_size": 96, "dropout": 0.0}
+    if family == "llama":
+        cfg["n_kv_head"] = 2
     x = torch.randint(0, 96, (4, 33), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
     results = {}
@@ -132,6 +145,7 @@ def test_a_gpt_bf16_step_matches_torch_sdpa_to_bf16_accuracy():
             loss = CausalLM()(model, batch).loss
         loss.backward()
         results[kind] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert len(calls) == 2  # both layers, lmforge run only
     (loss_ours, grad_ours), (loss_torch, grad_torch) = results["lmforge"], results["torch"]
     assert abs(loss_ours - loss_torch) < 1e-2
     assert _rel(grad_ours.double(), grad_torch.double()) < 2e-2

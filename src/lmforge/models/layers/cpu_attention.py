@@ -16,7 +16,8 @@ per call SDPA's O(T) kernel runs instead. Score-sized temporaries live in per-th
 layers and steps.
 
 Used by `attn_backend=sdpa` (layers/attention_backends.py) for plain causal self-attention (no mask tensor,
-no dropout, query length = key length, GQA allowed) on CPU in bf16 while `cpu_kernels=lmforge`;
+no dropout, query length = key length, GQA allowed) on CPU in bf16 (or under bf16 autocast, which would
+cast SDPA's inputs to bf16) while `cpu_kernels=lmforge`;
 anything else is torch's SDPA.
 """
 
@@ -42,11 +43,21 @@ def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return (
         cpu_kernels.enabled()
         and mask is None and dropout_p == 0.0 and T > 1 and k.size(-2) == T
-        and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and q.device.type == "cpu" and _runs_in_bf16(q, k, v)
         and all(type(t) is torch.Tensor for t in (q, k, v))
         and B * H * T * T * 2 <= MAX_SAVED_BYTES
         and not torch.compiler.is_compiling()
     )
+
+
+def _runs_in_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """bf16 inputs, or float32/bf16 ones under CPU bf16 autocast, which casts SDPA's inputs to bf16 (RoPE in
+    float32 hands Llama's q and k over as float32 there)."""
+    dtypes = {q.dtype, k.dtype, v.dtype}
+    if dtypes == {torch.bfloat16}:
+        return True
+    return (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            and dtypes <= {torch.float32, torch.bfloat16})
 
 
 @contextlib.contextmanager
@@ -125,6 +136,7 @@ class _GemmAttention(torch.autograd.Function):
 
 def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(Q·Kᵀ·scale + causal mask)·V for q (B, H, T, D), k/v (B, H_kv, T, D) with H % H_kv == 0."""
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))  # what autocast does to SDPA's inputs (no-op for bf16)
     group = q.size(1) // k.size(1)
     if group > 1:  # GQA: head h reads key/value head h // group (SDPA's enable_gqa); grads sum back via autograd
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
