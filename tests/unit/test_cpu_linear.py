@@ -33,7 +33,9 @@ class CountGemms(TorchDispatchMode):
 
 
 @pytest.fixture(autouse=True)
-def _restore_gemm():
+def _restore_gemm(monkeypatch):
+    """Every GEMM here is small: route them all (the size floor has its own test)."""
+    monkeypatch.setattr(lin, "MIN_MACS", 0)
     before = cpu_kernels.cpu_kernels()
     yield
     cpu_kernels.set_cpu_kernels(before)
@@ -109,6 +111,22 @@ def test_steps_aside_under_autocast_for_other_dtypes_and_when_switched_off():
         out = lin.linear(x, w, b)
     assert count.onednn == 0 and count.aten == 1
     torch.testing.assert_close(out, F.linear(x, w, b))
+
+
+def test_gemms_below_the_size_floor_stay_on_aten(monkeypatch):
+    """A decode step's few rows on a narrow model: oneDNN's per-call cost would lose, so MKL keeps them."""
+    monkeypatch.setattr(lin, "MIN_MACS", 1 << 20)
+    w = torch.randn(384, 384)
+    with CountGemms() as count:
+        lin.linear(torch.randn(1, 384), w)  # 147K multiply-adds
+        lin.linear(torch.randn(2, 3, 384), w)
+        lin.gemm_nt(torch.randn(4, 384), w)
+        lin.gemm_tn(torch.randn(4, 384), torch.randn(4, 384))
+    assert count.onednn == 0 and count.aten == 4
+    with CountGemms() as count:
+        lin.linear(torch.randn(8, 64, 384), w)  # 75M multiply-adds
+        lin.gemm_tn(torch.randn(512, 384), torch.randn(512, 384))
+    assert count.onednn == 2 and count.aten == 0
 
 
 def test_unknown_setting_is_a_config_error_naming_the_key():

@@ -8,7 +8,8 @@ most of its speed. Both are IEEE float32 GEMMs with float32 accumulation; they d
 (~1e-6 relative, the same as between thread counts).
 
 `linear(x, weight, bias)` routes to oneDNN (`torch.ops.mkldnn._linear_pointwise`, the op Inductor lowers CPU
-linears to) for the forward and both backward GEMMs when everything is plain float32 on CPU and nothing
+linears to) for the forward and both backward GEMMs when the GEMM has at least `MIN_MACS` multiply-adds
+(oneDNN's per-call cost loses on a decode step's few rows), everything is plain float32 on CPU and nothing
 else owns the matmul: not under autocast (bf16 matmuls already run on oneDNN), not DTensors (tensor
 parallel), not while torch.compile traces (Inductor picks its own kernels), grad mode or not. Everything
 else is `F.linear`, unchanged, as is everything when `cpu_kernels=torch` (layers/cpu_kernels.py) or this
@@ -27,6 +28,9 @@ from lmforge.models.layers import cpu_kernels
 
 _ONEDNN_OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 ONEDNN_AVAILABLE = _ONEDNN_OP is not None
+# oneDNN pays ~12 us per call where MKL pays ~3: below ~1M multiply-adds (a decode step's M = 1..8 rows on a
+# 128-384 wide model) MKL is faster, above it oneDNN (measured on 2 Zen cores, 1 and 2 threads).
+MIN_MACS = 1 << 20
 
 
 def _onednn(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -46,15 +50,20 @@ def on_onednn(*tensors: torch.Tensor | None) -> bool:
     )
 
 
+def _big_enough(rows: int, inner: int, cols: int) -> bool:
+    macs = rows * inner * cols
+    return macs > 0 and macs >= MIN_MACS
+
+
 def gemm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a · bᵀ for 2-D a (M, K), b (N, K) (a transposed view of a (K, N) matrix is fine: no copy)."""
-    return _onednn(a, b) if on_onednn(a, b) and a.numel() > 0 else a @ b.t()
+    return _onednn(a, b) if on_onednn(a, b) and _big_enough(*a.shape, b.size(0)) else a @ b.t()
 
 
 def gemm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """aᵀ · b for 2-D a (M, N), b (M, K): a weight gradient, contiguous (N, K). oneDNN reads its first operand
     row-major, so the narrower of a, b is the one transposed (copied): (bᵀ · a)ᵀ when N > K."""
-    if not (on_onednn(a, b) and a.numel() > 0):
+    if not (on_onednn(a, b) and _big_enough(a.size(1), a.size(0), b.size(1))):
         return a.t() @ b
     if a.size(1) > b.size(1):
         return _onednn(b.t(), a.t()).t().contiguous()
@@ -87,7 +96,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, on oneDNN where that is faster (see the module doc)."""
-    if on_onednn(x, weight, bias) and x.numel() > 0:
+    if on_onednn(x, weight, bias) and x.dim() >= 2 and _big_enough(x.numel() // x.size(-1), *weight.shape):
         return _OneDNNLinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
