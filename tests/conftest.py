@@ -71,3 +71,31 @@ def train_in_process(overrides: list[str], output_dir: Path) -> dict[str, float]
         cfg = compose(config_name="train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
     preflight(cfg)
     return train(cfg)
+
+
+def clm_step_with_kernels(cfg: dict, kernels: str, bf16: bool = False, context=None) -> tuple[float, dict]:
+    """Loss and gradients of one causal-LM training step of a fresh model (seed 0) built from `cfg` with
+    `cpu_kernels=kernels`, on a fixed random batch, under bf16 autocast if asked and inside `context` (a
+    dispatch-mode counter, say). Restores the previous `cpu_kernels`."""
+    import contextlib
+
+    import torch
+
+    from lmforge.models import build
+    from lmforge.models.layers import cpu_kernels
+    from lmforge.objectives.clm import CausalLM
+
+    x = torch.randint(0, cfg["vocab_size"], (4, cfg["max_seq_len"] + 1), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
+    before = cpu_kernels.cpu_kernels()
+    cpu_kernels.set_cpu_kernels(kernels)
+    try:
+        torch.manual_seed(0)
+        model = build(cfg)
+        with context or contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = CausalLM()(model, batch).loss
+            loss.backward()
+    finally:
+        cpu_kernels.set_cpu_kernels(before)
+    return loss.item(), {n: p.grad for n, p in model.named_parameters()}

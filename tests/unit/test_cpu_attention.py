@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import clm_step_with_kernels
 
-from lmforge.models import build
 from lmforge.models.layers import attention_backends, cpu_attention, cpu_kernels
 
 
@@ -126,26 +126,15 @@ def test_a_bf16_training_step_matches_torch_sdpa_to_bf16_accuracy(family, monkey
     """The same training step under bf16 autocast with lmforge's CPU kernels and with torch's (GPT; Llama with
     GQA and float32 RoPE outputs): every layer took the GEMM path, and loss and gradients agree to what bf16
     rounding allows."""
-    from lmforge.objectives.clm import CausalLM
-
     calls = []
     real = cpu_attention.gemm_attention
     monkeypatch.setattr(cpu_attention, "gemm_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     cfg = {"family": family, "n_layer": 2, "n_head": 4, "n_embd": 64, "max_seq_len": 32, "vocab_size": 96, "dropout": 0.0}
     if family == "llama":
         cfg["n_kv_head"] = 2
-    x = torch.randint(0, 96, (4, 33), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
-    results = {}
-    for kind in ("lmforge", "torch"):
-        cpu_kernels.set_cpu_kernels(kind)
-        torch.manual_seed(0)
-        model = build(cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = CausalLM()(model, batch).loss
-        loss.backward()
-        results[kind] = (loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]))
+    loss_ours, grads_ours = clm_step_with_kernels(cfg, "lmforge", bf16=True)
+    loss_torch, grads_torch = clm_step_with_kernels(cfg, "torch", bf16=True)
     assert len(calls) == 2  # both layers, lmforge run only
-    (loss_ours, grad_ours), (loss_torch, grad_torch) = results["lmforge"], results["torch"]
     assert abs(loss_ours - loss_torch) < 1e-2
-    assert _rel(grad_ours.double(), grad_torch.double()) < 2e-2
+    flat = [torch.cat([g.flatten() for g in grads.values()]).double() for grads in (grads_ours, grads_torch)]
+    assert _rel(*flat) < 2e-2

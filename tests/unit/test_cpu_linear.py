@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import clm_step_with_kernels
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmforge.errors import ConfigError
-from lmforge.models import build
 from lmforge.models.layers import cpu_kernels
 from lmforge.models.layers import linear as lin
 
@@ -147,22 +147,11 @@ def test_linear_is_a_drop_in_nn_linear():
 def test_a_model_training_step_runs_its_linears_on_onednn_and_matches_aten():
     """GPT fp32 forward + backward: every Linear (and the chunked head + loss) on oneDNN, same loss and
     gradients as with torch's BLAS to float32 accuracy."""
-    from lmforge.objectives.clm import CausalLM
-
     cfg = {"family": "gpt", "n_layer": 2, "n_head": 2, "n_embd": 32, "max_seq_len": 16, "vocab_size": 64, "dropout": 0.0}
-    x = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
-    results = {}
-    for kind in ("lmforge", "torch"):
-        cpu_kernels.set_cpu_kernels(kind)
-        torch.manual_seed(0)
-        model = build(cfg)
-        with CountGemms() as count:
-            loss = CausalLM()(model, batch).loss
-            loss.backward()
-        results[kind] = (loss.detach(), {n: p.grad for n, p in model.named_parameters()}, count.onednn)
-    (loss_one, grads_one, n_one), (loss_aten, grads_aten, n_aten) = results["lmforge"], results["torch"]
-    assert n_aten == 0 and n_one >= 2 * 4 * 3 + 3  # 4 Linears per block x 3 GEMMs, plus the head's chunk GEMMs
-    torch.testing.assert_close(loss_one, loss_aten, rtol=0, atol=1e-6)
-    for name, g in grads_aten.items():
-        torch.testing.assert_close(grads_one[name], g, rtol=0, atol=1e-6, msg=name)
+    ours, theirs = CountGemms(), CountGemms()
+    loss_ours, grads_ours = clm_step_with_kernels(cfg, "lmforge", context=ours)
+    loss_torch, grads_torch = clm_step_with_kernels(cfg, "torch", context=theirs)
+    assert theirs.onednn == 0 and ours.onednn >= 2 * 4 * 3 + 3  # 4 Linears per block x 3 GEMMs, plus the head's chunk GEMMs
+    assert abs(loss_ours - loss_torch) < 1e-6
+    for name, g in grads_torch.items():
+        torch.testing.assert_close(grads_ours[name], g, rtol=0, atol=1e-6, msg=name)
