@@ -138,3 +138,18 @@ def test_a_bf16_training_step_matches_torch_sdpa_to_bf16_accuracy(family, monkey
     assert abs(loss_ours - loss_torch) < 1e-2
     flat = [torch.cat([g.flatten() for g in grads.values()]).double() for grads in (grads_ours, grads_torch)]
     assert _rel(*flat) < 2e-2
+
+
+def test_concurrent_calls_leave_the_process_wide_precision_flag_as_it_was():
+    """Threads attending at once (a threaded server) must not leave oneDNN's bf32 flag set for later float32 matmuls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    flags = torch.backends.mkldnn.matmul
+    before = flags.fp32_precision
+    inputs = [_inputs(2, 2, 2, 48, 16, seed=s)[:3] for s in range(4)]
+    expected = [cpu_attention.gemm_attention(*qkv) for qkv in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            results = list(pool.map(lambda qkv: cpu_attention.gemm_attention(*qkv), inputs))
+            assert all(torch.equal(r, e) for r, e in zip(results, expected, strict=True))
+    assert flags.fp32_precision == before

@@ -60,16 +60,23 @@ def _runs_in_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and dtypes <= {torch.float32, torch.bfloat16})
 
 
+_FLAG_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _bf16_products() -> Iterator[None]:
-    """float32 matmuls on oneDNN with bf16 products and float32 accumulation (exact for bf16-valued inputs)."""
+    """float32 matmuls on oneDNN with bf16 products and float32 accumulation (exact for bf16-valued inputs).
+    The flag is process-wide: the lock keeps two threads (a threaded server) from interleaving set and restore,
+    which could leave it set for every later float32 matmul. A float32 matmul another thread runs during these
+    two GEMMs would see it too; this path runs under bf16 only, where threads mixing precisions are not expected."""
     flags = torch.backends.mkldnn.matmul
-    before = flags.fp32_precision
-    flags.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        flags.fp32_precision = before
+    with _FLAG_LOCK:
+        before = flags.fp32_precision
+        flags.fp32_precision = "bf16"
+        try:
+            yield
+        finally:
+            flags.fp32_precision = before
 
 
 def _f32(t: torch.Tensor, rows: int) -> torch.Tensor:
