@@ -3,9 +3,9 @@
     python scripts/benchmark.py gemm                         # GPT 384-wide MLP/attention shapes, 2048 tokens
     python scripts/benchmark.py gemm --tokens 4096 --shapes 768x3072 3072x768
 
-What `cpu_kernels=lmforge` does for float32 Linears (models/layers/linear.py) rests on: per (in x out) shape, GFLOP/s of the forward
+What `cpu_kernels=lmforge` does for float32 Linears (kernels/linear.py) rests on: per (in x out) shape, GFLOP/s of the forward
 x·Wᵀ, the input gradient g·W and the weight gradient gᵀ·x, each through `F.linear`/`mm` (aten: MKL's sgemm
-in torch's x86 wheels) and through `lmforge.models.layers.linear` with oneDNN on; plus the largest relative
+in torch's x86 wheels) and through `lmforge.kernels.linear` with oneDNN on; plus the largest relative
 difference between the two against a float64 reference, so the speed is not bought with precision.
 Writes logs/benchmark/gemm.{json,md} and appends to logs/benchmark/results.jsonl.
 """
@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from lmforge.models.layers import cpu_kernels
-from lmforge.models.layers import linear as lin
+from lmforge.kernels import cpu_kernels
+from lmforge.kernels import linear as lin
 from lmforge.utils.bench_report import append_results, markdown_table, print_rows
 
 ROOT = Path(__file__).resolve().parents[1]

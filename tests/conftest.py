@@ -81,8 +81,8 @@ def clm_step_with_kernels(cfg: dict, kernels: str, bf16: bool = False, context=N
 
     import torch
 
+    from lmforge.kernels import cpu_kernels
     from lmforge.models import build
-    from lmforge.models.layers import cpu_kernels
     from lmforge.objectives.clm import CausalLM
 
     x = torch.randint(0, cfg["vocab_size"], (4, cfg["max_seq_len"] + 1), generator=torch.Generator().manual_seed(0))

@@ -53,7 +53,7 @@ class TrainConfig:
     optimized_metric: str | None = None
     sweep_bad_score: float = 1.0e4
     matmul_precision: Literal["highest", "high", "medium"] = "high"
-    cpu_kernels: Literal["lmforge", "torch"] = "lmforge"  # models/layers/cpu_kernels.py
+    cpu_kernels: Literal["lmforge", "torch"] = "lmforge"  # kernels/cpu_kernels.py
     paths: Any = None
     data: Any = None
     tokenizer: Any = None

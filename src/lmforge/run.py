@@ -24,7 +24,7 @@ from lmforge.checkpoint_io import AtomicCheckpointIO
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import ConfigError
 from lmforge.init_from import grow_vocab, load_init_source
-from lmforge.models.layers.cpu_kernels import set_cpu_kernels
+from lmforge.kernels.cpu_kernels import set_cpu_kernels
 from lmforge.objectives import Objective
 from lmforge.precision import resolve_precision
 from lmforge.preflight import build_objective, check_config

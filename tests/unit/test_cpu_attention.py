@@ -1,4 +1,4 @@
-"""lmforge.models.layers.cpu_attention: bf16 causal attention as GEMMs is as accurate as torch's SDPA (both
+"""lmforge.kernels.cpu_attention: bf16 causal attention as GEMMs is as accurate as torch's SDPA (both
 against a float64 reference from the same bf16 inputs), runs where `attend` should route it, and nowhere else."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from conftest import clm_step_with_kernels
 
-from lmforge.models.layers import attention_backends, cpu_attention, cpu_kernels
+from lmforge.kernels import cpu_attention, cpu_kernels
+from lmforge.models.layers import attention_backends
 
 
 @pytest.fixture(autouse=True)

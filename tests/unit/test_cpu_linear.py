@@ -1,4 +1,4 @@
-"""lmforge.models.layers.linear: float32 CPU linears on oneDNN give F.linear's values and gradients, run where
+"""lmforge.kernels.linear: float32 CPU linears on oneDNN give F.linear's values and gradients, run where
 they should (counted through the dispatcher) and step aside where another owner has the matmul."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmforge.errors import ConfigError
-from lmforge.models.layers import cpu_kernels
-from lmforge.models.layers import linear as lin
+from lmforge.kernels import cpu_kernels
+from lmforge.kernels import linear as lin
 
 pytestmark = pytest.mark.skipif(not lin.ONEDNN_AVAILABLE, reason="this torch build has no oneDNN linear op")
 

@@ -22,8 +22,8 @@ from torch import nn
 
 from lmforge.errors import ConfigError
 from lmforge.generation.quantize import Int8WeightOnlyLinear, quantizable_linears, quantize_model
+from lmforge.kernels.linear import is_plain_linear
 from lmforge.models import build
-from lmforge.models.layers.linear import is_plain_linear
 
 V = 64
 FAMILIES = {

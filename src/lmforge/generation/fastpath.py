@@ -94,7 +94,7 @@ def _supported(model: nn.Module) -> str | None:
             return None
     else:
         return None
-    from lmforge.models.layers.linear import Linear
+    from lmforge.kernels.linear import Linear
 
     allowed = {block_t, attn_t, mlp_t, norm_t, nn.Linear, Linear, nn.Embedding, nn.Dropout, nn.GELU, nn.ModuleList, type(model)}
     if kind == "llama":

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
-from lmforge.models.layers.linear import is_plain_linear, linear
+from lmforge.kernels.linear import is_plain_linear, linear
 
 QUANTIZE_MODES = ("int8_dynamic", "int8_weight")
 KEEP_FULL_PRECISION = ("router",)  # Linear layers whose name ends with one of these are not quantized

@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.kernels.linear import gemm_nt, gemm_tn, is_plain_linear, on_onednn
 from lmforge.losses.vocab_parallel_cross_entropy import (
     gather_vocab,
     is_vocab_sharded,
     vocab_parallel_cross_entropy,
 )
-from lmforge.models.layers.linear import gemm_nt, gemm_tn, is_plain_linear, on_onednn
 
 
 def fusable(head: nn.Module) -> bool:
@@ -70,7 +70,7 @@ def _accumulate(grad_w: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> Non
     """grad_w += gᵀ h_c, summed across chunks in grad_w's (fp32) dtype as autograd's one big GEMM would."""
     if g.dtype != grad_w.dtype:
         grad_w += (g.t() @ h_c).to(grad_w.dtype)
-    elif on_onednn(g, h_c):  # float32 on CPU (layers/linear.py)
+    elif on_onednn(g, h_c):  # float32 on CPU (kernels/linear.py)
         grad_w += gemm_tn(g, h_c)
     else:
         grad_w.addmm_(g.t(), h_c)

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.kernels.linear import Linear
 from lmforge.models.config import ATTN_BACKENDS, FamilyConfig, require_choice, require_positive_ints
-from lmforge.models.layers.linear import Linear
 from lmforge.models.layers.masks import build_attention_mask
 
 

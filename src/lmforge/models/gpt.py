@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.kernels.linear import Linear
 from lmforge.models.config import GPTConfig
 from lmforge.models.decoder_lm import DecoderLM
 from lmforge.models.layers.alibi import alibi_attention_mask, alibi_slopes
 from lmforge.models.layers.attention import CausalSelfAttention, causal_padding_mask
 from lmforge.models.layers.kv_cache import KVCache
-from lmforge.models.layers.linear import Linear
 from lmforge.models.layers.mlp import GeluMLP
 
 

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.kernels.linear import Linear
 from lmforge.models import build
-from lmforge.models.layers.linear import Linear
 
 
 def last_token_index(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:

@@ -21,12 +21,12 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.kernels.linear import Linear
 from lmforge.models.config import FamilyConfig, check_attn_backend, require_choice, require_positive_ints
 from lmforge.models.decoder_lm import DecoderLM
 from lmforge.models.layers.alibi import alibi_attention_mask, alibi_slopes
 from lmforge.models.layers.gqa import GroupedQueryAttention
 from lmforge.models.layers.kv_cache import KVCache
-from lmforge.models.layers.linear import Linear
 from lmforge.models.layers.masks import build_attention_mask
 from lmforge.models.layers.mlp import SwiGLU
 from lmforge.models.layers.norm import RMSNorm

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.kernels.linear import Linear
 from lmforge.models.config import ATTN_BACKENDS, FamilyConfig, require_choice, require_positive_ints
 from lmforge.models.layers.kv_cache import KVCache
-from lmforge.models.layers.linear import Linear
 from lmforge.models.layers.masks import build_attention_mask, causal_tril
 from lmforge.models.layers.norm import RMSNorm
 from lmforge.models.layers.relative_position import RelativePositionBias

@@ -23,8 +23,8 @@ from typing import Any
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.kernels.linear import is_plain_linear
 from lmforge.models.activation_checkpointing import transformer_blocks
-from lmforge.models.layers.linear import is_plain_linear
 
 
 def _mlp_plan(mlp: nn.Module, prefix: str) -> dict[str, Any]:

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.kernels.linear import Linear
 from lmforge.models.layers.attention_backends import attend
 from lmforge.models.layers.kv_cache import KVCache
-from lmforge.models.layers.linear import Linear
 from lmforge.models.layers.masks import build_attention_mask, causal_tril
 
 # Prefix tuning's hook (lmforge.peft.prefix): (k, v, mask, q_len) -> (k, v, mask) with learned keys/values

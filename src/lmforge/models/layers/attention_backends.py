@@ -2,7 +2,7 @@
 softmax(QK^T/sqrt(d) + mask) V and are checked against `eager` in tests/unit/test_attention_backends.py.
 
 * `sdpa` (default): torch's scaled_dot_product_attention (flash / memory-efficient / math kernels per device);
-  on CPU in bf16, plain causal self-attention runs as GEMMs instead (layers/cpu_attention.py: same precision,
+  on CPU in bf16, plain causal self-attention runs as GEMMs instead (kernels/cpu_attention.py: same precision,
   ~2x faster there than SDPA's CPU flash kernel) unless `cpu_kernels=torch`.
 * `flex`: torch's FlexAttention. A boolean mask (padding, packed-document masks from `data.document_mask`,
   prefix-LM) becomes a `BlockMask` once per forward (it is reused by every layer), so blocks a document mask
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.errors import ConfigError
-from lmforge.models.layers import cpu_attention
+from lmforge.kernels import cpu_attention
 from lmforge.models.layers.masks import is_causal_query
 
 # The last forward's BlockMask, with the mask tensor it came from (held, so its identity cannot be reused by a

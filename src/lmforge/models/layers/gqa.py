@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.kernels.linear import Linear
 from lmforge.models.layers.attention import KVPrefixHook
 from lmforge.models.layers.attention_backends import attend
 from lmforge.models.layers.kv_cache import KVCache
-from lmforge.models.layers.linear import Linear
 from lmforge.models.layers.masks import causal_tril
 from lmforge.models.layers.rope import apply_rotary
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.models.layers.linear import Linear
+from lmforge.kernels.linear import Linear
 
 
 class GeluMLP(nn.Module):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.models.layers.linear import Linear
+from lmforge.kernels.linear import Linear
 from lmforge.models.layers.mlp import SwiGLU
 
 

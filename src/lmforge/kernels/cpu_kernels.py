@@ -1,8 +1,8 @@
 """Which kernels CPU training uses: lmforge's choices (default) or exactly torch's defaults.
 
 `lmforge` (root config key `cpu_kernels`):
-* float32 Linears (models, chunked head + loss) on oneDNN instead of MKL: layers/linear.py;
-* bf16 causal self-attention as batched GEMMs instead of SDPA's CPU flash kernel: layers/cpu_attention.py.
+* float32 Linears (models, chunked head + loss) on oneDNN instead of MKL: kernels/linear.py;
+* bf16 causal self-attention as batched GEMMs instead of SDPA's CPU flash kernel: kernels/cpu_attention.py.
 Each keeps float32-level (resp. flash-attention-level) accuracy and only applies where it is faster; both are
 what makes lmforge's CPU training step faster than a stock PyTorch model's (README, "Training step vs Hugging
 Face"). `torch` turns both off process-wide: A/B comparisons, or a torch version without the ops they use.

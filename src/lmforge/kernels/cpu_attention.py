@@ -15,7 +15,7 @@ backward in bf16 — B·H·T²·2 bytes per layer, O(T²) like SDPA's math kerne
 per call SDPA's O(T) kernel runs instead. Score-sized temporaries live in per-thread buffers reused across
 layers and steps.
 
-Used by `attn_backend=sdpa` (layers/attention_backends.py) for plain causal self-attention (no mask tensor,
+Used by `attn_backend=sdpa` (models/layers/attention_backends.py) for plain causal self-attention (no mask tensor,
 no dropout, query length = key length, GQA allowed) on CPU in bf16 (or under bf16 autocast, which would
 cast SDPA's inputs to bf16) while `cpu_kernels=lmforge`;
 anything else is torch's SDPA.
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lmforge.models.layers import cpu_kernels
+from lmforge.kernels import cpu_kernels
 
 MAX_SAVED_BYTES = 256 << 20  # bf16 probabilities kept for backward, per layer call (B·H·T²·2 bytes)
 

@@ -12,7 +12,7 @@ linears to) for the forward and both backward GEMMs when the GEMM has at least `
 (oneDNN's per-call cost loses on a decode step's few rows), everything is plain float32 on CPU and nothing
 else owns the matmul: not under autocast (bf16 matmuls already run on oneDNN), not DTensors (tensor
 parallel), not while torch.compile traces (Inductor picks its own kernels), grad mode or not. Everything
-else is `F.linear`, unchanged, as is everything when `cpu_kernels=torch` (layers/cpu_kernels.py) or this
+else is `F.linear`, unchanged, as is everything when `cpu_kernels=torch` (kernels/cpu_kernels.py) or this
 torch build lacks the op.
 """
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.models.layers import cpu_kernels
+from lmforge.kernels import cpu_kernels
 
 _ONEDNN_OP = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 ONEDNN_AVAILABLE = _ONEDNN_OP is not None
