@@ -68,8 +68,8 @@ def _operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor,
 
 def _accumulate(grad_w: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> None:
     """grad_w += gᵀ h_c, summed across chunks in grad_w's (fp32) dtype as autograd's one big GEMM would."""
-    if g.dtype != grad_w.dtype:
-        grad_w += (g.t() @ h_c).to(grad_w.dtype)
+    if g.dtype != grad_w.dtype:  # bf16 chunk product, summed in float32 (the in-place add converts as it reads)
+        grad_w += g.t() @ h_c
     elif on_onednn(g, h_c):  # float32 on CPU (kernels/linear.py)
         grad_w += gemm_tn(g, h_c)
     else:
