@@ -83,6 +83,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--num-draft-tokens", type=int, default=4)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--no-fastpath", action="store_true", help="decode through the model's forward (generation/fastpath.py off)")
+    p.add_argument("--cpu-kernels", choices=["lmforge", "torch"], default="lmforge",
+                   help="lmforge's CPU kernels or torch's defaults, as the `cpu_kernels` config key (lmforge/kernels)")
     return p.parse_args(argv)
 
 
@@ -141,11 +143,14 @@ def bench_model(name: str, args: argparse.Namespace, machine: dict[str, Any]) ->
 
 
 def run(argv: list[str]) -> list[dict]:
+    from lmforge.kernels.cpu_kernels import set_cpu_kernels
+
     args = parse(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_cpu_kernels(args.cpu_kernels)
     machine = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "clock": args.clock,
-               "load_avg_1m": round(os.getloadavg()[0], 2)}
+               "load_avg_1m": round(os.getloadavg()[0], 2), "cpu_kernels": args.cpu_kernels}
     return [row for name in args.models for row in bench_model(name, args, machine)]
 
 

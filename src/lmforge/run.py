@@ -298,6 +298,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from lmforge.evaluation.lm import results_task, split_dataloader, split_metrics
 
     seed_everything(cfg.get("seed"))
+    set_cpu_kernels(cfg.get("cpu_kernels", "lmforge"))
     if check_task(cfg.get("task", "lm")) != "lm":
         return run_task(cfg)
     ckpt_file, ckpt, saved, tokenizer = load_for_inference(cfg)

@@ -192,6 +192,21 @@ def test_bad_keys_are_one_clear_line(ckpt, tmp_path):
         cli_generate(config(f"ckpt_path={ckpt}", "top_p=1.5"))
     with pytest.raises(ConfigError, match="output_file: is required with prompts_file"):
         cli_generate(config(f"ckpt_path={ckpt}", f"prompts_file={tmp_path / 'p.jsonl'}"))
+    with pytest.raises(ConfigError, match="cpu_kernels: unknown value 'mkl'"):
+        cli_generate(config(f"ckpt_path={ckpt}", "cpu_kernels=mkl"))
+
+
+def test_cpu_kernels_key_switches_the_kernels_and_keeps_the_text(ckpt, loaded):
+    from lmforge.kernels import cpu_kernels
+
+    try:
+        ours = cli_generate(config(f"ckpt_path={ckpt}", "max_new_tokens=12", *GREEDY))
+        assert cpu_kernels.cpu_kernels() == "lmforge"
+        theirs = cli_generate(config(f"ckpt_path={ckpt}", "max_new_tokens=12", *GREEDY, "cpu_kernels=torch"))
+        assert cpu_kernels.cpu_kernels() == "torch"
+    finally:
+        cpu_kernels.set_cpu_kernels("lmforge")
+    assert ours == theirs
 
 
 def test_eval_quantize_key_reports_a_close_loss(ckpt, cache_dir, tmp_path, capsys):

@@ -21,6 +21,7 @@ from lmforge.errors import ConfigError, DataError
 from lmforge.generation.engine import TextGenerator
 from lmforge.generation.loading import load_model
 from lmforge.generation.stop_strings import normalize_stop, unescape
+from lmforge.kernels.cpu_kernels import set_cpu_kernels
 from lmforge.utils.io import atomic_write_text
 
 log = logging.getLogger("lmforge")
@@ -196,6 +197,7 @@ def generate(cfg: DictConfig) -> list[str]:
         raise ConfigError("chat", "and prompts_file are two different modes", "pass either chat=true or prompts_file=..., not both")
     if int(cfg.max_new_tokens) < 0:
         raise ConfigError("max_new_tokens", f"must be >= 0, got {cfg.max_new_tokens}", "set max_new_tokens=200")
+    set_cpu_kernels(cfg.get("cpu_kernels", "lmforge"))
     gen = load_generator(cfg)
     settings = {**sampling_kwargs(cfg), "max_new_tokens": int(cfg.max_new_tokens), "seed": _opt(cfg, "seed"),
                 "stop": cli_stop_strings(cfg)}
