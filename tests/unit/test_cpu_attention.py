@@ -154,3 +154,17 @@ def test_concurrent_calls_leave_the_process_wide_precision_flag_as_it_was():
             results = list(pool.map(lambda qkv: cpu_attention.gemm_attention(*qkv), inputs))
             assert all(torch.equal(r, e) for r, e in zip(results, expected, strict=True))
     assert flags.fp32_precision == before
+
+
+def test_scratch_buffers_over_the_cap_are_not_kept(monkeypatch):
+    """A long-sequence call must not leave score-sized buffers held for the rest of the process."""
+    monkeypatch.setattr(cpu_attention, "_WORKSPACE", __import__("threading").local())
+    q, k, v, _ = _inputs(1, 2, 2, 64, 8)
+    cpu_attention.gemm_attention(q, k, v)
+    kept = cpu_attention._WORKSPACE.buffers
+    assert {"scores", "probs"} <= kept.keys()
+    monkeypatch.setattr(cpu_attention, "MAX_KEPT_WORKSPACE_BYTES", 2 * 64 * 64 * 4)  # a (2, 96, 96) fp32 buffer is over it
+    longer = _inputs(1, 2, 2, 96, 8, seed=1)[:3]
+    out = cpu_attention.gemm_attention(*longer)
+    assert not ({"scores", "probs"} & kept.keys())
+    torch.testing.assert_close(out.float(), _sdpa(*longer).float(), rtol=0, atol=2e-2)

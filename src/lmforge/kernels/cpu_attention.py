@@ -12,8 +12,8 @@ of the P·V, Pᵀ·dO, dS·K and dSᵀ·Q GEMMs, where FlashAttention-2 rounds t
 reference its gradient errors are SDPA's, its output's ~1.3x (torch's CPU kernel keeps P in float32 for P·V):
 tests/unit/test_cpu_attention.py. P is kept for
 backward in bf16 — B·H·T²·2 bytes per layer, O(T²) like SDPA's math kernel — so above `MAX_SAVED_BYTES`
-per call SDPA's O(T) kernel runs instead. Score-sized temporaries live in per-thread buffers reused across
-layers and steps.
+per call SDPA's O(T) kernel runs instead. Score-sized temporaries (up to 64 MB each) live in per-thread
+buffers reused across layers and steps.
 
 Used by `attn_backend=sdpa` (models/layers/attention_backends.py) for plain causal self-attention (no mask tensor,
 no dropout, query length = key length, GQA allowed) on CPU in bf16 (or under bf16 autocast, which would
@@ -33,6 +33,7 @@ import torch
 from lmforge.kernels import cpu_kernels
 
 MAX_SAVED_BYTES = 256 << 20  # bf16 probabilities kept for backward, per layer call (B·H·T²·2 bytes)
+MAX_KEPT_WORKSPACE_BYTES = 64 << 20  # larger score-sized scratch buffers are freed after each call, not kept
 
 _CAUSAL_BIAS: dict[int, torch.Tensor] = {}  # T -> (T, T) float32: 0 on and below the diagonal, -inf above
 
@@ -97,11 +98,15 @@ _WORKSPACE = threading.local()
 def _workspace(name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     """A per-thread scratch buffer reused across calls and layers: the (B·H, T, T) temporaries are not
     allocated afresh each call, where glibc would map them from the OS again (page faults on first touch
-    cost as much as the softmax itself)."""
+    cost as much as the softmax itself). Buffers over `MAX_KEPT_WORKSPACE_BYTES` are not kept."""
     buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
     buf = buffers.get(name)
     if buf is None or buf.shape != shape or buf.dtype != dtype:
-        buf = buffers[name] = torch.empty(shape, dtype=dtype)
+        buf = torch.empty(shape, dtype=dtype)
+        if buf.numel() * buf.element_size() <= MAX_KEPT_WORKSPACE_BYTES:
+            buffers[name] = buf
+        else:
+            buffers.pop(name, None)
     return buf
 
 
