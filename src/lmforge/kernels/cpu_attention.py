@@ -86,9 +86,12 @@ def _f32(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _causal_bias(T: int) -> torch.Tensor:
+    """Kept per T up to `MAX_KEPT_WORKSPACE_BYTES` (T = 4096), built per call beyond."""
     bias = _CAUSAL_BIAS.get(T)
     if bias is None:
-        bias = _CAUSAL_BIAS[T] = torch.full((T, T), float("-inf")).triu_(1)
+        bias = torch.full((T, T), float("-inf")).triu_(1)
+        if T * T * 4 <= MAX_KEPT_WORKSPACE_BYTES:
+            _CAUSAL_BIAS[T] = bias
     return bias
 
 
