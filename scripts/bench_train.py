@@ -64,9 +64,11 @@ def gpt_cfg(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
+    from lmforge.kernels.cpu_kernels import cpu_kernels
+
     clock = next(k for k, v in CLOCKS.items() if v is now)
     return {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "clock": clock,
-            "torch": torch.__version__, "load_avg_1m": round(os.getloadavg()[0], 2)}
+            "torch": torch.__version__, "load_avg_1m": round(os.getloadavg()[0], 2), "cpu_kernels": cpu_kernels()}
 
 
 def lmforge_optimizer(model: nn.Module) -> torch.optim.Optimizer:

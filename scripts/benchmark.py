@@ -8,8 +8,8 @@
     python scripts/benchmark.py train-vs-hf             # training step vs HF GPT2LMHeadModel, fp32 + bf16 autocast
     python scripts/benchmark.py lightning               # bare PyTorch loop vs lightning.Trainer, ms/step
     python scripts/benchmark.py head-loss               # chunked head + cross-entropy vs full logits: peak memory, ms
-    python scripts/benchmark.py gemm                    # float32 CPU GEMMs: torch's BLAS vs oneDNN (cpu_kernels), GFLOP/s
     python scripts/benchmark.py head-loss --tp 2        # tensor parallel: vocab-parallel head + loss vs replicated head
+    python scripts/benchmark.py gemm                    # float32 CPU GEMMs: torch's BLAS vs oneDNN (cpu_kernels), GFLOP/s
     python scripts/benchmark.py matrix --strategies auto fsdp:2 --act-ckpt 0 1   # train.py runs over a grid
 
 Performance targets live here, not in timed tests. Results are printed as a table and appended to
@@ -19,6 +19,7 @@ logs/benchmark/results.jsonl with the machine and settings, so numbers in the RE
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import platform
 import statistics
@@ -134,34 +135,22 @@ def bench_data(argv: list[str]) -> None:
     append_results(rows, ROOT)
 
 
+# Modes with a script of their own: mode -> module under scripts/ whose `main(argv)` runs it.
+MODE_SCRIPTS = {"generate": "bench_generate", "matrix": "bench_matrix", "head-loss": "bench_head_loss", "gemm": "bench_gemm"}
+
+
 def main() -> None:
-    if sys.argv[1:2] == ["data"]:
+    mode = sys.argv[1] if len(sys.argv) > 1 else None
+    if mode == "data":
         bench_data(sys.argv[2:])
         return
-    if sys.argv[1:2] == ["generate"]:  # scripts/bench_generate.py
-        from bench_generate import main as bench_generate
-
-        bench_generate(sys.argv[2:])
+    if mode in MODE_SCRIPTS:
+        importlib.import_module(MODE_SCRIPTS[mode]).main(sys.argv[2:])
         return
-    if sys.argv[1:2] == ["matrix"]:  # scripts/bench_matrix.py: real train.py runs over a grid
-        from bench_matrix import main as bench_matrix
-
-        bench_matrix(sys.argv[2:])
-        return
-    if sys.argv[1:2] == ["head-loss"]:  # scripts/bench_head_loss.py
-        from bench_head_loss import main as bench_head_loss
-
-        bench_head_loss(sys.argv[2:])
-        return
-    if sys.argv[1:2] == ["gemm"]:  # scripts/bench_gemm.py
-        from bench_gemm import main as bench_gemm
-
-        bench_gemm(sys.argv[2:])
-        return
-    if sys.argv[1:2] in (["train-vs-hf"], ["lightning"]):  # scripts/bench_train.py
+    if mode in ("train-vs-hf", "lightning"):  # scripts/bench_train.py
         from bench_train import main as bench_train
 
-        bench_train(sys.argv[1], sys.argv[2:])
+        bench_train(mode, sys.argv[2:])
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["gpt-nano"])

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lmforge.errors import ConfigError
+from lmforge.kernels.linear import ONEDNN_AVAILABLE
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -31,7 +32,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 SAVED_OPS = {op for name in ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                              "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_cudnn_attention")
              if (op := getattr(getattr(torch.ops.aten, name, None), "default", None)) is not None}
-if hasattr(torch.ops.mkldnn, "_linear_pointwise"):  # float32 CPU linears (kernels/linear.py)
+if ONEDNN_AVAILABLE:  # float32 CPU linears (kernels/linear.py)
     SAVED_OPS.add(torch.ops.mkldnn._linear_pointwise.default)
 
 
