@@ -37,7 +37,7 @@ ATOL = 1e-4 if CUDA else 1e-5  # CUDA: DeepSpeed's bucketed reductions reorder f
 def overrides(cache_dir: Path, logs: Path) -> list[str]:
     return ["debug=fast", "tokenizer=byte", "model=llama-tiny", "model.n_layer=2", "model.n_embd=64", "model.n_head=4",
             "model.n_kv_head=2", "trainer.precision=32-true", f"trainer.max_steps={STEPS}", "trainer.val_check_interval=1000",
-            "seed=3", "data.batch_size=8", *DEVICE, "trainer.limit_val_batches=2", "callbacks.checkpoint.every_n_train_steps=3",
+            "seed=3", "data.batch_size=8", *DEVICE, "matmul_precision=highest",  # CUDA: no TF32, the runs' GEMMs differ "trainer.limit_val_batches=2", "callbacks.checkpoint.every_n_train_steps=3",
             "callbacks.checkpoint.monitor=null", "callbacks.periodic.every_n_train_steps=3", "callbacks.periodic.save_top_k=2",
             "callbacks.progress_bar=null", "callbacks.samples=null", "callbacks.model_summary=null",
             f"paths.cache_dir={cache_dir}", f"paths.log_dir={logs}"]

@@ -45,6 +45,15 @@ class ZeroStrategy(DeepSpeedStrategy):
         restore_torch_linear()
 
     @contextmanager
+    def tensor_init_context(self, empty_init: bool | None = None) -> Iterator[None]:
+        """Stage 3 builds the model like stages 1-2 and runs without DeepSpeed do: whole, on the root device.
+        Lightning's stage-3 path builds it on the CPU instead, whose random stream differs from the GPU's, so the
+        same seed gave ZeRO-3 other initial weights than every other strategy (measured on an H100: a 0.7% loss
+        gap after 6 steps)."""
+        with super(DeepSpeedStrategy, self).tensor_init_context(empty_init=empty_init):
+            yield
+
+    @contextmanager
     def model_sharded_context(self) -> Iterator[None]:
         """No `deepspeed.zero.Init`: see the module doc (the model's init must run on whole tensors)."""
         yield
