@@ -117,6 +117,20 @@ def test_callback_logs_its_pngs_to_an_offline_wandb_run(monkeypatch, tmp_path: P
     assert [p.name for p in pngs] == ["step_5_layer1_head0.png", "step_5_layer1_head1.png"]
     media = sorted((run_dir / "files" / "media" / "images").glob("attention_*.png"))
     assert len(media) == 2 and digests(media) == digests(pngs)
-    record = next(run_dir.glob("run-*.wandb")).read_bytes()  # the run's log: history rows as protobuf
-    for name in [*(f"media/images/{p.name}" for p in media), "layer 1 head 0", "layer 1 head 1"]:
+    names = [*(f"media/images/{p.name}" for p in media), "layer 1 head 0", "layer 1 head 1"]
+    record = _wandb_record(run_dir, names)  # the run's log: history rows as protobuf
+    for name in names:
         assert name.encode() in record, name
+
+
+def _wandb_record(run_dir: Path, names: list[str], timeout: float = 30.0) -> bytes:
+    """The run's .wandb log once it holds `names` (or after `timeout` s): wandb's service process can still be
+    writing it after `finish()` returns (seen in CI: only the file header had been written)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        record = next(run_dir.glob("run-*.wandb")).read_bytes()
+        if all(n.encode() in record for n in names) or time.monotonic() > deadline:
+            return record
+        time.sleep(0.2)
