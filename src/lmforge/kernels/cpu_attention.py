@@ -13,7 +13,8 @@ reference its gradient errors are SDPA's, its output's ~1.3x (torch's CPU kernel
 tests/unit/test_cpu_attention.py. P is kept for
 backward in bf16 — B·H·T²·2 bytes per layer, O(T²) like SDPA's math kernel — so above `MAX_SAVED_BYTES`
 per call SDPA's O(T) kernel runs instead. Score-sized temporaries (up to 64 MB each) live in per-thread
-buffers reused across layers and steps.
+buffers reused across layers and steps. d(scores) is one compiled loop (kernels/compiled.py) rather than
+four eager passes.
 
 Used by `attn_backend=sdpa` (models/layers/attention_backends.py) for plain causal self-attention (no mask tensor,
 no dropout, query length = key length, GQA allowed) on CPU in bf16 (or under bf16 autocast, which would
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lmforge.kernels import cpu_kernels
+from lmforge.kernels import compiled, cpu_kernels
 
 MAX_SAVED_BYTES = 256 << 20  # bf16 probabilities kept for backward, per layer call (B·H·T²·2 bytes)
 MAX_KEPT_WORKSPACE_BYTES = 64 << 20  # larger score-sized scratch buffers are freed after each call, not kept
@@ -113,6 +114,18 @@ def _workspace(name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor
     return buf
 
 
+def _softmax_grad(grad_p: torch.Tensor, probs: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor,
+                  scale: torch.Tensor) -> torch.Tensor:
+    """d(scores) = P ∘ (dP - rowsum(dO ∘ O))·scale in float32, rounded once to bf16 (rowsum(dO ∘ O) =
+    rowsum(P ∘ dP): FlashAttention-2's D, from the (T, D) tensors instead of the (T, T) ones). `scale` is a
+    0-dim tensor: a Python float would make each head size a recompile of the compiled kernel."""
+    delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+    return ((grad_p - delta) * probs.float() * scale).to(torch.bfloat16)
+
+
+_SOFTMAX_GRAD = compiled.CompiledKernel(_softmax_grad)
+
+
 class _GemmAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -123,7 +136,7 @@ class _GemmAttention(torch.autograd.Function):
         scores, probs32 = _workspace("scores", square, torch.float32), _workspace("probs", square, torch.float32)
         with _bf16_products():
             torch.baddbmm(_causal_bias(T), _f32(q, rows), _f32(k, rows).transpose(1, 2), alpha=scale, out=scores)
-        torch.ops.aten._softmax.out(scores, -1, False, out=probs32)
+        torch.ops.aten._softmax.out(scores, -1, False, out=probs32)  # (torch's kernel beats an inductor-made one here)
         probs = probs32.to(torch.bfloat16)  # kept for backward: P·V's and Pᵀ·dO's operand, as in FlashAttention-2
         out = torch.bmm(probs, v3)  # bf16 GEMM, float32 accumulation inside
         ctx.save_for_backward(q3, k3, v3, out, probs)
@@ -137,16 +150,14 @@ class _GemmAttention(torch.autograd.Function):
         shape = grad_out.shape
         rows = q3.size(0)
         do3 = grad_out.reshape(out.shape).to(torch.bfloat16)
-        grad_v = torch.bmm(do3.transpose(1, 2), probs).transpose(1, 2)  # (dOᵀ·P)ᵀ: the small operand is transposed
+        grad_v = torch.bmm(probs.transpose(1, 2), do3)  # Pᵀ·dO
         grad_p = _workspace("scores", probs.shape, torch.float32)
         with _bf16_products():
             torch.bmm(_f32(do3, rows), _f32(v3, rows).transpose(1, 2), out=grad_p)
-        delta = (do3.float() * out.float()).sum(-1, keepdim=True)  # rowsum(dO ∘ O) = rowsum(P ∘ dP)
-        grad_p.sub_(delta).mul_(probs).mul_(ctx.scale)  # softmax backward in float32: dS = P ∘ (dP - delta)
-        grad_s = _workspace("grad_s", probs.shape, torch.bfloat16).copy_(grad_p)
+        grad_s = _SOFTMAX_GRAD(grad_p, probs, do3, out, torch.tensor(ctx.scale))  # bf16 d(scores), FlashAttention-2's rounding
         grad_q = torch.bmm(grad_s, k3)
-        grad_k = torch.bmm(q3.transpose(1, 2), grad_s).transpose(1, 2)  # (Qᵀ·dS)ᵀ
-        return grad_q.view(shape), grad_k.reshape(shape), grad_v.reshape(shape), None
+        grad_k = torch.bmm(grad_s.transpose(1, 2), q3)  # dSᵀ·Q
+        return grad_q.view(shape), grad_k.view(shape), grad_v.view(shape), None
 
 
 def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

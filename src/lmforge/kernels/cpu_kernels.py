@@ -2,10 +2,12 @@
 
 `lmforge` (root config key `cpu_kernels`):
 * float32 Linears (models, chunked head + loss) on oneDNN instead of MKL: kernels/linear.py;
-* bf16 causal self-attention as batched GEMMs instead of SDPA's CPU flash kernel: kernels/cpu_attention.py.
-Each keeps float32-level (resp. flash-attention-level) accuracy and only applies where it is faster; both are
+* bf16 causal self-attention as batched GEMMs instead of SDPA's CPU flash kernel: kernels/cpu_attention.py;
+* elementwise chains (tanh-GELU, the chunked loss's softmax gradient, attention's d(scores)) as single loops
+  that inductor compiles per function: kernels/compiled.py, kernels/gelu.py.
+Each keeps float32-level (resp. flash-attention-level) accuracy and only applies where it is faster; all are
 what makes lmforge's CPU training step faster than a stock PyTorch model's (README, "Training step vs Hugging
-Face"). `torch` turns both off process-wide: A/B comparisons, or a torch version without the ops they use.
+Face"). `torch` turns them off process-wide: A/B comparisons, or a torch version without the ops they use.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.kernels import compiled
 from lmforge.kernels.linear import gemm_nt, gemm_tn, is_plain_linear, on_onednn
 from lmforge.losses.vocab_parallel_cross_entropy import (
     gather_vocab,
@@ -84,6 +85,47 @@ def _grad_hidden(out: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
         torch.mm(g, w, out=out)
 
 
+def _chunk_nll_and_grad(logits: torch.Tensor, safe: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's summed NLL of targets `safe` (N, 1) on rows where `valid` (N, 1), and d(sum NLL)/d(logits) =
+    softmax - onehot(target) on those rows, 0 on the others, computed in float32 and rounded once to the logits'
+    dtype. Compiled into one kernel on CPU (`_CHUNK_KERNEL`); `_chunk_eager` spells the same maths in fewer,
+    in-place eager passes for other devices. No Python-number arguments: each would be a recompile guard."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=1, keepdim=True)
+    nll = torch.where(valid, lse - x.gather(1, safe), 0.0).sum()
+    onehot = torch.arange(x.size(1), device=x.device).unsqueeze(0) == safe
+    grad = torch.where(valid, torch.exp(x - lse) - onehot.float(), 0.0)
+    return nll, grad.to(logits.dtype)
+
+
+_CHUNK_KERNEL = compiled.CompiledKernel(_chunk_nll_and_grad)
+
+
+def _chunk_eager(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, acc: torch.dtype, grad_dtype: torch.dtype,
+    need_grad: bool, group: Any, vocab_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_chunk_nll_and_grad` in eager in-place passes (the gradient only if `need_grad`); with `group`, for a
+    head holding vocabulary rows [vocab_offset, ...) of a vocab-parallel head."""
+    valid = targets != ignore_index
+    if group is None:
+        logprobs = torch.log_softmax(logits.to(acc), dim=1)  # one fused pass (logsumexp is four)
+        hit, safe = valid, torch.where(valid, targets, 0).unsqueeze(1)
+        nll = -logprobs.gather(1, safe).squeeze(1).masked_fill(~valid, 0.0).sum()
+        probs = logprobs.exp_() if need_grad else logprobs
+    else:
+        logits = logits.to(acc)
+        lse, picked, hit, safe = _shard_logsumexp(logits, targets, valid, vocab_offset, group)
+        nll = (lse - picked).masked_fill(~valid, 0.0).sum()
+        probs, safe = logits.sub_(lse.unsqueeze(1)).exp_(), safe.unsqueeze(1)
+    if not need_grad:
+        return nll, None
+    # d(sum NLL)/d(logits) = p - onehot(target) on counted rows, 0 elsewhere (onehot: on the target's shard)
+    probs.scatter_add_(1, safe, -hit.to(probs.dtype).unsqueeze(1))
+    probs *= valid.unsqueeze(1)
+    return nll, probs.to(grad_dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed NLL of `targets` under softmax(hidden @ weightᵀ); gradients formed chunk by chunk in forward."""
 
@@ -102,23 +144,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.size(0), rows):
                 h_c, t_c = h[start : start + rows], targets[start : start + rows]
-                valid = t_c != ignore_index
-                if group is None:
-                    logprobs = torch.log_softmax(gemm_nt(h_c, w).to(acc), dim=1)  # one fused pass (logsumexp is four)
-                    hit, safe = valid, torch.where(valid, t_c, 0).unsqueeze(1)
-                    total -= logprobs.gather(1, safe).squeeze(1).masked_fill(~valid, 0.0).sum()
-                    probs = logprobs.exp_() if need_h or need_w else logprobs
+                need_g = need_h or need_w
+                if group is None and need_g and acc == torch.float32 and h_c.size(0) > 1 and compiled.usable(h_c) \
+                        and not _CHUNK_KERNEL.failed:  # one compiled pass on CPU (a 1-row chunk would be a recompile)
+                    valid = (t_c != ignore_index).unsqueeze(1)
+                    nll, g = _CHUNK_KERNEL(gemm_nt(h_c, w), torch.where(valid, t_c.unsqueeze(1), 0), valid)
                 else:
-                    logits = gemm_nt(h_c, w).to(acc)
-                    lse, picked, hit, safe = _shard_logsumexp(logits, t_c, valid, vocab_offset, group)
-                    total += (lse - picked).masked_fill(~valid, 0.0).sum()
-                    probs, safe = logits.sub_(lse.unsqueeze(1)).exp_(), safe.unsqueeze(1)
-                if not (need_h or need_w):
-                    continue
-                # d(sum NLL)/d(logits) = p - onehot(target) on counted rows, 0 elsewhere (onehot: on the target's shard)
-                probs.scatter_add_(1, safe, -hit.to(probs.dtype).unsqueeze(1))
-                probs *= valid.unsqueeze(1)
-                g = probs.to(h.dtype)
+                    nll, g = _chunk_eager(gemm_nt(h_c, w), t_c, ignore_index, acc, h.dtype, need_g, group, vocab_offset)
+                total += nll
                 if need_h:
                     _grad_hidden(grad_h[start : start + rows], g, w)
                 if need_w:

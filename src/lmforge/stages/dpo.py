@@ -82,7 +82,10 @@ class DPOStage(LMStage):
             for batch in datamodule.ordered_dataloader(split):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 ids, mask, targets = stack_pairs(batch)
-                logps = self.reference_sequence_logps(ids, mask, targets)
+                # the precision the steps run at (bf16 autocast under bf16-mixed): hooks run outside it, and
+                # float32 reference log-probs would differ from the policy's by bf16 rounding at step 0
+                with self.trainer.precision_plugin.forward_context():
+                    logps = self.reference_sequence_logps(ids, mask, targets)
                 table[batch["index"]] = torch.stack(logps.float().chunk(2), dim=1)
         self.__dict__.pop("_reference_copy", None)  # the weights are no longer needed: free them
 
