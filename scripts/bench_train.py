@@ -3,6 +3,7 @@
     python scripts/benchmark.py train-vs-hf                 # GPT 6 × 384, 6 heads, seq 256, batch 8, vocab 4096
     python scripts/benchmark.py train-vs-hf --compile       # + a torch.compile row for lmforge (its own row)
     python scripts/benchmark.py train-vs-hf --full-logits   # + lmforge with objective.fused_loss=false (its own row)
+    python scripts/benchmark.py train-vs-hf --torch-kernels # + lmforge with cpu_kernels=torch (its own row)
     python scripts/benchmark.py lightning                   # bare loop vs lightning.Trainer, ms/step
 
 `train-vs-hf`: one training step = forward, loss, backward, AdamW step, zero_grad, on the same random batch,
@@ -152,6 +153,11 @@ def contenders(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, Ca
         steps["lmforge"] = train_step(lambda: CausalLM()(ours, batch).loss, opt_ours)
     if "lmforge-full-logits" in names:
         steps["lmforge-full-logits"] = train_step(lambda: CausalLM(fused_loss=False)(ours, batch).loss, opt_ours)
+    if "lmforge-torch-kernels" in names:  # the same model with cpu_kernels=torch (a child process runs only it)
+        from lmforge.kernels.cpu_kernels import set_cpu_kernels
+
+        set_cpu_kernels("torch")
+        steps["lmforge-torch-kernels"] = train_step(lambda: CausalLM()(ours, batch).loss, opt_ours)
     if "lmforge-compiled" in names:
         compiled = build(gpt_cfg(args)).train()
         compiled.load_state_dict(ours.state_dict())
@@ -175,7 +181,10 @@ def child_times(args: argparse.Namespace, name: str, precision: str) -> tuple[li
 
 
 def bench_vs_hf(args: argparse.Namespace) -> list[dict[str, Any]]:
-    names = ["lmforge", "hf"] + (["lmforge-compiled"] if args.compile else []) + (["lmforge-full-logits"] if args.full_logits else [])
+    names = ["lmforge", "hf"] + (["lmforge-compiled"] if args.compile else []) + (["lmforge-full-logits"] if args.full_logits else []) \
+        + (["lmforge-torch-kernels"] if args.torch_kernels else [])
+    if args.torch_kernels and args.same_process:
+        raise SystemExit("--torch-kernels needs a process per contender (cpu_kernels is process-wide): drop --same-process")
     if args.child:  # one contender, one precision, in this process; the parent reads the JSON line
         name, precision = args.child
         make, info = contenders(args, [name])
@@ -207,6 +216,8 @@ def bench_vs_hf(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "steps_each": len(times[name]), "processes": "one" if args.same_process else "one per contender and round",
                 **info, "malloc": os.environ.get("GLIBC_TUNABLES", "default"), **machine_info(),
             })
+            if name == "lmforge-torch-kernels":
+                rows[-1]["cpu_kernels"] = "torch"
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -335,6 +346,7 @@ def parse(mode: str, argv: list[str]) -> argparse.Namespace:
         p.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed"], choices=["32-true", "bf16-mixed"])
         p.add_argument("--compile", action="store_true", help="add a torch.compile'd lmforge row")
         p.add_argument("--full-logits", action="store_true", help="add an lmforge row with objective.fused_loss=false")
+        p.add_argument("--torch-kernels", action="store_true", help="add an lmforge row with cpu_kernels=torch (A/B of lmforge/kernels)")
         p.add_argument("--rounds", type=int, default=3)
         p.add_argument("--steps", type=int, default=4, help="timed steps per contender per round")
         p.add_argument("--warmup", type=int, default=2)

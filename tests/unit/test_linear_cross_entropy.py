@@ -43,6 +43,23 @@ def test_equals_reference_fp64_exactly(rows: int) -> None:
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("buffer_rows", [5, 10, 15, 64])  # one chunk per GEMM, 2 and 3 chunks (ragged end), all
+@pytest.mark.parametrize("per_token", [False, True])
+def test_weight_grad_gathered_over_chunks_equals_reference_fp64(buffer_rows: int, per_token: bool, monkeypatch) -> None:
+    """d(weight) from chunks gathered into one GEMM per buffer: every buffer size, both chunked paths."""
+    import lmforge.losses.linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "G_BUFFER_BYTES", buffer_rows * 50 * 8)  # rows of a (rows, V=50) float64 buffer
+    h, head, t = case(torch.float64)
+    if per_token:
+        out = linear_cross_entropy(h, head, t, rows=5, reduction="none").sum()
+    else:
+        out = linear_cross_entropy(h, head, t, rows=5)
+    ref = reference(h, head, t)
+    for a, b in zip(grads(2.5 * out, h, head.weight), grads(2.5 * ref, h, head.weight), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
 def test_equals_reference_fp32_batched_targets() -> None:
     h, head, t = case(torch.float32, n=48)
     h3, t3 = h.view(4, 12, 16), t.view(4, 12)

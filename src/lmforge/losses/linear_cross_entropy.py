@@ -67,14 +67,57 @@ def _operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor,
     return hidden.to(dtype), weight.to(dtype), torch.promote_types(dtype, torch.float32)
 
 
-def _accumulate(grad_w: torch.Tensor, g: torch.Tensor, h_c: torch.Tensor) -> None:
-    """grad_w += gᵀ h_c, summed across chunks in grad_w's (fp32) dtype as autograd's one big GEMM would."""
-    if g.dtype != grad_w.dtype:  # bf16 chunk product, summed in float32 (the in-place add converts as it reads)
-        grad_w += g.t() @ h_c
-    elif on_onednn(g, h_c):  # float32 on CPU (kernels/linear.py)
-        grad_w += gemm_tn(g, h_c)
-    else:
-        grad_w.addmm_(g.t(), h_c)
+G_BUFFER_BYTES = 32 << 20  # softmax gradients gathered per d(weight) GEMM (see _WeightGrad)
+
+
+class _WeightGrad:
+    """d(weight) = Σ over chunks of gᵀ·h_c, in float32 (`acc`). The chunks' g are gathered, in order, into a buffer
+    of up to G_BUFFER_BYTES (every chunk at a small vocabulary) and multiplied by their rows of h in one GEMM
+    per buffer: per 256-row chunk, a short-K GEMM plus a float32 add of a fresh (V, C) product cost more than the
+    copy into the buffer (a bf16 GPT step here: 8 chunk GEMMs + casts + adds -> one GEMM + one cast). In bf16
+    the product is rounded once per buffer, as autograd's single d(weight) GEMM of the unchunked head is.
+    Where a buffer would hold one chunk only, each chunk is multiplied directly."""
+
+    def __init__(self, h: torch.Tensor, shape: torch.Size, rows: int, acc: torch.dtype) -> None:
+        self.h, self.shape, self.acc = h, shape, acc
+        per_row = shape[0] * h.element_size()
+        cap = min(h.size(0), max(rows, (G_BUFFER_BYTES // per_row) // rows * rows))
+        self.buf = torch.empty((cap, shape[0]), dtype=h.dtype, device=h.device) if cap > rows else None
+        self.start = self.fill = 0  # buffered rows are h[start : start + fill]
+        self.grad: torch.Tensor | None = None
+
+    def add(self, g: torch.Tensor) -> None:
+        """The next chunk's g (its rows follow the previous chunk's)."""
+        if self.buf is None:
+            self._multiply(g)
+            return
+        if self.fill + g.size(0) > self.buf.size(0):
+            self.flush()
+        self.buf[self.fill : self.fill + g.size(0)].copy_(g)
+        self.fill += g.size(0)
+
+    def flush(self) -> None:
+        if self.buf is not None and self.fill:
+            self._multiply(self.buf[: self.fill])
+
+    def _multiply(self, g: torch.Tensor) -> None:
+        h_c = self.h[self.start : self.start + g.size(0)]
+        self.start += g.size(0)
+        self.fill = 0
+        if g.dtype != self.acc:  # bf16 product, summed in float32 (the in-place add converts as it reads)
+            product = g.t() @ h_c
+            self.grad = product.to(self.acc) if self.grad is None else self.grad.add_(product)
+        elif on_onednn(g, h_c):  # float32 on CPU (kernels/linear.py)
+            product = gemm_tn(g, h_c)
+            self.grad = product if self.grad is None else self.grad.add_(product)
+        elif self.grad is None:
+            self.grad = g.t() @ h_c
+        else:
+            self.grad.addmm_(g.t(), h_c)
+
+    def result(self) -> torch.Tensor:
+        self.flush()
+        return self.grad if self.grad is not None else torch.zeros(self.shape, dtype=self.acc, device=self.h.device)
 
 
 def _grad_hidden(out: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> None:
@@ -139,7 +182,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h, w, acc = _operands(hidden, weight)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+        grad_w = _WeightGrad(h, w.shape, rows, acc) if need_w else None
         total = torch.zeros((), dtype=acc, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.size(0), rows):
@@ -155,7 +198,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     _grad_hidden(grad_h[start : start + rows], g, w)
                 if need_w:
-                    _accumulate(grad_w, g, h_c)
+                    grad_w.add(g)
+            grad_w = grad_w.result() if need_w else None
         if group is not None and need_h:  # each shard's d(hidden) is a partial sum over its vocabulary rows
             torch.distributed.all_reduce(grad_h, group=group)
         ctx.save_for_backward(grad_h, grad_w)
@@ -220,7 +264,7 @@ class _LinearTokenNLL(torch.autograd.Function):
         acc = lse.dtype
         scale = (grad_nll.to(acc) * valid).unsqueeze(1)  # d(nll_i)/d(logits_i) = p_i - onehot_i, times the row's grad
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+        grad_w = _WeightGrad(h, w.shape, ctx.rows, acc) if need_w else None
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.size(0), ctx.rows):
                 stop = start + ctx.rows
@@ -232,7 +276,8 @@ class _LinearTokenNLL(torch.autograd.Function):
                 if need_h:
                     _grad_hidden(grad_h[start:stop], g, w)
                 if need_w:
-                    _accumulate(grad_w, g, h_c)
+                    grad_w.add(g)
+            grad_w = grad_w.result() if need_w else None
         if ctx.group is not None and need_h:  # partial sums over this shard's vocabulary rows
             torch.distributed.all_reduce(grad_h, group=ctx.group)
         dh = None if grad_h is None else grad_h.to(ctx.dtypes[0])
