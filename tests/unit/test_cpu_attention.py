@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import clm_step_with_kernels
 
-from lmforge.kernels import cpu_attention, cpu_kernels
+from lmforge.kernels import cpu_attention, cpu_kernels, workspace
 from lmforge.models.layers import attention_backends
 
 
@@ -158,12 +158,12 @@ def test_concurrent_calls_leave_the_process_wide_precision_flag_as_it_was():
 
 def test_scratch_buffers_over_the_cap_are_not_kept(monkeypatch):
     """A long-sequence call must not leave score-sized buffers held for the rest of the process."""
-    monkeypatch.setattr(cpu_attention, "_WORKSPACE", __import__("threading").local())
+    monkeypatch.setattr(workspace, "_LOCAL", __import__("threading").local())
     q, k, v, _ = _inputs(1, 2, 2, 64, 8)
     cpu_attention.gemm_attention(q, k, v)
-    kept = cpu_attention._WORKSPACE.buffers
+    kept = workspace._LOCAL.buffers
     assert {"scores", "probs"} <= kept.keys()
-    monkeypatch.setattr(cpu_attention, "MAX_KEPT_WORKSPACE_BYTES", 2 * 64 * 64 * 4)  # a (2, 96, 96) fp32 buffer is over it
+    monkeypatch.setattr(workspace, "MAX_KEPT_BYTES", 2 * 64 * 64 * 4)  # a (2, 96, 96) fp32 buffer is over it
     longer = _inputs(1, 2, 2, 96, 8, seed=1)[:3]
     out = cpu_attention.gemm_attention(*longer)
     assert not ({"scores", "probs"} & kept.keys())

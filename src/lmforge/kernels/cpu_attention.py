@@ -13,7 +13,7 @@ reference its gradient errors are SDPA's, its output's ~1.3x (torch's CPU kernel
 tests/unit/test_cpu_attention.py. P is kept for
 backward in bf16 — B·H·T²·2 bytes per layer, O(T²) like SDPA's math kernel — so above `MAX_SAVED_BYTES`
 per call SDPA's O(T) kernel runs instead. Score-sized temporaries (up to 64 MB each) live in per-thread
-buffers reused across layers and steps. d(scores) is one compiled loop (kernels/compiled.py) rather than
+buffers reused across layers and steps (kernels/workspace.py). d(scores) is one compiled loop (kernels/compiled.py) rather than
 four eager passes.
 
 Used by `attn_backend=sdpa` (models/layers/attention_backends.py) for plain causal self-attention (no mask tensor,
@@ -31,10 +31,9 @@ from typing import Any
 
 import torch
 
-from lmforge.kernels import compiled, cpu_kernels
+from lmforge.kernels import compiled, cpu_kernels, workspace
 
 MAX_SAVED_BYTES = 256 << 20  # bf16 probabilities kept for backward, per layer call (B·H·T²·2 bytes)
-MAX_KEPT_WORKSPACE_BYTES = 64 << 20  # larger score-sized scratch buffers are freed after each call, not kept
 
 _CAUSAL_BIAS: dict[int, torch.Tensor] = {}  # T -> (T, T) float32: 0 on and below the diagonal, -inf above
 
@@ -87,31 +86,13 @@ def _f32(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _causal_bias(T: int) -> torch.Tensor:
-    """Kept per T up to `MAX_KEPT_WORKSPACE_BYTES` (T = 4096), built per call beyond."""
+    """Kept per T up to `workspace.MAX_KEPT_BYTES` (T = 4096), built per call beyond."""
     bias = _CAUSAL_BIAS.get(T)
     if bias is None:
         bias = torch.full((T, T), float("-inf")).triu_(1)
-        if T * T * 4 <= MAX_KEPT_WORKSPACE_BYTES:
+        if T * T * 4 <= workspace.MAX_KEPT_BYTES:
             _CAUSAL_BIAS[T] = bias
     return bias
-
-
-_WORKSPACE = threading.local()
-
-
-def _workspace(name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """A per-thread scratch buffer reused across calls and layers: the (B·H, T, T) temporaries are not
-    allocated afresh each call, where glibc would map them from the OS again (page faults on first touch
-    cost as much as the softmax itself). Buffers over `MAX_KEPT_WORKSPACE_BYTES` are not kept."""
-    buffers = _WORKSPACE.__dict__.setdefault("buffers", {})
-    buf = buffers.get(name)
-    if buf is None or buf.shape != shape or buf.dtype != dtype:
-        buf = torch.empty(shape, dtype=dtype)
-        if buf.numel() * buf.element_size() <= MAX_KEPT_WORKSPACE_BYTES:
-            buffers[name] = buf
-        else:
-            buffers.pop(name, None)
-    return buf
 
 
 def _softmax_grad(grad_p: torch.Tensor, probs: torch.Tensor, grad_out: torch.Tensor, out: torch.Tensor,
@@ -133,7 +114,7 @@ class _GemmAttention(torch.autograd.Function):
         rows = B * H
         q3, k3, v3 = (t.reshape(rows, T, D) for t in (q, k, v))
         square = torch.Size((rows, T, T))
-        scores, probs32 = _workspace("scores", square, torch.float32), _workspace("probs", square, torch.float32)
+        scores, probs32 = workspace.scratch("scores", square, torch.float32), workspace.scratch("probs", square, torch.float32)
         with _bf16_products():
             torch.baddbmm(_causal_bias(T), _f32(q, rows), _f32(k, rows).transpose(1, 2), alpha=scale, out=scores)
         torch.ops.aten._softmax.out(scores, -1, False, out=probs32)  # (torch's kernel beats an inductor-made one here)
@@ -151,7 +132,7 @@ class _GemmAttention(torch.autograd.Function):
         rows = q3.size(0)
         do3 = grad_out.reshape(out.shape).to(torch.bfloat16)
         grad_v = torch.bmm(probs.transpose(1, 2), do3)  # Pᵀ·dO
-        grad_p = _workspace("scores", probs.shape, torch.float32)
+        grad_p = workspace.scratch("scores", probs.shape, torch.float32)
         with _bf16_products():
             torch.bmm(_f32(do3, rows), _f32(v3, rows).transpose(1, 2), out=grad_p)
         grad_s = _SOFTMAX_GRAD(grad_p, probs, do3, out, torch.tensor(ctx.scale))  # bf16 d(scores), FlashAttention-2's rounding

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.kernels import compiled
+from lmforge.kernels import compiled, workspace
 from lmforge.kernels.linear import gemm_nt, gemm_tn, is_plain_linear, on_onednn
 from lmforge.losses.vocab_parallel_cross_entropy import (
     gather_vocab,
@@ -82,7 +82,8 @@ class _WeightGrad:
         self.h, self.shape, self.acc = h, shape, acc
         per_row = shape[0] * h.element_size()
         cap = min(h.size(0), max(rows, (G_BUFFER_BYTES // per_row) // rows * rows))
-        self.buf = torch.empty((cap, shape[0]), dtype=h.dtype, device=h.device) if cap > rows else None
+        # reused across calls (a fresh 16-32 MB buffer page-faults in on CPU each step): filled and consumed here
+        self.buf = workspace.scratch("lce_grads", (cap, shape[0]), h.dtype, h.device) if cap > rows else None
         self.start = self.fill = 0  # buffered rows are h[start : start + fill]
         self.grad: torch.Tensor | None = None
 
