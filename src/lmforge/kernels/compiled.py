@@ -76,10 +76,10 @@ class CompiledKernel:
                 return self(*args)
             self.failed = True
             why = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])[:300]
+            hint = "a C++ compiler on PATH (e.g. `apt install g++`) enables it; " if "compiler" in f"{type(err).__name__} {why}".lower() else ""
             warnings.warn(
                 f"lmforge: could not compile the CPU kernel {self.fn.__name__} ({type(err).__name__}: {why}); "
-                "using eager ops, which are slower "
-                "(a C++ compiler on PATH, e.g. `apt install g++`, enables it; cpu_kernels=torch silences this)",
+                f"using eager ops, which are slower ({hint}cpu_kernels=torch silences this)",
                 RuntimeWarning, stacklevel=2,
             )
             return self.fn(*args)
