@@ -17,7 +17,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import lmforge.losses.linear_cross_entropy as lce
 from lmforge.kernels import compiled, cpu_kernels, gelu
 
-
 # inductor's CPU backend needs a C++ compiler (CXX, else g++/c++/clang++ on PATH); without one the kernels run
 # eagerly (tested below with a broken compile), and the tests that check the compiled code itself are skipped
 needs_cxx = pytest.mark.skipif(
