@@ -54,7 +54,6 @@ class TrainConfig:
     sweep_bad_score: float = 1.0e4
     matmul_precision: Literal["highest", "high", "medium"] = "high"
     cpu_kernels: Literal["lmforge", "torch"] = "lmforge"  # kernels/cpu_kernels.py
-    cpu_malloc: Literal["keep", "system"] = "keep"  # kernels/cpu_malloc.py
     paths: Any = None
     data: Any = None
     tokenizer: Any = None

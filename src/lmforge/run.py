@@ -25,7 +25,6 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import ConfigError
 from lmforge.init_from import grow_vocab, load_init_source
 from lmforge.kernels.cpu_kernels import set_cpu_kernels
-from lmforge.kernels.cpu_malloc import keep_freed_memory
 from lmforge.objectives import Objective
 from lmforge.precision import resolve_precision
 from lmforge.preflight import build_objective, check_config
@@ -217,22 +216,11 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def _configure_cpu_malloc(cfg: DictConfig) -> None:
-    """`cpu_malloc=keep` (default) on runs that train on the CPU: kernels/cpu_malloc.py."""
-    mode = cfg.get("cpu_malloc", "keep")
-    if mode not in ("keep", "system"):
-        raise ConfigError("cpu_malloc", f"unknown value {mode!r}", "use keep (hold freed memory for the next step) or system")
-    on_cpu = str(cfg.trainer.get("accelerator", "auto")) == "cpu" or not torch.cuda.is_available()
-    if mode == "keep" and on_cpu:
-        keep_freed_memory()
-
-
 # --- entry points ---------------------------------------------------------------------------------------
 
 def train(cfg: DictConfig) -> dict[str, float]:
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
     set_cpu_kernels(cfg.get("cpu_kernels", "lmforge"))
-    _configure_cpu_malloc(cfg)
     seed_everything(cfg.get("seed"))
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name, exclude=output_dir)
