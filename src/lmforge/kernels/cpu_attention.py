@@ -10,11 +10,10 @@ mode on bf16-exact float32 copies: the inputs lose nothing, the products are sum
 and d(scores) = P ∘ (dP - rowsum(dO ∘ O)) are float32; P and d(scores) are rounded to bf16 as the operands
 of the P·V, Pᵀ·dO, dS·K and dSᵀ·Q GEMMs, where FlashAttention-2 rounds them too. Against a float64
 reference its gradient errors are SDPA's, its output's ~1.3x (torch's CPU kernel keeps P in float32 for P·V):
-tests/unit/test_cpu_attention.py. P is kept for
-backward in bf16 — B·H·T²·2 bytes per layer, O(T²) like SDPA's math kernel — so above `MAX_SAVED_BYTES`
-per call SDPA's O(T) kernel runs instead. Score-sized temporaries (up to 64 MB each) live in per-thread
-buffers reused across layers and steps (kernels/workspace.py). d(scores) is one compiled loop (kernels/compiled.py) rather than
-four eager passes.
+tests/unit/test_cpu_attention.py. P is kept for backward in bf16 — B·H·T²·2 bytes per layer, O(T²) like
+SDPA's math kernel — so above `MAX_SAVED_BYTES` per call SDPA's O(T) kernel runs instead. Score-sized
+temporaries (up to 64 MB each) live in per-thread buffers reused across layers and steps
+(kernels/workspace.py). d(scores) is one compiled loop (kernels/compiled.py) rather than four eager passes.
 
 Used by `attn_backend=sdpa` (models/layers/attention_backends.py) for plain causal self-attention (no mask tensor,
 no dropout, query length = key length, GQA allowed) on CPU in bf16 (or under bf16 autocast, which would

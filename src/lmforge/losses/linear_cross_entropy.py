@@ -105,16 +105,11 @@ class _WeightGrad:
         h_c = self.h[self.start : self.start + g.size(0)]
         self.start += g.size(0)
         self.fill = 0
-        if g.dtype != self.acc:  # bf16 product, summed in float32 (the in-place add converts as it reads)
-            product = g.t() @ h_c
-            self.grad = product.to(self.acc) if self.grad is None else self.grad.add_(product)
-        elif on_onednn(g, h_c):  # float32 on CPU (kernels/linear.py)
-            product = gemm_tn(g, h_c)
-            self.grad = product if self.grad is None else self.grad.add_(product)
-        elif self.grad is None:
-            self.grad = g.t() @ h_c
-        else:
-            self.grad.addmm_(g.t(), h_c)
+        if self.grad is not None and g.dtype == self.acc and not on_onednn(g, h_c):
+            self.grad.addmm_(g.t(), h_c)  # summed inside the GEMM (GPU: no product tensor)
+            return
+        product = gemm_tn(g, h_c)  # oneDNN for float32 on CPU (kernels/linear.py), else gᵀ·h_c (bf16: a bf16 product)
+        self.grad = product.to(self.acc) if self.grad is None else self.grad.add_(product)  # add_ converts as it reads
 
     def result(self) -> torch.Tensor:
         self.flush()
@@ -185,12 +180,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = _WeightGrad(h, w.shape, rows, acc) if need_w else None
         total = torch.zeros((), dtype=acc, device=h.device)
+        need_g = need_h or need_w
+        fused = group is None and need_g and acc == torch.float32 and compiled.usable(h) and not _CHUNK_KERNEL.failed
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.size(0), rows):
                 h_c, t_c = h[start : start + rows], targets[start : start + rows]
-                need_g = need_h or need_w
-                if group is None and need_g and acc == torch.float32 and h_c.size(0) > 1 and compiled.usable(h_c) \
-                        and not _CHUNK_KERNEL.failed:  # one compiled pass on CPU (a 1-row chunk would be a recompile)
+                if fused and h_c.size(0) > 1:  # one compiled pass on CPU (a 1-row chunk would be a recompile)
                     valid = (t_c != ignore_index).unsqueeze(1)
                     nll, g = _CHUNK_KERNEL(gemm_nt(h_c, w), torch.where(valid, t_c.unsqueeze(1), 0), valid)
                 else:
