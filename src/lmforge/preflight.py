@@ -113,9 +113,9 @@ def check_sharding(cfg: DictConfig) -> None:
     tp = strategy.get("tensor_parallel_size", 1)
     if isinstance(tp, int) and tp > 1:
         family = str((cfg.get("model") or {}).get("family", ""))
-        if family not in ("llama", "mixtral"):
-            raise ConfigError("strategy.tensor_parallel_size", f"tensor parallelism needs separate q/k/v projections; model.family={family} has none",
-                              "use strategy=fsdp (tensor_parallel_size=1), or a llama/mixtral model")
+        if family not in ("gpt", "llama", "mixtral"):
+            raise ConfigError("strategy.tensor_parallel_size", f"tensor parallelism has plans for the decoder families (gpt, llama, "
+                              f"mixtral), not for model.family={family}", "use strategy=fsdp (tensor_parallel_size=1) for this family")
         n_kv = (cfg.get("model") or {}).get("n_kv_head") or (cfg.get("model") or {}).get("n_head")
         if isinstance(n_kv, int) and n_kv % tp:
             raise ConfigError("strategy.tensor_parallel_size", f"{tp} does not divide the {n_kv} key/value heads",

@@ -50,9 +50,10 @@ def test_meta_init_gives_the_weights_and_generator_state_of_a_plain_build(family
         assert torch.equal(got[key], expected[key]), key
 
 
-def test_tensor_parallel_refuses_fused_qkv_with_the_fix() -> None:
-    with pytest.raises(ConfigError, match="strategy.tensor_parallel_size.*separate q/k/v.*strategy=fsdp"):
-        apply_tensor_parallel(build(tiny("gpt")), SimpleNamespace(size=lambda: 2))
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_tensor_parallel_refuses_encoders_with_the_fix(family: str) -> None:
+    with pytest.raises(ConfigError, match=f"strategy.tensor_parallel_size.*not for {family}.*strategy=fsdp"):
+        apply_tensor_parallel(build(tiny(family)), SimpleNamespace(size=lambda: 2, get_local_rank=lambda: 0))
 
 
 def test_total_grad_norm_and_clipping_match_torch_on_plain_tensors() -> None:
@@ -77,14 +78,20 @@ def _worker(rank: int, port: int, results: dict) -> None:
     try:
         tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
         # TP over 2 ranks, plain and with sequence parallelism: same logits and gradients as the whole model
-        for family, sp in (("llama", False), ("mixtral", False), ("llama", True), ("mixtral", True)):
+        for family, sp in (("llama", False), ("mixtral", False), ("llama", True), ("mixtral", True), ("gpt", False), ("gpt", True),
+                           ("gpt_alibi", False), ("gpt_alibi", True)):
             torch.manual_seed(0)
-            reference, sharded = build(tiny(family)), build(tiny(family))
+            config = {**tiny("gpt"), "position": "alibi", "bias": True} if family == "gpt_alibi" else tiny(family)
+            reference, sharded = build(config), build(config)
             sharded.load_state_dict(reference.state_dict())
             mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
             apply_tensor_parallel(sharded, mesh["tensor_parallel"], sequence_parallel=sp)
             apply_fsdp(sharded, mesh["data_parallel"])  # 2-D as strategy=fsdp_tp builds it
-            assert isinstance(sharded.blocks[0].attn.q_proj.weight, DTensor)
+            attn = sharded.blocks[0].attn
+            projection = attn.qkv if family.startswith("gpt") else attn.q_proj
+            assert isinstance(projection.weight, DTensor)
+            if family.startswith("gpt"):  # stored as contiguous row shards (the checkpoint layout), computed by head
+                results[(rank, family, sp, "qkv")] = (projection.weight.to_local().shape[0], attn.n_head)
             ref_logits, logits = reference(tokens), sharded(tokens)
             ref_logits.square().mean().backward()
             logits.square().mean().backward()
@@ -179,6 +186,16 @@ def _worker(rank: int, port: int, results: dict) -> None:
         local = model.blocks[0].attn.qkv.weight.to_local().shape[0]
         worst = max((q.full_tensor() - p).abs().max().item() for p, q in zip(plain.parameters(), model.parameters()))
         results[(rank, "meta_fsdp")] = (worst, local)
+        # meta-device init of a 2-D (TP 2 x DP 1) GPT: its qkv, split by head at compute time, is stored and
+        # initialised as plain row shards of the whole matrix
+        torch.manual_seed(5)
+        model, rng = build_on_meta(tiny("gpt"))
+        mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        apply_tensor_parallel(model, mesh["tensor_parallel"])
+        apply_fsdp(model, mesh["data_parallel"])
+        materialize_and_init(model, "cpu", rng)
+        full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        results[(rank, "meta_tp")] = max((full[k] - v).abs().max().item() for k, v in plain.state_dict().items())
         # mixed precision policy: bf16 compute and all-gathers, fp32 sharded master weights and gradients
         mixed = build(tiny("llama"))
         apply_fsdp(mixed, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)), param_dtype=torch.bfloat16,
@@ -210,10 +227,12 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
     results = mp.Manager().dict()
     mp.spawn(_worker, args=(free_port(), results), nprocs=2, join=True)
     for rank in (0, 1):
-        for family in ("llama", "mixtral"):
+        for family in ("llama", "mixtral", "gpt", "gpt_alibi"):
             for sp in (False, True):
                 logits, grads, norm = results[(rank, family, sp)]
                 assert logits < 1e-5 and grads < 1e-5 and norm < 1e-5, (family, sp, rank, logits, grads, norm)
+                if family.startswith("gpt"):
+                    assert results[(rank, family, sp, "qkv")] == (48, 2)  # 96 fused rows, 48 per rank; 2 of 4 heads
             assert "multiple of tensor_parallel_size=2, got 7" in results[(rank, family, "odd")]
         for name, sp, how, chunks in (("untied", False, "clm", 1), ("untied", True, "clm", 1), ("untied", False, "rows5", 5),
                                       ("untied", False, "full_logits", 0), ("untied", False, "loss_parallel", 0), ("tied", False, "clm", 1), ("tied", True, "clm", 1),
@@ -224,6 +243,7 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
             assert (rows, tied, on_shards) == ((half, half), name == "tied", chunks), (name, how, rows, tied, on_shards)
         worst, local_rows = results[(rank, "meta_fsdp")]
         assert worst == 0.0 and local_rows == 48  # qkv: 96 rows, 48 per rank
+        assert results[(rank, "meta_tp")] == 0.0
         assert results[(rank, "mixed")] == (torch.bfloat16, torch.float32, torch.float32)
         for reshard, offload, gathered in ((True, False, [False, True]), (False, False, [True, True]), (True, True, [False, True])):
             seen, worst = results[(rank, "reshard", reshard, offload)]

@@ -105,7 +105,9 @@ class GPT(DecoderLM):
             if position_ids is None:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)
             key_positions = None if cache is None else cache.store_positions(position_ids)
-            mask = alibi_attention_mask(alibi_slopes(self.config.n_head, x.device), position_ids, mask, x.dtype, key_positions)
+            attn = self.blocks[0].attn  # under tensor parallelism: this rank's heads' slopes
+            slopes = alibi_slopes(self.config.n_head, x.device)[attn.head_offset : attn.head_offset + attn.n_head]
+            mask = alibi_attention_mask(slopes, position_ids, mask, x.dtype, key_positions)
         if self.training:
             x = self.drop(x)
         for i, block in enumerate(self.blocks):
@@ -117,7 +119,8 @@ class GPT(DecoderLM):
     def make_cache(self, batch_size: int, max_len: int) -> KVCache:
         """An empty KV cache for `batch_size` sequences of up to `max_len` tokens (prompt + generated)."""
         cfg = self.config
-        return KVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.head_dim, max_len)
+        heads = self.blocks[0].attn.n_head  # this rank's heads: n_head / tensor_parallel_size under TP
+        return KVCache(cfg.n_layer, batch_size, heads, cfg.head_dim, max_len)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without position embeddings (the tied token embedding is the head)."""

@@ -1,15 +1,16 @@
-"""Tensor parallelism (Megatron-style) for the decoder families with separate Q/K/V projections.
+"""Tensor parallelism (Megatron-style) for the decoder families: GPT, Llama, Mixtral.
 
-Per block, on the tensor-parallel mesh: Q, K, V and the MLP's input projections are column-parallel (each
-rank holds a slice of the heads / hidden units, so attention runs on local heads with no communication),
-the attention output and the MLP's down projection are row-parallel (one all-reduce each in forward and in
-backward). The token embedding is row-parallel over the vocabulary (each rank looks up its V/tp rows, one
+Per block, on the tensor-parallel mesh: the attention's input projections and the MLP's input projections are
+column-parallel (each rank holds a slice of the heads / hidden units, so attention runs on local heads with no
+communication), the attention output and the MLP's down projection are row-parallel (one all-reduce each in
+forward and in backward). GPT's fused q|k|v matrix is split by head (`parallel/head_parallel.py`), not in
+contiguous rows. The token embedding is row-parallel over the vocabulary (each rank looks up its V/tp rows, one
 all-reduce, or a reduce-scatter straight to sequence shards under sequence parallelism), and the LM head is
 column-parallel over the vocabulary (loss parallelism, `strategy.loss_parallel`): each rank computes V/tp of
 the logits and the loss runs on those shards (`losses/linear_cross_entropy.py`). A tied head shares the sharded
-table. Norms stay replicated (FSDP still shards every parameter over the data-parallel mesh). Mixtral's experts
-are split like the MLP, expert by expert; the router stays replicated. GPT fuses Q, K and V in one matrix and
-BERT/T5 are encoders: they are refused with a clear error rather than sharded wrongly.
+table. Norms and GPT's position table stay replicated (FSDP still shards every parameter over the data-parallel
+mesh). Mixtral's experts are split like the MLP, expert by expert; the router stays replicated. BERT and T5 are
+encoders: they are refused with a clear error rather than sharded wrongly.
 
 Sequence parallelism (opt-in, `strategy.sequence_parallel`) shards the residual stream and norms along the
 sequence as well; it needs every forward's length to be a multiple of the TP size (fixed-length training and
@@ -18,6 +19,7 @@ validation blocks are; generation is not), checked before any collective runs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -25,6 +27,23 @@ from torch import nn
 from lmforge.errors import ConfigError
 from lmforge.kernels.linear import is_plain_linear
 from lmforge.models.activation_checkpointing import transformer_blocks
+from lmforge.models.layers.attention import CausalSelfAttention
+from lmforge.parallel.head_parallel import shard_by_head
+
+
+@dataclass(frozen=True)
+class _BlockNames:
+    """Where a family's block keeps the modules the plans name, and how many positional arguments `attn` takes
+    (a `PrepareModuleInput` needs one layout per argument)."""
+
+    attn_norm: str
+    mlp_norm: str
+    attn_out: str
+    attn_args: int
+
+
+_GPT = _BlockNames("ln_1", "ln_2", "attn.proj", 4)  # attn(x, mask, cache, layer)
+_LLAMA = _BlockNames("attn_norm", "mlp_norm", "attn.o_proj", 5)  # attn(x, rope, mask, cache, layer): Llama, Mixtral
 
 
 def _mlp_plan(mlp: nn.Module, prefix: str) -> dict[str, Any]:
@@ -32,6 +51,8 @@ def _mlp_plan(mlp: nn.Module, prefix: str) -> dict[str, Any]:
 
     if all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):  # SwiGLU
         return {f"{prefix}.gate_proj": ColwiseParallel(), f"{prefix}.up_proj": ColwiseParallel(), f"{prefix}.down_proj": RowwiseParallel()}
+    if all(hasattr(mlp, name) for name in ("fc", "proj")):  # GPT's GELU MLP
+        return {f"{prefix}.fc": ColwiseParallel(), f"{prefix}.proj": RowwiseParallel()}
     experts = getattr(mlp, "experts", None)
     if isinstance(experts, nn.ModuleList):  # MoE: each expert is a SwiGLU
         plan: dict[str, Any] = {}
@@ -42,7 +63,12 @@ def _mlp_plan(mlp: nn.Module, prefix: str) -> dict[str, Any]:
                       "use tensor_parallel_size=1 for this model")
 
 
-def _sequence_parallel_plan(block: nn.Module) -> dict[str, Any]:
+def _dense_mlp_out(mlp: nn.Module) -> str | None:
+    """The dense MLP's output projection (row-parallel), or None for a mixture of experts."""
+    return next((f"mlp.{name}" for name in ("down_proj", "proj") if hasattr(mlp, name)), None)
+
+
+def _sequence_parallel_plan(block: nn.Module, names: _BlockNames) -> dict[str, Any]:
     """The residual stream between sub-layers lives sharded along the sequence (each TP rank holds T/tp rows): the
     norms run on those rows, the attention/MLP input is all-gathered, their row-parallel output projection
     reduce-scatters back to rows (the all-reduce of plain TP, split in two, with 1/tp of the activations kept)."""
@@ -54,20 +80,49 @@ def _sequence_parallel_plan(block: nn.Module) -> dict[str, Any]:
         SequenceParallel,
     )
 
+    rest = (None,) * (names.attn_args - 1)  # only x is sharded
     plan: dict[str, Any] = {
-        "attn_norm": SequenceParallel(), "mlp_norm": SequenceParallel(),
-        # attn(x, rope, mask, cache, layer): only x is sharded
-        "attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
-                                   desired_input_layouts=(Replicate(), None, None, None, None), use_local_output=True),
-        "attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+        names.attn_norm: SequenceParallel(), names.mlp_norm: SequenceParallel(),
+        "attn": PrepareModuleInput(input_layouts=(Shard(1), *rest), desired_input_layouts=(Replicate(), *rest), use_local_output=True),
+        names.attn_out: RowwiseParallel(output_layouts=Shard(1)),
     }
-    if hasattr(block.mlp, "down_proj"):
+    mlp_out = _dense_mlp_out(block.mlp)
+    if mlp_out is not None:
         plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)
-        plan["mlp.down_proj"] = RowwiseParallel(output_layouts=Shard(1))
+        plan[mlp_out] = RowwiseParallel(output_layouts=Shard(1))
     else:  # MoE: experts see gathered token subsets, not (B, T, C); their (all-reduced) sum is cut back to this rank's rows
         plan["mlp"] = PrepareModuleInputOutput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_input=True,
                                                output_layouts=(Replicate(),), desired_output_layouts=(Shard(1),), use_local_output=True)
     return plan
+
+
+def _attention_plan(attn: nn.Module | None, family: str, tp: int) -> tuple[dict[str, Any], _BlockNames]:
+    """The column/row-parallel plan of one block's attention, after checking that its heads split over `tp` ranks.
+    GPT's fused qkv is not in the plan: `shard_by_head` splits it afterwards."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    if isinstance(attn, CausalSelfAttention):
+        if not is_plain_linear(attn.qkv):
+            raise ConfigError("strategy.tensor_parallel_size", f"the fused qkv projection is a {type(attn.qkv).__name__}, "
+                              "not an nn.Linear, and cannot be split by head", "use tensor_parallel_size=1 with adapters on qkv")
+        heads, kv_heads, plan, names = attn.n_head, attn.n_head, {"attn.proj": RowwiseParallel()}, _GPT
+    elif attn is not None and all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        heads, kv_heads, names = attn.n_head, attn.n_kv_head, _LLAMA
+        plan = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
+                "attn.o_proj": RowwiseParallel()}
+    else:
+        raise ConfigError(
+            "strategy.tensor_parallel_size",
+            f"tensor parallelism has plans for the decoder families (gpt, llama, mixtral), not for {family}",
+            "use strategy=fsdp (tensor_parallel_size=1) for this family",
+        )
+    if heads % tp or kv_heads % tp:
+        raise ConfigError(
+            "strategy.tensor_parallel_size",
+            f"{tp} does not divide n_head={heads} and n_kv_head={kv_heads}",
+            "choose a tensor_parallel_size that divides the number of key/value heads",
+        )
+    return plan, names
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: bool = False, loss_parallel: bool = True) -> int:
@@ -77,35 +132,31 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: boo
     sequence parallelism): activation memory outside attention/MLP drops by the TP size, at no extra traffic.
     The token embedding is always split over the vocabulary (`shard_embedding`); `loss_parallel`: the LM head
     too (`shard_lm_head`; a tied head is, whatever the flag)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor.parallel import parallelize_module
 
     tp = tp_mesh.size()
     family = getattr(getattr(model, "config", None), "family", type(model).__name__)
     blocks = transformer_blocks(model)
-    for block in blocks:
-        attn = getattr(block, "attn", None)
-        if attn is None or not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            raise ConfigError(
-                "strategy.tensor_parallel_size",
-                f"tensor parallelism needs separate q/k/v projections (model.family=llama or mixtral); {family} has none",
-                "use strategy=fsdp (tensor_parallel_size=1) for this family",
-            )
-        if attn.n_head % tp or attn.n_kv_head % tp:
-            raise ConfigError(
-                "strategy.tensor_parallel_size",
-                f"{tp} does not divide n_head={attn.n_head} and n_kv_head={attn.n_kv_head}",
-                "choose a tensor_parallel_size that divides the number of key/value heads",
-            )
-        plan = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(), "attn.v_proj": ColwiseParallel(),
-                "attn.o_proj": RowwiseParallel(), **_mlp_plan(block.mlp, "mlp")}
+    plans = [_attention_plan(getattr(block, "attn", None), family, tp) for block in blocks]  # every check before any sharding
+    rank = tp_mesh.get_local_rank()
+    for block, (plan, names) in zip(blocks, plans):
+        plan.update(_mlp_plan(block.mlp, "mlp"))
         if sequence_parallel:
-            plan.update(_sequence_parallel_plan(block))
+            plan.update(_sequence_parallel_plan(block, names))
         parallelize_module(block, tp_mesh, plan)
-        attn.n_head, attn.n_kv_head = attn.n_head // tp, attn.n_kv_head // tp  # this rank's heads
+        attn = block.attn
+        if isinstance(attn, CausalSelfAttention):
+            shard_by_head(attn.qkv, tp_mesh)
+            attn.head_offset = rank * (attn.n_head // tp)  # ALiBi picks this rank's heads' slopes with it
+        else:
+            attn.n_kv_head //= tp
+        attn.n_head //= tp  # this rank's heads
     tied = head_is_tied(model)
-    shard_embedding(model, tp_mesh, sequence_parallel)
+    # GPT adds its position table to the embedding's output: that sum is cut into sequence shards at the first block
+    positions_added = getattr(model, "wpe", None) is not None
+    shard_embedding(model, tp_mesh, sequence_parallel and not positions_added)
     if sequence_parallel:
-        _shard_sequence_between(model, tp_mesh)
+        _shard_sequence_between(model, tp_mesh, shard_first_block_input=positions_added)
     if loss_parallel or tied:  # a tied head reads the sharded table: it is vocab-parallel whatever the flag says
         shard_lm_head(model, tp_mesh, tied=tied)
     return len(blocks)
@@ -149,15 +200,20 @@ def shard_lm_head(model: nn.Module, tp_mesh: Any, tied: bool = False) -> None:
         head.weight = model.wte.weight
 
 
-def _shard_sequence_between(model: nn.Module, tp_mesh: Any) -> None:
-    """The embedding already outputs this rank's sequence rows (`shard_embedding`); the final norm's input is
-    all-gathered, so the norm, LM head and anything reading `hidden_states` (reward/value heads) see whole rows."""
+def _shard_sequence_between(model: nn.Module, tp_mesh: Any, shard_first_block_input: bool = False) -> None:
+    """The embedding already outputs this rank's sequence rows (`shard_embedding`), or, where position embeddings
+    are added to its (replicated) output first (GPT), the first block's input is cut into them, a local slice; the
+    final norm's input is all-gathered, so the norm, LM head and anything reading `hidden_states` (reward/value
+    heads) see whole rows."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import PrepareModuleInput, parallelize_module
 
-    parallelize_module(model, tp_mesh, {
-        "norm": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True),
-    })
+    final_norm = "norm" if hasattr(model, "norm") else "ln_f"
+    plan = {final_norm: PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True)}
+    if shard_first_block_input:  # GPT's block(x, mask, cache, layer): only x is cut
+        plan["blocks.0"] = PrepareModuleInput(input_layouts=(Replicate(), None, None, None),
+                                              desired_input_layouts=(Shard(1), None, None, None), use_local_output=True)
+    parallelize_module(model, tp_mesh, plan)
     tp = tp_mesh.size()
 
     def check_length(module: nn.Module, args: tuple) -> None:

@@ -46,6 +46,9 @@ class CausalSelfAttention(nn.Module):
     kv_prefix: KVPrefixHook | None = None  # set per instance by prefix tuning (lmforge.peft.prefix)
     capture_weights: bool = False  # set per instance: eager math + `last_weights` (see module doc)
     last_weights: torch.Tensor | None = None
+    # Tensor parallelism (parallel/tensor_parallel.py) leaves n_head of this rank's heads, the model's heads
+    # [head_offset, head_offset + n_head): ALiBi's per-head slopes are picked with it
+    head_offset: int = 0
 
     def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool, backend: str = "sdpa") -> None:
         super().__init__()
@@ -63,7 +66,7 @@ class CausalSelfAttention(nn.Module):
         """x: (B, T, C); mask: optional bool (B, 1, T, T_k) from `causal_padding_mask` (True = attend), or a
         float (B or 1, H, T, T_k) mask added to the scores (ALiBi biases, -inf where not allowed).
         `cache`: store this layer's (`layer`) keys/values and attend over every cached token (T_k = past + T)."""
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -76,7 +79,7 @@ class CausalSelfAttention(nn.Module):
             y = attend(self.backend, q, k, v, mask, p)
         else:
             y = self._eager(q, k, v, mask, p)
-        y = self.proj(y.transpose(1, 2).reshape(B, T, C))
+        y = self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
         return self.resid_dropout(y) if self.training else y  # eval: skip a no-op module call per layer and step
 
     def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
