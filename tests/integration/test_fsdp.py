@@ -2,12 +2,13 @@
 exactly from its sharded checkpoint, and consolidated back to the single-process weights. The DDP run also checks
 the classic Hydra + DDP pain: one run dir, one metrics CSV with each step once, one metrics.json.
 
-DDP, `fsdp_tp` with sequence parallelism (TP 2 x DP 1: both ranks see the whole batch) and HSDP (2 replica groups,
-2 accumulated micro-batches with the cross-replica all-reduce deferred to the last) run the same comparison.
+DDP, `fsdp_tp` with sequence parallelism (TP 2 x DP 1: both ranks see the whole batch; Llama, and GPT with its fused
+qkv and tied head) and HSDP (2 replica groups, 2 accumulated micro-batches with the cross-replica all-reduce deferred
+to the last) run the same comparison.
 The fsdp run's step-3 checkpoint also resumes on one process (DCP reshards it) onto the single-process loss curve.
-Cost: five `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, hsdp, then a resume of the fsdp run from its
-step-3 checkpoint), one 1-process resume and one in-process single-process run, all 6 steps of a 2-layer, 64-wide Llama (untied head, so
-TP shards it over the vocabulary) on bytes in fp32.
+Cost: six `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, hsdp, GPT fsdp_tp, then a resume of the
+fsdp run from its step-3 checkpoint), one 1-process resume and two in-process single-process runs (Llama, GPT), all
+6 steps of a 2-layer, 64-wide model (the Llama's head untied, so TP shards it over the vocabulary) on bytes in fp32.
 """
 
 from __future__ import annotations
@@ -78,7 +79,16 @@ def runs(cli, cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     proc = cli("train.py", *base, "strategy=fsdp", "trainer.devices=1", "trainer.accelerator=cpu", f"data.batch_size={2 * MICRO_BATCH}",
                "callbacks.periodic.save_top_k=0", f"ckpt_path={fsdp / 'checkpoints' / 'step-000003.ckpt'}", f"hydra.run.dir={one_rank}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {"single": single, "fsdp": fsdp, "ddp": ddp, "resumed": resumed, "tp_sp": tp, "hsdp": hsdp, "resumed_on_one": one_rank}
+    # GPT under fsdp_tp with sequence parallelism: its fused qkv split by head, its tied head vocab-parallel
+    gpt = [o for o in base if not o.startswith("model")] + ["model=gpt-nano", "model.n_layer=2", "model.n_embd=64", "model.n_head=4"]
+    gpt_single = logs / "debug" / "runs" / "gpt_single"
+    train_in_process([*gpt, f"data.batch_size={2 * MICRO_BATCH}"], gpt_single)
+    gpt_tp = logs / "debug" / "runs" / "gpt_tp_sp"
+    proc = cli("train.py", *gpt, "strategy=fsdp_tp", "strategy.sequence_parallel=true", "trainer.devices=2", "trainer.accelerator=cpu",
+               f"data.batch_size={2 * MICRO_BATCH}", "callbacks.periodic.save_top_k=0", f"hydra.run.dir={gpt_tp}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"single": single, "fsdp": fsdp, "ddp": ddp, "resumed": resumed, "tp_sp": tp, "hsdp": hsdp, "resumed_on_one": one_rank,
+            "gpt_single": gpt_single, "gpt_tp_sp": gpt_tp}
 
 
 def test_two_process_ddp_writes_one_run_dir_and_logs_from_rank_zero(runs: dict[str, Path]) -> None:
@@ -108,17 +118,18 @@ def test_tensor_parallel_run_shards_the_lm_head_over_the_vocabulary(runs: dict[s
     assert sorted(c.offsets[0] for c in head.chunks) == [0, -(-head.size[0] // 2)]
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp", "tp_sp", "hsdp"])
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp", "tp_sp", "hsdp", "gpt_tp_sp"])
 def test_two_processes_match_one_process_with_the_same_global_batch(runs: dict[str, Path], strategy: str) -> None:
-    single = load_checkpoint(runs["single"] / "checkpoints" / "last.ckpt")["state_dict"]
+    reference = "gpt_single" if strategy.startswith("gpt") else "single"
+    single = load_checkpoint(runs[reference] / "checkpoints" / "last.ckpt")["state_dict"]
     parallel = load_checkpoint(runs[strategy] / "checkpoints" / "last.ckpt")["state_dict"]  # fsdp, tp: consolidated from shards
     assert parallel.keys() == single.keys()
     worst = max((parallel[k] - single[k]).abs().max().item() for k in single)
     assert worst < 2e-5, worst  # 6 AdamW steps; only the order of the fp32 gradient sums differs
-    val = [json.loads((runs[r] / "metrics.json").read_text())["val/loss"] for r in ("single", strategy)]
+    val = [json.loads((runs[r] / "metrics.json").read_text())["val/loss"] for r in (reference, strategy)]
     assert val[0] == pytest.approx(val[1], abs=1e-5)
     if strategy != "hsdp":  # train/loss is the mean over ranks (hsdp: of the last micro-batch only)
-        assert losses(runs[strategy]) == pytest.approx(losses(runs["single"]), abs=1e-5)
+        assert losses(runs[strategy]) == pytest.approx(losses(runs[reference]), abs=1e-5)
 
 
 def test_resume_from_a_sharded_checkpoint_continues_the_loss_curve_exactly(runs: dict[str, Path]) -> None:
