@@ -128,8 +128,9 @@ def test_a_bf16_training_step_matches_torch_sdpa_to_bf16_accuracy(family, monkey
     GQA and float32 RoPE outputs): every layer took the GEMM path, and loss and gradients agree to what bf16
     rounding allows."""
     calls = []
-    real = cpu_attention.gemm_attention
-    monkeypatch.setattr(cpu_attention, "gemm_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for name in ("gemm_attention", "packed_gemm_attention"):  # GPT's fused qkv takes the packed entry point
+        real = getattr(cpu_attention, name)
+        monkeypatch.setattr(cpu_attention, name, lambda *a, real=real, **kw: calls.append(1) or real(*a, **kw))
     cfg = {"family": family, "n_layer": 2, "n_head": 4, "n_embd": 64, "max_seq_len": 32, "vocab_size": 96, "dropout": 0.0}
     if family == "llama":
         cfg["n_kv_head"] = 2
@@ -168,3 +169,46 @@ def test_scratch_buffers_over_the_cap_are_not_kept(monkeypatch):
     out = cpu_attention.gemm_attention(*longer)
     assert not ({"scores", "probs"} & kept.keys())
     torch.testing.assert_close(out.float(), _sdpa(*longer).float(), rtol=0, atol=2e-2)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_the_packed_entry_point_equals_splitting_q_k_v_first(autocast, monkeypatch):
+    """GPT's attention hands its fused (B, T, 3C) projection to `packed_gemm_attention`: the same numbers, output and
+    every gradient bit for bit, as splitting q, k, v into per-head views for `gemm_attention` (bf16 weights, or float32
+    under bf16 autocast); a mask, a KV cache, captured weights or dropout take the split path."""
+    from lmforge.models.layers.attention import CausalSelfAttention
+
+    torch.manual_seed(0)
+    layer = CausalSelfAttention(48, 4, 0.0, True).train()
+    if not autocast:
+        layer = layer.bfloat16()
+    x = torch.randn(2, 20, 48, dtype=torch.float32 if autocast else torch.bfloat16)
+    g = torch.randn(2, 20, 48).bfloat16()
+    packed, split = [], []
+    for name, record in (("packed_gemm_attention", packed), ("gemm_attention", split)):
+        real = getattr(cpu_attention, name)
+        monkeypatch.setattr(cpu_attention, name, lambda *a, real=real, record=record, **kw: record.append(1) or real(*a, **kw))
+
+    def step(use_packed: bool) -> list[torch.Tensor]:
+        monkeypatch.setattr(cpu_attention, "packed_usable", real_usable if use_packed else lambda *a: False)
+        layer.zero_grad()
+        leaf = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = layer(leaf)
+        out.backward(g.to(out.dtype))
+        return [out.detach(), leaf.grad, *(p.grad for p in layer.parameters())]
+
+    real_usable = cpu_attention.packed_usable
+    ours, reference = step(True), step(False)
+    assert (len(packed), len(split)) == (1, 1)
+    for a, b in zip(ours, reference):
+        assert torch.equal(a, b)
+    monkeypatch.setattr(cpu_attention, "packed_usable", real_usable)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        layer(x, mask=torch.ones(1, 1, 20, 20, dtype=torch.bool).tril())
+        layer.capture_weights = True
+        layer(x)
+        layer.capture_weights = False
+        layer.dropout = 0.1
+        layer(x)
+    assert len(packed) == 1

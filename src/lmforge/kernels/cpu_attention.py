@@ -106,19 +106,38 @@ def _softmax_grad(grad_p: torch.Tensor, probs: torch.Tensor, grad_out: torch.Ten
 _SOFTMAX_GRAD = compiled.CompiledKernel(_softmax_grad)
 
 
+def _attention_forward(q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, q32: torch.Tensor, k32: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B·H, T, D) bf16 q3/k3/v3 (and float32 copies of q and k) -> bf16 output and probabilities (kept for backward)."""
+    rows, T, _ = q3.shape
+    square = torch.Size((rows, T, T))
+    scores, probs32 = workspace.scratch("scores", square, torch.float32), workspace.scratch("probs", square, torch.float32)
+    with _bf16_products():
+        torch.baddbmm(_causal_bias(T), q32, k32.transpose(1, 2), alpha=scale, out=scores)
+    torch.ops.aten._softmax.out(scores, -1, False, out=probs32)  # (torch's kernel beats an inductor-made one here)
+    probs = probs32.to(torch.bfloat16)  # kept for backward: P·V's and Pᵀ·dO's operand, as in FlashAttention-2
+    return torch.bmm(probs, v3), probs  # bf16 GEMM, float32 accumulation inside
+
+
+def _attention_backward(q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, out: torch.Tensor, probs: torch.Tensor,
+                        do3: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """d(q), d(k), d(v) as (B·H, T, D) bf16 from the contiguous bf16 d(output) `do3`."""
+    rows = q3.size(0)
+    grad_v = torch.bmm(probs.transpose(1, 2), do3)  # Pᵀ·dO
+    grad_p = workspace.scratch("scores", probs.shape, torch.float32)
+    with _bf16_products():
+        torch.bmm(_f32(do3, rows), _f32(v3, rows).transpose(1, 2), out=grad_p)
+    grad_s = _SOFTMAX_GRAD(grad_p, probs, do3, out, torch.tensor(scale))  # bf16 d(scores), FlashAttention-2's rounding
+    return torch.bmm(grad_s, k3), torch.bmm(grad_s.transpose(1, 2), q3), grad_v  # dS·K, dSᵀ·Q, Pᵀ·dO
+
+
 class _GemmAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         B, H, T, D = q.shape
         rows = B * H
         q3, k3, v3 = (t.reshape(rows, T, D) for t in (q, k, v))
-        square = torch.Size((rows, T, T))
-        scores, probs32 = workspace.scratch("scores", square, torch.float32), workspace.scratch("probs", square, torch.float32)
-        with _bf16_products():
-            torch.baddbmm(_causal_bias(T), _f32(q, rows), _f32(k, rows).transpose(1, 2), alpha=scale, out=scores)
-        torch.ops.aten._softmax.out(scores, -1, False, out=probs32)  # (torch's kernel beats an inductor-made one here)
-        probs = probs32.to(torch.bfloat16)  # kept for backward: P·V's and Pᵀ·dO's operand, as in FlashAttention-2
-        out = torch.bmm(probs, v3)  # bf16 GEMM, float32 accumulation inside
+        out, probs = _attention_forward(q3, k3, v3, _f32(q, rows), _f32(k, rows), scale)
         ctx.save_for_backward(q3, k3, v3, out, probs)
         ctx.scale = scale
         return out.view(B, H, T, D)
@@ -128,16 +147,44 @@ class _GemmAttention(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q3, k3, v3, out, probs = ctx.saved_tensors
         shape = grad_out.shape
-        rows = q3.size(0)
         do3 = grad_out.reshape(out.shape).to(torch.bfloat16)
-        grad_v = torch.bmm(probs.transpose(1, 2), do3)  # Pᵀ·dO
-        grad_p = workspace.scratch("scores", probs.shape, torch.float32)
-        with _bf16_products():
-            torch.bmm(_f32(do3, rows), _f32(v3, rows).transpose(1, 2), out=grad_p)
-        grad_s = _SOFTMAX_GRAD(grad_p, probs, do3, out, torch.tensor(ctx.scale))  # bf16 d(scores), FlashAttention-2's rounding
-        grad_q = torch.bmm(grad_s, k3)
-        grad_k = torch.bmm(grad_s.transpose(1, 2), q3)  # dSᵀ·Q
+        grad_q, grad_k, grad_v = _attention_backward(q3, k3, v3, out, probs, do3, ctx.scale)
         return grad_q.view(shape), grad_k.view(shape), grad_v.view(shape), None
+
+
+class _PackedGemmAttention(torch.autograd.Function):
+    """The same attention on GPT's fused projection output: (B, T, 3·C) q|k|v in, (B, T, C) out. Taking the packed
+    tensor (not three strided views of it) lets one copy make q, k and v head-major and contiguous (three clones
+    otherwise), and backward write d(qkv) in its layout in one pass (a stack and a permuted copy otherwise)."""
+
+    @staticmethod
+    def forward(ctx: Any, qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+        B, T, width = qkv.shape
+        D = width // (3 * n_head)
+        rows = B * n_head
+        heads = torch.empty(3, B, n_head, T, D, dtype=torch.bfloat16)
+        parts = qkv.view(B, T, 3, n_head, D)
+        for i in range(3):  # three head-major copies (one 5-D permuted copy is ~2x slower)
+            heads[i].copy_(parts[:, :, i].transpose(1, 2))
+        q3, k3, v3 = heads.view(3, rows, T, D).unbind(0)
+        qk32 = heads[:2].to(torch.float32).view(2, rows, T, D)
+        scale = D**-0.5
+        out, probs = _attention_forward(q3, k3, v3, qk32[0], qk32[1], scale)
+        ctx.save_for_backward(heads, out, probs)
+        ctx.scale, ctx.n_head = scale, n_head
+        return out.view(B, n_head, T, D).transpose(1, 2).reshape(B, T, n_head * D)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        heads, out, probs = ctx.saved_tensors
+        _, B, H, T, D = heads.shape
+        q3, k3, v3 = heads.view(3, B * H, T, D).unbind(0)
+        do3 = torch.empty(B, H, T, D, dtype=torch.bfloat16)
+        do3.copy_(grad_y.view(B, T, H, D).transpose(1, 2))  # head-major and bf16 in one pass
+        grads = _attention_backward(q3, k3, v3, out, probs, do3.view(B * H, T, D), ctx.scale)
+        # (B, T, 3, H, D): the fused projection's output layout, written once
+        return torch.stack([g.view(B, H, T, D).transpose(1, 2) for g in grads], dim=2).view(B, T, 3 * H * D), None
 
 
 def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
@@ -147,3 +194,24 @@ def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     if group > 1:  # GQA: head h reads key/value head h // group (SDPA's enable_gqa); grads sum back via autograd
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return _GemmAttention.apply(q, k, v, q.size(-1) ** -0.5 if scale is None else scale)
+
+
+def packed_usable(qkv: torch.Tensor, n_head: int, dropout_p: float) -> bool:
+    """Whether `packed_gemm_attention` computes causal self-attention on this fused (B, T, 3·C) projection output:
+    the conditions of `usable`, read off the packed tensor."""
+    B, T, width = qkv.shape
+    return (
+        cpu_kernels.enabled()
+        and dropout_p == 0.0 and T > 1 and qkv.device.type == "cpu"
+        and (qkv.dtype == torch.bfloat16 or (qkv.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
+                                            and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+        and type(qkv) is torch.Tensor
+        and B * n_head * T * T * 2 <= MAX_SAVED_BYTES
+        and not torch.compiler.is_compiling()
+    )
+
+
+def packed_gemm_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Causal softmax(Q·Kᵀ/√D)·V of a fused (B, T, 3·C) q|k|v projection output (GPT's layout: q, k, v each head
+    by head), as (B, T, C) ready for the output projection."""
+    return _PackedGemmAttention.apply(qkv, n_head)

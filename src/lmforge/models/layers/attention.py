@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.kernels.linear import Linear
-from lmforge.models.layers.attention_backends import attend
+from lmforge.models.layers.attention_backends import attend, attend_packed
 from lmforge.models.layers.kv_cache import KVCache
 from lmforge.models.layers.masks import build_attention_mask, causal_tril
 
@@ -66,21 +66,32 @@ class CausalSelfAttention(nn.Module):
         """x: (B, T, C); mask: optional bool (B, 1, T, T_k) from `causal_padding_mask` (True = attend), or a
         float (B or 1, H, T, T_k) mask added to the scores (ALiBi biases, -inf where not allowed).
         `cache`: store this layer's (`layer`) keys/values and attend over every cached token (T_k = past + T)."""
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
+        p = self.dropout if self.training else 0.0
+        y = None
+        if cache is None and self.kv_prefix is None and not self.capture_weights:  # plain causal self-attention
+            y = attend_packed(self.backend, qkv, self.n_head, mask, p)  # by a kernel taking the fused layout, if one does
+        if y is None:
+            y = self._split_and_attend(qkv, mask, cache, layer, p)
+        y = self.proj(y)
+        return self.resid_dropout(y) if self.training else y  # eval: skip a no-op module call per layer and step
+
+    def _split_and_attend(self, qkv: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None, layer: int,
+                          p: float) -> torch.Tensor:
+        """(B, T, 3·C) fused projection -> per-head q, k, v (cached, prefixed) -> attention output (B, T, C)."""
+        B, T, _ = qkv.shape
+        q, k, v = qkv.view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if self.kv_prefix is not None:
             k, v, mask = self.kv_prefix(k, v, mask, T)
-        p = self.dropout if self.training else 0.0
         if mask is not None and mask.is_floating_point():
             mask = mask.to(q.dtype)  # an additive mask (ALiBi) in the query's dtype, as SDPA wants
         if self.backend != "eager" and not self.capture_weights:  # sdpa, flex, flash_attn (layers/attention_backends.py)
             y = attend(self.backend, q, k, v, mask, p)
         else:
             y = self._eager(q, k, v, mask, p)
-        y = self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
-        return self.resid_dropout(y) if self.training else y  # eval: skip a no-op module call per layer and step
+        return y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
 
     def _eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)

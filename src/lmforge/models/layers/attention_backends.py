@@ -52,6 +52,14 @@ def attend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
                                           enable_gqa=enable_gqa)
 
 
+def attend_packed(backend: str, qkv: torch.Tensor, n_head: int, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor | None:
+    """Causal self-attention straight from a fused (B, T, 3·C) q|k|v projection output, as (B, T, C), where a kernel
+    takes that layout (`cpu_attention.packed_gemm_attention`: CPU, bf16, no mask); None: split q, k, v and `attend`."""
+    if backend == "sdpa" and mask is None and cpu_attention.packed_usable(qkv, n_head, dropout_p):
+        return cpu_attention.packed_gemm_attention(qkv, n_head)
+    return None
+
+
 def _warn_cpu_flex_backward() -> None:
     if not _WARNED:
         _WARNED.append(True)
