@@ -79,9 +79,12 @@ def _bf16_products() -> Iterator[None]:
             flags.fp32_precision = before
 
 
-def _f32(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """(B, H, T, D) bf16 view -> contiguous (B·H, T, D) float32, one copy."""
-    return t.to(torch.float32, memory_format=torch.contiguous_format).view(rows, t.size(-2), t.size(-1))
+def _f32(t: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+    """(B, H, T, D) or (B·H, T, D) bf16 (a view is fine) -> contiguous (B·H, T, D) float32 in the scratch buffer
+    `name`, one copy: a GEMM operand used at once, so a reused buffer spares a fresh allocation's page faults."""
+    buf = workspace.scratch(name, (rows, t.size(-2), t.size(-1)), torch.float32)
+    buf.view(t.shape).copy_(t)
+    return buf
 
 
 def _causal_bias(T: int) -> torch.Tensor:
@@ -126,7 +129,7 @@ def _attention_backward(q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, ou
     grad_v = torch.bmm(probs.transpose(1, 2), do3)  # Pᵀ·dO
     grad_p = workspace.scratch("scores", probs.shape, torch.float32)
     with _bf16_products():
-        torch.bmm(_f32(do3, rows), _f32(v3, rows).transpose(1, 2), out=grad_p)
+        torch.bmm(_f32(do3, rows, "do32"), _f32(v3, rows, "v32").transpose(1, 2), out=grad_p)
     grad_s = _SOFTMAX_GRAD(grad_p, probs, do3, out, torch.tensor(scale))  # bf16 d(scores), FlashAttention-2's rounding
     return torch.bmm(grad_s, k3), torch.bmm(grad_s.transpose(1, 2), q3), grad_v  # dS·K, dSᵀ·Q, Pᵀ·dO
 
@@ -137,7 +140,7 @@ class _GemmAttention(torch.autograd.Function):
         B, H, T, D = q.shape
         rows = B * H
         q3, k3, v3 = (t.reshape(rows, T, D) for t in (q, k, v))
-        out, probs = _attention_forward(q3, k3, v3, _f32(q, rows), _f32(k, rows), scale)
+        out, probs = _attention_forward(q3, k3, v3, _f32(q, rows, "q32"), _f32(k, rows, "k32"), scale)
         ctx.save_for_backward(q3, k3, v3, out, probs)
         ctx.scale = scale
         return out.view(B, H, T, D)
@@ -167,9 +170,8 @@ class _PackedGemmAttention(torch.autograd.Function):
         for i in range(3):  # three head-major copies (one 5-D permuted copy is ~2x slower)
             heads[i].copy_(parts[:, :, i].transpose(1, 2))
         q3, k3, v3 = heads.view(3, rows, T, D).unbind(0)
-        qk32 = heads[:2].to(torch.float32).view(2, rows, T, D)
         scale = D**-0.5
-        out, probs = _attention_forward(q3, k3, v3, qk32[0], qk32[1], scale)
+        out, probs = _attention_forward(q3, k3, v3, _f32(q3, rows, "q32"), _f32(k3, rows, "k32"), scale)
         ctx.save_for_backward(heads, out, probs)
         ctx.scale, ctx.n_head = scale, n_head
         return out.view(B, n_head, T, D).transpose(1, 2).reshape(B, T, n_head * D)
