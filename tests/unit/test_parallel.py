@@ -56,6 +56,14 @@ def test_tensor_parallel_refuses_encoders_with_the_fix(family: str) -> None:
         apply_tensor_parallel(build(tiny(family)), SimpleNamespace(size=lambda: 2, get_local_rank=lambda: 0))
 
 
+def test_tensor_parallel_refuses_a_wrapped_fused_qkv_with_the_fix() -> None:
+    model = build(tiny("gpt"))
+    model.blocks[1].attn.qkv = type("Adapted", (torch.nn.Linear,), {})(32, 96)  # as an adapter or quantiser wraps it
+    with pytest.raises(ConfigError, match="strategy.tensor_parallel_size.*Adapted.*cannot be split by head.*tensor_parallel_size=1"):
+        apply_tensor_parallel(model, SimpleNamespace(size=lambda: 2, get_local_rank=lambda: 0))
+    assert type(model.blocks[0].attn.qkv).__name__ == "Linear"  # refused before any block was sharded
+
+
 def test_total_grad_norm_and_clipping_match_torch_on_plain_tensors() -> None:
     grads = [torch.randn(5, 3), torch.randn(7)]
     expected = torch.nn.utils.get_total_norm(grads)
@@ -108,6 +116,18 @@ def _worker(rank: int, port: int, results: dict) -> None:
                     results[(rank, family, "odd")] = "ran"
                 except ValueError as err:
                     results[(rank, family, "odd")] = str(err)
+        # KV-cache decoding on a tensor-parallel GPT: a cache of this rank's heads, ALiBi slopes of this rank's heads
+        from lmforge.generation import generate
+
+        for position in ("learned", "alibi"):
+            torch.manual_seed(0)
+            config = {**tiny("gpt"), "position": position}
+            reference, sharded = build(config), build(config)
+            sharded.load_state_dict(reference.state_dict())
+            apply_tensor_parallel(sharded, init_device_mesh("cpu", (2,), mesh_dim_names=("tensor_parallel",)))
+            ids = generate(reference, tokens[:, :5], max_new_tokens=6)
+            results[(rank, "generate", position)] = (torch.equal(generate(sharded, tokens[:, :5], max_new_tokens=6), ids),
+                                                     sharded.make_cache(2, 8).n_kv_head)
         # loss parallelism: the head holds half the vocabulary rows per rank (97 -> 49 + 48) and the CLM loss runs
         # chunked on those rows (all-reduced softmax statistics); same loss and gradients as the whole model, with
         # several chunks, through the gathered logits (fused_loss=false) and through torch's loss_parallel on the
@@ -244,6 +264,8 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
         worst, local_rows = results[(rank, "meta_fsdp")]
         assert worst == 0.0 and local_rows == 48  # qkv: 96 rows, 48 per rank
         assert results[(rank, "meta_tp")] == 0.0
+        for position in ("learned", "alibi"):
+            assert results[(rank, "generate", position)] == (True, 2), position  # same tokens; 2 of the 4 heads cached
         assert results[(rank, "mixed")] == (torch.bfloat16, torch.float32, torch.float32)
         for reshard, offload, gathered in ((True, False, [False, True]), (False, False, [True, True]), (True, True, [False, True])):
             seen, worst = results[(rank, "reshard", reshard, offload)]
