@@ -18,7 +18,8 @@ temporaries (up to 64 MB each) live in per-thread buffers reused across layers a
 Used by `attn_backend=sdpa` (models/layers/attention_backends.py) for plain causal self-attention (no mask tensor,
 no dropout, query length = key length, GQA allowed) on CPU in bf16 (or under bf16 autocast, which would
 cast SDPA's inputs to bf16) while `cpu_kernels=lmforge`;
-anything else is torch's SDPA.
+anything else is torch's SDPA. GPT's attention hands over its fused q|k|v projection output whole
+(`packed_gemm_attention`), which saves the copies of splitting it into per-head views first.
 """
 
 from __future__ import annotations
@@ -40,20 +41,31 @@ _CAUSAL_BIAS: dict[int, torch.Tensor] = {}  # T -> (T, T) float32: 0 on and belo
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float) -> bool:
     """Whether `gemm_attention` computes this call (see the module doc)."""
     B, H, T, _ = q.shape
+    return mask is None and k.size(-2) == T and _runnable((q, k, v), B * H, T, dropout_p)
+
+
+def packed_usable(qkv: torch.Tensor, n_head: int, dropout_p: float) -> bool:
+    """Whether `packed_gemm_attention` computes causal self-attention on this fused (B, T, 3·C) projection output."""
+    B, T, _ = qkv.shape
+    return _runnable((qkv,), B * n_head, T, dropout_p)
+
+
+def _runnable(tensors: tuple[torch.Tensor, ...], rows: int, T: int, dropout_p: float) -> bool:
+    """What both entry points need: lmforge's CPU kernels on, plain CPU tensors computed in bf16, no dropout, more
+    than one query, P (rows · T² bf16) within `MAX_SAVED_BYTES`, and no enclosing torch.compile."""
     return (
         cpu_kernels.enabled()
-        and mask is None and dropout_p == 0.0 and T > 1 and k.size(-2) == T
-        and q.device.type == "cpu" and _runs_in_bf16(q, k, v)
-        and all(type(t) is torch.Tensor for t in (q, k, v))
-        and B * H * T * T * 2 <= MAX_SAVED_BYTES
+        and dropout_p == 0.0 and T > 1
+        and all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors) and _runs_in_bf16(*tensors)
+        and rows * T * T * 2 <= MAX_SAVED_BYTES
         and not torch.compiler.is_compiling()
     )
 
 
-def _runs_in_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def _runs_in_bf16(*tensors: torch.Tensor) -> bool:
     """bf16 inputs, or float32/bf16 ones under CPU bf16 autocast, which casts SDPA's inputs to bf16 (RoPE in
     float32 hands Llama's q and k over as float32 there)."""
-    dtypes = {q.dtype, k.dtype, v.dtype}
+    dtypes = {t.dtype for t in tensors}
     if dtypes == {torch.bfloat16}:
         return True
     return (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -157,8 +169,9 @@ class _GemmAttention(torch.autograd.Function):
 
 class _PackedGemmAttention(torch.autograd.Function):
     """The same attention on GPT's fused projection output: (B, T, 3·C) q|k|v in, (B, T, C) out. Taking the packed
-    tensor (not three strided views of it) lets one copy make q, k and v head-major and contiguous (three clones
-    otherwise), and backward write d(qkv) in its layout in one pass (a stack and a permuted copy otherwise)."""
+    tensor (not three strided views of it) lets three copies make q, k and v head-major and contiguous (five
+    clones and casts otherwise), and backward write d(qkv) in its layout in one pass (a stack and a permuted copy
+    otherwise)."""
 
     @staticmethod
     def forward(ctx: Any, qkv: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -173,7 +186,7 @@ class _PackedGemmAttention(torch.autograd.Function):
         scale = D**-0.5
         out, probs = _attention_forward(q3, k3, v3, _f32(q3, rows, "q32"), _f32(k3, rows, "k32"), scale)
         ctx.save_for_backward(heads, out, probs)
-        ctx.scale, ctx.n_head = scale, n_head
+        ctx.scale = scale
         return out.view(B, n_head, T, D).transpose(1, 2).reshape(B, T, n_head * D)
 
     @staticmethod
@@ -196,21 +209,6 @@ def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     if group > 1:  # GQA: head h reads key/value head h // group (SDPA's enable_gqa); grads sum back via autograd
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     return _GemmAttention.apply(q, k, v, q.size(-1) ** -0.5 if scale is None else scale)
-
-
-def packed_usable(qkv: torch.Tensor, n_head: int, dropout_p: float) -> bool:
-    """Whether `packed_gemm_attention` computes causal self-attention on this fused (B, T, 3·C) projection output:
-    the conditions of `usable`, read off the packed tensor."""
-    B, T, width = qkv.shape
-    return (
-        cpu_kernels.enabled()
-        and dropout_p == 0.0 and T > 1 and qkv.device.type == "cpu"
-        and (qkv.dtype == torch.bfloat16 or (qkv.dtype == torch.float32 and torch.is_autocast_enabled("cpu")
-                                            and torch.get_autocast_dtype("cpu") == torch.bfloat16))
-        and type(qkv) is torch.Tensor
-        and B * n_head * T * T * 2 <= MAX_SAVED_BYTES
-        and not torch.compiler.is_compiling()
-    )
 
 
 def packed_gemm_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
