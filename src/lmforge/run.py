@@ -27,6 +27,7 @@ from lmforge.init_from import grow_vocab, load_init_source
 from lmforge.kernels.cpu_kernels import set_cpu_kernels
 from lmforge.objectives import Objective
 from lmforge.precision import resolve_precision
+from lmforge.parallel.plan import is_sharded_strategy
 from lmforge.preflight import build_objective, check_config
 from lmforge.utils.config_tree import print_config_tree
 from lmforge.utils.io import atomic_write_text
@@ -184,10 +185,21 @@ def resolve_trainer_precision(cfg: DictConfig) -> None:
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Any]) -> L.Trainer:
     resolve_trainer_precision(cfg)
     strategy = build_strategy(cfg)
-    # checkpoints written atomically (temp + fsync + rename); DeepSpeed/FSDP instances write their own shards
-    plugins = [AtomicCheckpointIO()] if isinstance(strategy, str) and cfg.trainer.get("plugins") is None else None
-    extra = {"plugins": plugins} if plugins else {}
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy, _convert_="all", **extra)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, strategy=strategy, _convert_="all",
+                       **trainer_extras(cfg.trainer, strategy))
+
+
+def trainer_extras(trainer_cfg: DictConfig, strategy: Any) -> dict[str, Any]:
+    """Trainer arguments that depend on the strategy, unless the config sets them."""
+    extra: dict[str, Any] = {}
+    if isinstance(strategy, str) and trainer_cfg.get("plugins") is None:
+        # checkpoints written atomically (temp + fsync + rename); DeepSpeed/FSDP instances write their own shards
+        extra["plugins"] = [AtomicCheckpointIO()]
+    if is_sharded_strategy(strategy) and trainer_cfg.get("inference_mode") is None:
+        # FSDP2 keeps the all-gather buffers of its first forward: made under inference mode (a validation sanity
+        # check on NCCL), they break every training step after it. no_grad, as Lightning does for its FSDPStrategy
+        extra["inference_mode"] = False
+    return extra
 
 
 def save_final_last(trainer: L.Trainer) -> None:

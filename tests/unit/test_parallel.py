@@ -64,6 +64,19 @@ def test_tensor_parallel_refuses_a_wrapped_fused_qkv_with_the_fix() -> None:
     assert type(model.blocks[0].attn.qkv).__name__ == "Linear"  # refused before any block was sharded
 
 
+def test_sharded_strategies_evaluate_under_no_grad_unless_the_config_says_otherwise() -> None:
+    """FSDP2's first forward allocates the all-gather buffers it reuses: under inference mode (Lightning's default
+    for evaluation on NCCL) they would break every later training step."""
+    from omegaconf import OmegaConf
+
+    from lmforge.parallel.strategy import ShardedStrategy
+    from lmforge.run import trainer_extras
+
+    assert trainer_extras(OmegaConf.create({}), ShardedStrategy())["inference_mode"] is False
+    assert "inference_mode" not in trainer_extras(OmegaConf.create({"inference_mode": True}), ShardedStrategy())
+    assert "inference_mode" not in trainer_extras(OmegaConf.create({}), "auto")
+
+
 def test_total_grad_norm_and_clipping_match_torch_on_plain_tensors() -> None:
     grads = [torch.randn(5, 3), torch.randn(7)]
     expected = torch.nn.utils.get_total_norm(grads)
@@ -128,6 +141,15 @@ def _worker(rank: int, port: int, results: dict) -> None:
             ids = generate(reference, tokens[:, :5], max_new_tokens=6)
             results[(rank, "generate", position)] = (torch.equal(generate(sharded, tokens[:, :5], max_new_tokens=6), ids),
                                                      sharded.make_cache(2, 8).n_kv_head)
+        # generation from an FSDP2 model before any training forward (an RL stage's first rollout), then training:
+        # generate runs it under no_grad, so FSDP's reused all-gather buffers are not inference tensors
+        torch.manual_seed(0)
+        reference, model = build(tiny("llama")), build(tiny("llama"))
+        model.load_state_dict(reference.state_dict())
+        apply_fsdp(model, init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))["data_parallel"])
+        same = torch.equal(generate(model, tokens[:, :5], max_new_tokens=4), generate(reference, tokens[:, :5], max_new_tokens=4))
+        model(tokens).square().mean().backward()  # raised "Inplace update to inference tensor outside InferenceMode"
+        results[(rank, "fsdp_generate")] = same
         # loss parallelism: the head holds half the vocabulary rows per rank (97 -> 49 + 48) and the CLM loss runs
         # chunked on those rows (all-reduced softmax statistics); same loss and gradients as the whole model, with
         # several chunks, through the gathered logits (fused_loss=false) and through torch's loss_parallel on the
@@ -266,6 +288,7 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
         assert results[(rank, "meta_tp")] == 0.0
         for position in ("learned", "alibi"):
             assert results[(rank, "generate", position)] == (True, 2), position  # same tokens; 2 of the 4 heads cached
+        assert results[(rank, "fsdp_generate")] is True
         assert results[(rank, "mixed")] == (torch.bfloat16, torch.float32, torch.float32)
         for reshard, offload, gathered in ((True, False, [False, True]), (False, False, [True, True]), (True, True, [False, True])):
             seen, worst = results[(rank, "reshard", reshard, offload)]

@@ -18,6 +18,7 @@ give the same greedy tokens as `transformers` (tested for every family).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -86,7 +87,29 @@ def _check_inputs(
             raise ValueError("attention_mask must be left-padded: the last token of every row must be real (mask 1)")
 
 
-@torch.inference_mode()
+def _holds_fsdp(*models: nn.Module | None) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for model in models if model is not None for m in model.modules())
+
+
+def _without_autograd(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run `fn(model, ...)` under inference mode, or under no_grad for an FSDP2-sharded model (or draft): FSDP
+    allocates its all-gather buffers at the first forward and reuses them, so buffers made under inference mode
+    break every later training step ("inplace update to inference tensor"), e.g. after an RL stage's first rollout
+    (pytorch/pytorch#95957; Lightning's evaluation loops avoid it the same way)."""
+
+    @functools.wraps(fn)
+    def run(model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with torch.no_grad() if _holds_fsdp(model, kwargs.get("draft_model")) else torch.inference_mode():
+            return fn(model, *args, **kwargs)
+
+    return run
+
+
+@_without_autograd
 def generate(
     model: nn.Module,
     input_ids: torch.Tensor,
