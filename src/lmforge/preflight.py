@@ -116,6 +116,10 @@ def check_sharding(cfg: DictConfig) -> None:
         if family not in ("gpt", "llama", "mixtral"):
             raise ConfigError("strategy.tensor_parallel_size", f"tensor parallelism has plans for the decoder families (gpt, llama, "
                               f"mixtral), not for model.family={family}", "use strategy=fsdp (tensor_parallel_size=1) for this family")
+        method = str((cfg.get("peft") or {}).get("method", "none"))
+        if method != "none":
+            raise ConfigError("peft.method", f"{method} has no tensor-parallel plan (its extra weights are not split with the "
+                              "heads)", "use strategy=fsdp (tensor_parallel_size=1), which shards and gathers PEFT weights, or peft=none")
         n_kv = (cfg.get("model") or {}).get("n_kv_head") or (cfg.get("model") or {}).get("n_head")
         if isinstance(n_kv, int) and n_kv % tp:
             raise ConfigError("strategy.tensor_parallel_size", f"{tp} does not divide the {n_kv} key/value heads",

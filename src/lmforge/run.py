@@ -277,10 +277,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log_hyperparams(loggers, resolved, run_meta)  # config (nested for W&B, dotted keys elsewhere) + meta/*
         trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         save_final_last(trainer)
-        if stage.peft_cfg is not None and trainer.is_global_zero:  # the small file to share: trainable weights only
+        if stage.peft_cfg is not None:  # the small file to share: trainable weights only (gathered if sharded)
             from lmforge.peft import save_adapter
 
-            save_adapter(stage.model, output_dir / "checkpoints" / "adapter.safetensors", stage.peft_cfg)
+            save_adapter(stage.model, output_dir / "checkpoints" / "adapter.safetensors", stage.peft_cfg,
+                         write=trainer.is_global_zero)
         metrics = _floats(trainer.callback_metrics)
         if cfg.get("validate_full_at_end", True) and trainer.state.status.value == "finished":
             trainer.limit_val_batches = 1.0  # the reported figure covers the whole val split

@@ -239,11 +239,18 @@ def _atomic(path: Path, write: Any) -> None:
         raise
 
 
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value on CPU; a sharded (FSDP/TP DTensor) one is gathered, a collective every rank joins."""
+    full = getattr(t, "full_tensor", None)
+    return (full() if full is not None else t).contiguous().cpu()
+
+
 def save_adapter(
-    model: nn.Module, path: str | os.PathLike, peft_cfg: Mapping[str, Any] | None = None
+    model: nn.Module, path: str | os.PathLike, peft_cfg: Mapping[str, Any] | None = None, write: bool = True
 ) -> Path:
     """Write the PEFT parameters (safetensors) and their config (json, also in the safetensors metadata);
-    returns the weights' path. Each file appears whole or not at all (temp file, then os.replace)."""
+    returns the weights' path. Each file appears whole or not at all (temp file, then os.replace). A sharded
+    model's parameters are gathered first: every rank calls this, and only the one with `write` writes."""
     from safetensors.torch import save_file
 
     state = peft_state(model)
@@ -251,7 +258,9 @@ def save_adapter(
         raise ValueError("the model has no PEFT applied: save its full checkpoint instead")
     cfg = normalize_cfg(peft_cfg) if peft_cfg is not None else state.config
     weights, config = _files(path)
-    tensors = {n: t.contiguous().cpu() for n, t in trainable_state_dict(model).items()}
+    tensors = {n: _whole(t) for n, t in trainable_state_dict(model).items()}
+    if not write:
+        return weights
     meta = json.dumps({"format": FORMAT, "peft": cfg}, sort_keys=True)
     _atomic(weights, lambda tmp: save_file(tensors, str(tmp), metadata={"lmforge_peft": meta}))
     _atomic(
