@@ -129,6 +129,21 @@ def _worker(rank: int, port: int, results: dict) -> None:
                     results[(rank, family, "odd")] = "ran"
                 except ValueError as err:
                     results[(rank, family, "odd")] = str(err)
+        # a reward model (scalar head on the decoder's hidden states) under TP: the same per-token values and gradients
+        from lmforge.models.heads import ScalarHeadModel
+
+        for family, sp in (("gpt", False), ("llama", True)):
+            torch.manual_seed(0)
+            reference, sharded = ScalarHeadModel(build(tiny(family))), ScalarHeadModel(build(tiny(family)))
+            torch.nn.init.normal_(reference.head.weight, std=0.02)  # zero-initialised: make its output depend on the hidden states
+            sharded.load_state_dict(reference.state_dict())
+            apply_tensor_parallel(sharded, init_device_mesh("cpu", (2,), mesh_dim_names=("tensor_parallel",)), sequence_parallel=sp)
+            ref_values, values = reference(tokens), sharded(tokens)
+            ref_values.square().mean().backward()
+            values.square().mean().backward()
+            worst_grad = max(((q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad) - p.grad).abs().max().item()
+                             for p, q in zip(reference.parameters(), sharded.parameters()) if p.grad is not None)
+            results[(rank, "scalar_head", family)] = ((values - ref_values).abs().max().item(), worst_grad)
         # KV-cache decoding on a tensor-parallel GPT: a cache of this rank's heads, ALiBi slopes of this rank's heads
         from lmforge.generation import generate
 
@@ -289,6 +304,9 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
         for position in ("learned", "alibi"):
             assert results[(rank, "generate", position)] == (True, 2), position  # same tokens; 2 of the 4 heads cached
         assert results[(rank, "fsdp_generate")] is True
+        for family in ("gpt", "llama"):
+            values, grads = results[(rank, "scalar_head", family)]
+            assert values < 1e-5 and grads < 1e-5, (family, values, grads)
         assert results[(rank, "mixed")] == (torch.bfloat16, torch.float32, torch.float32)
         for reshard, offload, gathered in ((True, False, [False, True]), (False, False, [True, True]), (True, True, [False, True])):
             seen, worst = results[(rank, "reshard", reshard, offload)]

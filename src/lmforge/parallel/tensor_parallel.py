@@ -151,14 +151,15 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: boo
         else:
             attn.n_kv_head //= tp
         attn.n_head //= tp  # this rank's heads
-    tied = head_is_tied(model)
+    decoder = getattr(model, "backbone", model)  # a reward / value model's decoder holds the embedding and norms
+    tied = head_is_tied(decoder)
     # GPT adds its position table to the embedding's output: that sum is cut into sequence shards at the first block
-    positions_added = getattr(model, "wpe", None) is not None
-    shard_embedding(model, tp_mesh, sequence_parallel and not positions_added)
+    positions_added = getattr(decoder, "wpe", None) is not None
+    shard_embedding(decoder, tp_mesh, sequence_parallel and not positions_added)
     if sequence_parallel:
-        _shard_sequence_between(model, tp_mesh, shard_first_block_input=positions_added)
+        _shard_sequence_between(decoder, tp_mesh, shard_first_block_input=positions_added)
     if loss_parallel or tied:  # a tied head reads the sharded table: it is vocab-parallel whatever the flag says
-        shard_lm_head(model, tp_mesh, tied=tied)
+        shard_lm_head(decoder, tp_mesh, tied=tied)
     return len(blocks)
 
 
