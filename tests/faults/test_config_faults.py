@@ -69,6 +69,7 @@ CASES = {
     "misspelled lora key": (["peft=lora", "+peft.rr=4"], "peft.rr: unknown key (value 4) for peft.method=lora. Fix: did you mean `peft.r`?"),
     "tensor parallel on an encoder": (["strategy=fsdp_tp", "model=bert-tiny", "objective=mlm"],
                                       "strategy.tensor_parallel_size: tensor parallelism has plans for the decoder families"),
+    "tensor parallel with a whole-model compile": (["strategy=fsdp_tp", "stage.compile=true"], "stage.compile: a whole-model torch.compile"),
     "tensor parallel with LoRA": (["strategy=fsdp_tp", "peft=lora"], "peft.method: lora has no tensor-parallel plan"),
     "tensor parallel not dividing the kv heads": (["strategy=fsdp_tp", "strategy.tensor_parallel_size=3"], "strategy.tensor_parallel_size: 3 does not divide"),
     "fp16 loss scaling under fsdp": (["strategy=fsdp", "trainer.precision=16-mixed"], "trainer.precision: 16-mixed is not supported by strategy=fsdp"),

@@ -32,6 +32,8 @@ def test_compile_per_block_compiles_each_block_not_the_model():
     s = stage(compile="per_block")  # lazy: compiling happens at the first call, not here
     assert all(block._compiled_call_impl is not None for block in s.model.blocks)
     assert s.model._compiled_call_impl is None
+    s._trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda")))
+    assert s.should_compile() is False  # on CUDA too: not the model on top of its blocks
 
 
 def test_adamw_runs_unfused_when_fp16_clips_gradients():

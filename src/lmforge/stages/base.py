@@ -96,7 +96,11 @@ class LMStage(L.LightningModule):
             from lmforge.models.activation_checkpointing import apply_activation_checkpointing
 
             apply_activation_checkpointing(self.model, self.activation_checkpointing)
-        if self.compile_model == "per_block":  # torchtitan's way: one graph per block, compiled before FSDP wraps it
+        # a whole-model compile of a tensor-parallel model fails in torch 2.13 (dynamo: "Mixing fake modes"): `auto`
+        # compiles its blocks instead (stage.compile=true with TP is refused in preflight)
+        tensor_parallel = sharded and int(getattr(strategy, "_tensor_parallel_size", 1)) > 1
+        per_block = self.compile_model == "per_block" or (tensor_parallel and self.should_compile())
+        if per_block:  # torchtitan's way: one graph per block, compiled before FSDP wraps it
             from lmforge.models.activation_checkpointing import transformer_blocks
 
             for block in transformer_blocks(self.model):
@@ -105,7 +109,7 @@ class LMStage(L.LightningModule):
             from lmforge.parallel.plan import shard_stage
 
             log.info("parallel: %s", shard_stage(self, strategy, meta_rng))
-        if self.should_compile():
+        if self.should_compile() and not per_block:
             self.model.compile()  # in place: state_dict keys stay free of `_orig_mod.`
 
     def can_build_on_meta(self) -> bool:
@@ -133,8 +137,11 @@ class LMStage(L.LightningModule):
             logger.log_metrics(stats, step=0)
 
     def should_compile(self) -> bool:
-        """`compile: auto` compiles on CUDA only: on CPU it measured no faster for small GPTs, after ~30 s of compiling."""
-        if self.compile_model not in ("auto", "per_block"):
+        """Whether the whole model is compiled. `compile: auto` compiles on CUDA only: on CPU it measured no faster
+        for small GPTs, after ~30 s of compiling."""
+        if self.compile_model == "per_block":
+            return False  # its blocks are compiled (configure_model), not the model
+        if self.compile_model != "auto":
             return bool(self.compile_model)
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         return device.type == "cuda"
