@@ -26,8 +26,8 @@ from lmforge.errors import ConfigError
 from lmforge.init_from import grow_vocab, load_init_source
 from lmforge.kernels.cpu_kernels import set_cpu_kernels
 from lmforge.objectives import Objective
-from lmforge.precision import resolve_precision
 from lmforge.parallel.plan import is_sharded_strategy
+from lmforge.precision import resolve_precision
 from lmforge.preflight import build_objective, check_config
 from lmforge.utils.config_tree import print_config_tree
 from lmforge.utils.io import atomic_write_text
