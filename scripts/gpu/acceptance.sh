@@ -30,3 +30,10 @@ timeout 300 python3 scripts/benchmark.py head-loss --device cuda --out "$OUT/hea
 timeout 300 python3 scripts/benchmark.py head-loss --logprobs --device cuda --out "$OUT/head-loss-logprobs" 2>&1 | tail -12 \
     | tee "$OUT/head-loss-logprobs.txt"
 cp logs/benchmark/results.jsonl "$OUT/results.jsonl" 2>/dev/null || true
+# 5. FSDP2 on NCCL through train.py (1 GPU): the sanity-check validation and an RL stage's first rollout run before any
+#    training forward, and must leave FSDP's reused all-gather buffers usable for training (made under inference
+#    mode they were inference tensors and the first training step failed). Run dirs stay in /tmp: $OUT returns 8 files.
+for args in "stage=pretrain" "stage=grpo data=prompts_shakespeare"; do
+  timeout 240 python3 train.py debug=fast model=gpt-nano strategy=fsdp trainer=gpu trainer.devices=1 trainer.max_steps=5 \
+      callbacks.progress_bar=null $args hydra.run.dir="/tmp/fsdp_nccl_${args%% *}" 2>&1 | tail -2 | sed "s|^|[$args] |"
+done | tee "$OUT/fsdp_nccl.txt"
