@@ -87,14 +87,6 @@ def _check_inputs(
             raise ValueError("attention_mask must be left-padded: the last token of every row must be real (mask 1)")
 
 
-def _holds_fsdp(*models: nn.Module | None) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for model in models if model is not None for m in model.modules())
-
-
 def _without_autograd(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Run `fn(model, ...)` under inference mode, or under no_grad for an FSDP2-sharded model (or draft): FSDP
     allocates its all-gather buffers at the first forward and reuses them, so buffers made under inference mode
@@ -103,7 +95,10 @@ def _without_autograd(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Te
 
     @functools.wraps(fn)
     def run(model: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        with torch.no_grad() if _holds_fsdp(model, kwargs.get("draft_model")) else torch.inference_mode():
+        from lmforge.parallel.fsdp import fsdp_units
+
+        sharded = any(fsdp_units(m) for m in (model, kwargs.get("draft_model")) if m is not None)
+        with torch.no_grad() if sharded else torch.inference_mode():
             return fn(model, *args, **kwargs)
 
     return run

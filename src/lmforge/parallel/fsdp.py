@@ -90,15 +90,22 @@ def check_accumulation_sync(mode: str, replicate: int) -> None:
                           "set strategy.data_parallel_replicate_size (e.g. to trainer.num_nodes), or use every_microbatch or last_microbatch")
 
 
+def fsdp_units(module: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units (`fully_shard`-ed modules) under `module`, itself included; none where torch.distributed is absent."""
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
 @contextmanager
 def hold_gradient_sync(module: nn.Module, mode: str) -> Iterator[None]:
     """Around the forward + backward of a micro-batch that is not the last of an accumulated step: defer the
     gradient communication `mode` names (see ACCUMULATION_SYNC) on every FSDP unit under `module`. FSDP keeps
     what it did not reduce and sends it with the last micro-batch's gradients, so the step's gradients do not change."""
-    from torch.distributed.fsdp import FSDPModule
-
     setter = ACCUMULATION_SYNC[mode]
-    units = [m for m in module.modules() if isinstance(m, FSDPModule)] if setter else []
+    units = fsdp_units(module) if setter else []
     for unit in units:
         getattr(unit, setter)(False, recurse=False)
     try:
