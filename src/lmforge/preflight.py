@@ -119,10 +119,13 @@ def check_sharding(cfg: DictConfig) -> None:
         if (cfg.get("stage") or {}).get("compile") is True:
             raise ConfigError("stage.compile", "a whole-model torch.compile of a tensor-parallel model fails in torch 2.13 "
                               "(dynamo: \"Mixing fake modes\")", "use stage.compile=per_block (or auto, which does that under TP)")
-        method = str((cfg.get("peft") or {}).get("method", "none"))
-        if method != "none":
-            raise ConfigError("peft.method", f"{method} has no tensor-parallel plan (its extra weights are not split with the "
-                              "heads)", "use strategy=fsdp (tensor_parallel_size=1), which shards and gathers PEFT weights, or peft=none")
+        peft = cfg.get("peft") or {}
+        if peft.get("method") == "adapter":  # after a Linear an adapter would see a column shard of its output
+            targets = peft.get("targets") or []
+            outside = [t for t in ([targets] if isinstance(targets, str) else targets) if str(t).split(".")[-1] not in ("attention", "mlp", "attn")]
+            if outside:
+                raise ConfigError("peft.targets", f"{outside} under tensor parallelism: an adapter there would see a tensor-parallel "
+                                  "shard of its module's output", "put adapters after the blocks' sublayers: peft.targets=[attention, mlp]")
         n_kv = (cfg.get("model") or {}).get("n_kv_head") or (cfg.get("model") or {}).get("n_head")
         if isinstance(n_kv, int) and n_kv % tp:
             raise ConfigError("strategy.tensor_parallel_size", f"{tp} does not divide the {n_kv} key/value heads",

@@ -6,8 +6,8 @@ DDP, `fsdp_tp` with sequence parallelism (TP 2 x DP 1: both ranks see the whole 
 qkv and tied head) and HSDP (2 replica groups, 2 accumulated micro-batches with the cross-replica all-reduce deferred
 to the last) run the same comparison.
 The fsdp run's step-3 checkpoint also resumes on one process (DCP reshards it) onto the single-process loss curve.
-LoRA under FSDP writes the gathered adapter of the single-process LoRA run.
-Cost: seven `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, hsdp, GPT fsdp_tp, LoRA fsdp, then a resume
+LoRA under FSDP, and under fsdp_tp with sequence parallelism, writes the gathered adapter of the single-process LoRA run.
+Cost: eight `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, hsdp, GPT fsdp_tp, LoRA fsdp, LoRA fsdp_tp, then a resume
 of the fsdp run from its step-3 checkpoint), one 1-process resume and three in-process single-process runs (Llama,
 GPT, LoRA), all
 6 steps of a 2-layer, 64-wide model (the Llama's head untied, so TP shards it over the vocabulary) on bytes in fp32.
@@ -97,8 +97,17 @@ def runs(cli, cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     proc = cli("train.py", *base, "peft=lora", "peft.dropout=0", "strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
                f"data.batch_size={MICRO_BATCH}", "callbacks.periodic.save_top_k=0", f"hydra.run.dir={lora_fsdp}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    lora_tp = logs / "debug" / "runs" / "lora_tp_sp"  # LoRA's A / B split with the projections they adapt
+    proc = cli("train.py", *base, "peft=lora", "peft.dropout=0", "peft.target_modules=[all-linear]", "strategy=fsdp_tp",
+               "strategy.sequence_parallel=true", "trainer.devices=2", "trainer.accelerator=cpu", f"data.batch_size={2 * MICRO_BATCH}",
+               "callbacks.periodic.save_top_k=0", f"hydra.run.dir={lora_tp}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lora_all_single = logs / "debug" / "runs" / "lora_all_single"
+    train_in_process([*base, "peft=lora", "peft.dropout=0", "peft.target_modules=[all-linear]", f"data.batch_size={2 * MICRO_BATCH}"],
+                     lora_all_single)
     return {"single": single, "fsdp": fsdp, "ddp": ddp, "resumed": resumed, "tp_sp": tp, "hsdp": hsdp, "resumed_on_one": one_rank,
-            "gpt_single": gpt_single, "gpt_tp_sp": gpt_tp, "lora_single": lora_single, "lora_fsdp": lora_fsdp}
+            "gpt_single": gpt_single, "gpt_tp_sp": gpt_tp, "lora_single": lora_single, "lora_fsdp": lora_fsdp,
+            "lora_tp_sp": lora_tp, "lora_all_single": lora_all_single}
 
 
 def test_two_process_ddp_writes_one_run_dir_and_logs_from_rank_zero(runs: dict[str, Path]) -> None:
@@ -172,10 +181,13 @@ def test_consolidation_script_writes_the_single_process_weights(runs: dict[str, 
         torch.testing.assert_close(value, single[f"model.{key}"], atol=2e-5, rtol=0)
 
 
-def test_lora_under_fsdp_writes_the_whole_adapter_of_the_single_process_run(runs: dict[str, Path]) -> None:
+@pytest.mark.parametrize("single_run,sharded_run", [("lora_single", "lora_fsdp"), ("lora_all_single", "lora_tp_sp")])
+def test_sharded_lora_writes_the_whole_adapter_of_the_single_process_run(runs: dict[str, Path], single_run: str, sharded_run: str) -> None:
+    """FSDP over the data, and TP x sequence parallelism over every Linear (LoRA's A or B split with its projection)."""
     from safetensors.torch import load_file
 
-    single, sharded = (load_file(str(runs[r] / "checkpoints" / "adapter.safetensors")) for r in ("lora_single", "lora_fsdp"))
+    single, sharded = (load_file(str(runs[r] / "checkpoints" / "adapter.safetensors")) for r in (single_run, sharded_run))
+    assert losses(runs[sharded_run]) == pytest.approx(losses(runs[single_run]), abs=1e-5)
     assert sharded.keys() == single.keys() and any("lora_A" in k for k in single)
     for key, value in single.items():
         torch.testing.assert_close(sharded[key], value, atol=2e-5, rtol=0)  # gathered: full shapes, same values

@@ -311,3 +311,68 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
         for reshard, offload, gathered in ((True, False, [False, True]), (False, False, [True, True]), (True, True, [False, True])):
             seen, worst = results[(rank, "reshard", reshard, offload)]
             assert seen == gathered and worst < 1e-6, (reshard, offload, seen, worst)
+
+
+PEFT_CASES = {
+    "lora": {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["all-linear"], "bias": "lora_only"},
+    "adapter": {"method": "adapter", "bottleneck": 8, "targets": ["attention", "mlp"]},
+    "prefix": {"method": "prefix", "num_virtual_tokens": 3, "hidden": 16},
+}
+
+
+def _peft_worker(rank: int, port: int, results: dict) -> None:
+    """PEFT under TP (2 ranks x DP 1, FSDP on top): every family x method x sequence parallelism gives the logits and
+    the trainable parameters' gradients of the same PEFT model on one process."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from lmforge.parallel import apply_fsdp
+    from lmforge.peft import apply_peft, trainable_state_dict
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+        for family in ("gpt", "llama", "mixtral"):
+            for method, cfg in PEFT_CASES.items():
+                for sp in (False, True):
+                    torch.manual_seed(0)
+                    reference, sharded = build(tiny(family)), build(tiny(family))
+                    apply_peft(reference, cfg)
+                    with torch.no_grad():  # LoRA's B and an adapter's up start at zero: make every PEFT weight matter
+                        for name, p in reference.named_parameters():
+                            if "lora_B" in name or ".adapter.up." in name:
+                                p.normal_(0, 0.1)
+                    apply_peft(sharded, cfg)
+                    sharded.load_state_dict(reference.state_dict())
+                    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+                    apply_tensor_parallel(sharded, mesh["tensor_parallel"], sequence_parallel=sp)
+                    apply_fsdp(sharded, mesh["data_parallel"])
+                    ref_logits, logits = reference(tokens), sharded(tokens)
+                    ref_logits.square().mean().backward()
+                    logits.square().mean().backward()
+                    trained = [(n, p, q) for (n, p), q in zip(reference.named_parameters(), sharded.parameters()) if p.requires_grad]
+                    worst = max(((q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad) - p.grad).abs().max().item()
+                                for _, p, q in trained)
+                    saved = trainable_state_dict(sharded)
+                    whole = all(not isinstance(v, DTensor) or v.full_tensor().shape == dict(reference.named_parameters())[k].shape
+                                for k, v in saved.items())
+                    # the frozen base stays frozen (torch's SequenceParallel re-registers norm weights as trainable)
+                    same_trained = [n for n, q in sharded.named_parameters() if q.requires_grad] == [n for n, _, _ in trained]
+                    results[(rank, family, method, sp)] = ((logits - ref_logits).abs().max().item(), worst, len(trained), whole and same_trained)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_peft_under_tensor_parallel_matches_one_process_on_two_cpu_ranks() -> None:
+    results = mp.Manager().dict()
+    mp.spawn(_peft_worker, args=(free_port(), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        for family in ("gpt", "llama", "mixtral"):
+            for method in PEFT_CASES:
+                for sp in (False, True):
+                    logits, grads, trained, whole = results[(rank, family, method, sp)]
+                    assert logits < 1e-5 and grads < 1e-5 and trained > 0 and whole, (rank, family, method, sp, logits, grads, trained)

@@ -10,7 +10,8 @@ column-parallel over the vocabulary (loss parallelism, `strategy.loss_parallel`)
 the logits and the loss runs on those shards (`losses/linear_cross_entropy.py`). A tied head shares the sharded
 table. Norms and GPT's position table stay replicated (FSDP still shards every parameter over the data-parallel
 mesh). Mixtral's experts are split like the MLP, expert by expert; the router stays replicated. BERT and T5 are
-encoders: they are refused with a clear error rather than sharded wrongly.
+encoders: they are refused with a clear error rather than sharded wrongly. LoRA, bottleneck adapters and prefixes
+are split with what they adapt (`parallel/peft_parallel.py`).
 
 Sequence parallelism (opt-in, `strategy.sequence_parallel`) shards the residual stream and norms along the
 sequence as well; it needs every forward's length to be a multiple of the TP size (fixed-length training and
@@ -28,7 +29,14 @@ from lmforge.errors import ConfigError
 from lmforge.kernels.linear import is_plain_linear
 from lmforge.models.activation_checkpointing import transformer_blocks
 from lmforge.models.layers.attention import CausalSelfAttention
-from lmforge.parallel.head_parallel import shard_by_head
+from lmforge.parallel.peft_parallel import (
+    adapter_plan,
+    base_linear,
+    check_adapters,
+    shard_lora_by_head,
+    shard_peft,
+    with_lora,
+)
 
 
 @dataclass(frozen=True)
@@ -102,9 +110,9 @@ def _attention_plan(attn: nn.Module | None, family: str, tp: int) -> tuple[dict[
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     if isinstance(attn, CausalSelfAttention):
-        if not is_plain_linear(attn.qkv):
+        if not is_plain_linear(base_linear(attn.qkv)):  # plain, or a LoRA layer around a plain one
             raise ConfigError("strategy.tensor_parallel_size", f"the fused qkv projection is a {type(attn.qkv).__name__}, "
-                              "not an nn.Linear, and cannot be split by head", "use tensor_parallel_size=1 with adapters on qkv")
+                              "not an nn.Linear, and cannot be split by head", "use tensor_parallel_size=1 with this wrapper on qkv")
         heads, kv_heads, plan, names = attn.n_head, attn.n_head, {"attn.proj": RowwiseParallel()}, _GPT
     elif attn is not None and all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")):
         heads, kv_heads, names = attn.n_head, attn.n_kv_head, _LLAMA
@@ -138,19 +146,26 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: boo
     family = getattr(getattr(model, "config", None), "family", type(model).__name__)
     blocks = transformer_blocks(model)
     plans = [_attention_plan(getattr(block, "attn", None), family, tp) for block in blocks]  # every check before any sharding
+    check_adapters(model, blocks)
+    # torch's SequenceParallel re-registers a norm's weight as a new Parameter, which trains: PEFT's frozen ones
+    # would join the optimizer. What trains is put back as it was once everything is sharded.
+    trains = {name: p.requires_grad for name, p in model.named_parameters()}
     rank = tp_mesh.get_local_rank()
     for block, (plan, names) in zip(blocks, plans):
         plan.update(_mlp_plan(block.mlp, "mlp"))
         if sequence_parallel:
             plan.update(_sequence_parallel_plan(block, names))
+        plan = with_lora(block, plan)  # PEFT weights split with the Linears they adapt (parallel/peft_parallel.py)
+        plan.update(adapter_plan(block, sequence_parallel))
         parallelize_module(block, tp_mesh, plan)
         attn = block.attn
         if isinstance(attn, CausalSelfAttention):
-            shard_by_head(attn.qkv, tp_mesh)
+            shard_lora_by_head(attn.qkv, tp_mesh)
             attn.head_offset = rank * (attn.n_head // tp)  # ALiBi picks this rank's heads' slopes with it
         else:
             attn.n_kv_head //= tp
         attn.n_head //= tp  # this rank's heads
+    shard_peft(model, tp_mesh)
     decoder = getattr(model, "backbone", model)  # a reward / value model's decoder holds the embedding and norms
     tied = head_is_tied(decoder)
     # GPT adds its position table to the embedding's output: that sum is cut into sequence shards at the first block
@@ -160,6 +175,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: boo
         _shard_sequence_between(decoder, tp_mesh, shard_first_block_input=positions_added)
     if loss_parallel or tied:  # a tied head reads the sharded table: it is vocab-parallel whatever the flag says
         shard_lm_head(decoder, tp_mesh, tied=tied)
+    for name, p in model.named_parameters():
+        p.requires_grad_(trains[name])
     return len(blocks)
 
 

@@ -74,6 +74,7 @@ class PrefixEncoder(nn.Module):
         self.num_virtual_tokens = P = settings.num_virtual_tokens
         self.width = 2 * kv_heads * head_dim  # one layer's keys and values per virtual token
         self.enabled = True
+        self.tp_mesh: Any = None  # set under tensor parallelism: layer_kv gives this rank's heads (parallel/peft_parallel.py)
         if settings.reparameterize:
             self.embedding = nn.Parameter(torch.randn(P, n_embd))  # nn.Embedding's N(0, 1), as HF peft
             self.mlp_in = nn.Linear(n_embd, settings.hidden)
@@ -89,7 +90,12 @@ class PrefixEncoder(nn.Module):
             flat = F.linear(hidden, self.mlp_out.weight[rows], self.mlp_out.bias[rows])
         else:
             flat = self.prefix[layer]
-        k, v = flat.view(self.num_virtual_tokens, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        parts = flat.view(self.num_virtual_tokens, 2, self.kv_heads, self.head_dim)
+        if self.tp_mesh is not None:  # tensor parallel: the heads this rank's attention computes
+            from lmforge.parallel.peft_parallel import this_rank_heads
+
+            parts = this_rank_heads(parts, self.tp_mesh, dim=2)
+        k, v = parts.permute(1, 2, 0, 3)
         return k, v
 
 
