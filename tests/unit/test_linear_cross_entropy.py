@@ -249,3 +249,44 @@ def test_decoder_sequence_logprobs_equal_full_logits(family: str, average: bool)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     for name in ga:
         torch.testing.assert_close(ga[name], gb[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kernels", ["lmforge", "torch"])
+@pytest.mark.parametrize("precision", ["32", "bf16"])
+def test_whole_model_torch_compile_traces_the_fused_loss_on_cpu(precision: str, kernels: str, monkeypatch) -> None:
+    """`stage.compile=true` on CPU: dynamo traces the chunked loss's autograd Function, whose weight-gradient
+    buffer must not be lmforge's reused scratch buffer there: allocated inside the traced region (the process's
+    first step) it was a side effect dynamo refuses. Same loss and gradients as eager."""
+    import threading
+
+    from lmforge.kernels import workspace
+    from lmforge.kernels.cpu_kernels import cpu_kernels, set_cpu_kernels
+
+    monkeypatch.setattr(workspace, "_LOCAL", threading.local())  # no scratch buffers yet, as in a fresh process
+    before = cpu_kernels()
+    set_cpu_kernels(kernels)
+    try:
+        _compare_compiled(precision)
+    finally:
+        set_cpu_kernels(before)
+
+
+def _compare_compiled(precision: str) -> None:
+    torch.manual_seed(0)
+    # 512 rows over a 512-word vocabulary at width 16: several chunks, gathered into one d(weight) GEMM
+    cfg = {"family": "gpt", "vocab_size": 512, "n_layer": 1, "n_head": 2, "n_embd": 16, "max_seq_len": 128, "dropout": 0.0}
+    eager, compiled = build(cfg), build(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile(backend="aot_eager", fullgraph=False)
+    x = torch.randint(0, 512, (4, 129), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": x[:, :-1], "targets": x[:, 1:]}
+    losses = []
+    for model in (compiled, eager):  # compiled first: its trace is the first to ask for the scratch buffers
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = CausalLM()(model, batch).loss
+        loss.backward()
+        losses.append(loss.detach())
+    tol = 1e-5 if precision == "32" else 2e-2
+    torch.testing.assert_close(losses[0], losses[1], atol=tol, rtol=0)
+    for p, q in zip(eager.parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=tol, rtol=0)

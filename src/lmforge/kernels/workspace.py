@@ -22,8 +22,10 @@ _LOCAL = threading.local()
 
 def scratch(name: str, shape: torch.Size | tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """An uninitialised buffer of `shape`/`dtype`, the same one on each call with the same name in this thread
-    (CPU; elsewhere torch's caching allocator already reuses memory, so a fresh tensor)."""
-    if torch.device(device).type != "cpu":
+    (CPU; elsewhere torch's caching allocator already reuses memory, so a fresh tensor). Inside a torch.compile
+    trace a fresh tensor too: inductor plans its own buffers, and a buffer created there and kept in this
+    module's dict is a side effect dynamo refuses (a whole-model compile's first step on CPU)."""
+    if torch.device(device).type != "cpu" or torch.compiler.is_compiling():
         return torch.empty(shape, dtype=dtype, device=device)
     buffers = _LOCAL.__dict__.setdefault("buffers", {})
     buf = buffers.get(name)
