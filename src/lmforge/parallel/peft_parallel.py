@@ -18,7 +18,9 @@ would see a column shard of a Linear's output and are refused. Prefixes: each ra
 the prefix keys/values, and their gradients are all-reduced over TP (each rank's covers its heads only).
 
 Every weight keeps its name and full shape, so the adapter file, sharded checkpoints and merging see the
-single-device layout. LoRA dropout draws the same masks on every TP rank (the same seed, the same calls).
+single-device layout. LoRA dropout: every TP rank has the same seed and makes the same calls, so a whole input gets
+the same mask on every rank (A stays the same everywhere); the input shards of a row-parallel projection each get
+that one mask pattern, a different draw from a single device's (as under data parallelism, masks depend on the split).
 """
 
 from __future__ import annotations
@@ -117,8 +119,8 @@ def this_rank_heads(t: torch.Tensor, tp_mesh: Any, dim: int = 0) -> torch.Tensor
     return t.chunk(tp_mesh.size(), dim=dim)[tp_mesh.get_local_rank()]
 
 
-def shard_peft(model: nn.Module, tp_mesh: Any) -> None:
-    """What the block plans do not cover: a prefix encoder computes this rank's heads only."""
+def shard_prefix(model: nn.Module, tp_mesh: Any) -> None:
+    """A prefix encoder (not in any block plan) computes this rank's heads only."""
     from lmforge.peft.prefix import prefix_encoder
 
     encoder = prefix_encoder(model)

@@ -34,7 +34,7 @@ from lmforge.parallel.peft_parallel import (
     base_linear,
     check_adapters,
     shard_lora_by_head,
-    shard_peft,
+    shard_prefix,
     with_lora,
 )
 
@@ -165,7 +165,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: Any, sequence_parallel: boo
         else:
             attn.n_kv_head //= tp
         attn.n_head //= tp  # this rank's heads
-    shard_peft(model, tp_mesh)
+    shard_prefix(model, tp_mesh)
     decoder = getattr(model, "backbone", model)  # a reward / value model's decoder holds the embedding and norms
     tied = head_is_tied(decoder)
     # GPT adds its position table to the embedding's output: that sum is cut into sequence shards at the first block
