@@ -27,6 +27,14 @@ from torch import nn
 from lmforge.kernels.linear import Linear, linear
 
 
+def grad_all_reduced(t: torch.Tensor, tp_mesh: Any) -> torch.Tensor:
+    """`t` itself in forward; in backward the TP ranks' gradients of it are summed (all-reduce). For a tensor every
+    rank holds whole but computes only its part from: each rank's gradient covers that part only."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    return DTensor.from_local(t, tp_mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+
+
 def _this_rank_rows(param: Any, parts: int) -> torch.Tensor:
     """The rows of this rank's heads in each of the `parts` stacked parts of a TP-sharded (Shard(0)) `param`,
     as a plain tensor; autograd sums the per-rank partial gradients back into the shards (reduce-scatter)."""
@@ -44,11 +52,9 @@ class HeadParallelLinear(Linear):
     parts: int = 3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.tensor import DTensor, Partial, Replicate
-
         # x is the same on every rank, but each rank's gradient of it covers only its own heads: they are summed
         # (all-reduce) in backward, as a column-parallel input's are
-        x = DTensor.from_local(x, self.weight.device_mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
+        x = grad_all_reduced(x, self.weight.device_mesh)
         bias = None if self.bias is None else _this_rank_rows(self.bias, self.parts)
         return linear(x, _this_rank_rows(self.weight, self.parts), bias)
 

@@ -113,10 +113,9 @@ def shard_lora_by_head(module: nn.Module, tp_mesh: Any) -> None:
 def this_rank_heads(t: torch.Tensor, tp_mesh: Any, dim: int = 0) -> torch.Tensor:
     """This rank's slice of a tensor every TP rank computed whole (heads on `dim`); in backward the ranks'
     gradients, each covering its own slice, are all-reduced into the whole tensor's."""
-    from torch.distributed.tensor import DTensor, Partial, Replicate
+    from lmforge.parallel.head_parallel import grad_all_reduced
 
-    t = DTensor.from_local(t, tp_mesh, [Replicate()], run_check=False).to_local(grad_placements=[Partial()])
-    return t.chunk(tp_mesh.size(), dim=dim)[tp_mesh.get_local_rank()]
+    return grad_all_reduced(t, tp_mesh).chunk(tp_mesh.size(), dim=dim)[tp_mesh.get_local_rank()]
 
 
 def shard_prefix(model: nn.Module, tp_mesh: Any) -> None:
