@@ -109,6 +109,13 @@ def test_chunk_rows_keeps_chunk_logits_near_hidden_size() -> None:
     assert chunk_rows(2048, 100, 384) == 2048  # head narrower than the width: one chunk
     assert chunk_rows(4096, 32000, 256) == 256  # 64 by the size rule, floored for GEMM efficiency
     assert chunk_rows(1, 128_256, 2048) == 256
+    # GPUs: as many rows as 512 MB of float32 logits (a power of two), never more than the rows there are
+    assert chunk_rows(16384, 50304, 768, "cuda") == 2048
+    assert chunk_rows(8192, 128_256, 2048, "cuda") == 1024
+    assert chunk_rows(8192, 32000, 2048, "cuda") == 4096
+    assert chunk_rows(1000, 32000, 2048, "cuda") == 1024
+    assert chunk_rows(8, 32000, 2048, "cuda") == 256
+    assert chunk_rows(1 << 16, 4_000_000, 4096, "cuda") == 256  # a huge vocabulary: the GEMM-efficiency floor
 
 
 def tiny_decoder(family: str) -> nn.Module:

@@ -51,9 +51,18 @@ def fusable(head: nn.Module) -> bool:
 MIN_CHUNK_ROWS = 256  # below this the chunk GEMMs lose more than the smaller logits save (CPU, V=32000: 64 rows 3.2 s, 256 rows 1.9 s)
 
 
-def chunk_rows(n_rows: int, vocab: int, width: int) -> int:
-    """Rows per chunk: each chunk's logits about as large as the hidden states (Liger's rule), a power of two,
-    but at least MIN_CHUNK_ROWS so the GEMMs stay efficient."""
+# On a GPU: rows per chunk up to this much float32 logits. At 256 rows the d(hidden) GEMM's (rows x width) output is a
+# few dozen tiles for 100+ SMs (GPT-2: 256 x 768, 64 chunks a step); 512 MB gives 2048 rows at vocab 50304, 1024 at
+# 128256, and bounds the loss's memory whatever the token count. (Chosen by that arithmetic: not yet timed on a GPU.)
+GPU_CHUNK_LOGITS_BYTES = 512 << 20
+
+
+def chunk_rows(n_rows: int, vocab: int, width: int, device: str = "cpu") -> int:
+    """Rows per chunk, a power of two of at least MIN_CHUNK_ROWS. CPU: each chunk's logits about as large as the
+    hidden states (Liger's rule). GPU: as many rows as GPU_CHUNK_LOGITS_BYTES of float32 logits holds."""
+    if device != "cpu":
+        budget = max(MIN_CHUNK_ROWS, GPU_CHUNK_LOGITS_BYTES // (4 * max(vocab, 1)))
+        return min(1 << (budget.bit_length() - 1), max(MIN_CHUNK_ROWS, 1 << (n_rows - 1).bit_length()))
     pieces = max(1, math.ceil(vocab / max(width, 1)))
     rows = max(1, math.ceil(n_rows / pieces))
     return max(1 << (rows - 1).bit_length(), MIN_CHUNK_ROWS)  # next power of two
@@ -351,7 +360,7 @@ def linear_cross_entropy(
         return nll.view(targets.shape), entropy_from_logits(logits.detach()).view(targets.shape)
     weight, group, offset = shard or (head.weight, None, 0)
     flat = hidden.reshape(-1, hidden.size(-1))
-    rows = rows or chunk_rows(flat.size(0), weight.size(0), flat.size(1))
+    rows = rows or chunk_rows(flat.size(0), weight.size(0), flat.size(1), flat.device.type)
     if reduction == "none":
         nll, entropy = _LinearTokenNLL.apply(flat, weight, flat_targets, ignore_index, rows, with_entropy, group, offset)
         return (nll.view(targets.shape), entropy.view(targets.shape)) if with_entropy else nll.view(targets.shape)
