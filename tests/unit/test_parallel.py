@@ -315,6 +315,7 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
 
 PEFT_CASES = {
     "lora": {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["all-linear"], "bias": "lora_only"},
+    "lora_all_biases": {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["attention"], "bias": "all"},  # norms' too
     "adapter": {"method": "adapter", "bottleneck": 8, "targets": ["attention", "mlp"]},
     "prefix": {"method": "prefix", "num_virtual_tokens": 3, "hidden": 16},
     # LoRA on an untied head: the head stays replicated (not vocab-parallel); GPT's tied head refuses LoRA anyway
