@@ -8,6 +8,7 @@ gradient norm equals the plain one."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import pytest
@@ -86,203 +87,215 @@ def test_total_grad_norm_and_clipping_match_torch_on_plain_tensors() -> None:
     assert torch.allclose(total_grad_norm(clipped), torch.tensor(0.5), atol=1e-5)
 
 
-def _worker(rank: int, port: int, results: dict) -> None:
+def _gloo_rank(rank: int, port: int, results: dict, body: Callable[[int, dict], None]) -> None:
+    """One of two CPU ranks (gloo, one thread each) running `body(rank, results)`."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
-
-    from lmforge.parallel import apply_fsdp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
-        tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
-        # TP over 2 ranks, plain and with sequence parallelism: same logits and gradients as the whole model
-        for family, sp in (("llama", False), ("mixtral", False), ("llama", True), ("mixtral", True), ("gpt", False), ("gpt", True),
-                           ("gpt_alibi", False), ("gpt_alibi", True)):
-            torch.manual_seed(0)
-            config = {**tiny("gpt"), "position": "alibi", "bias": True} if family == "gpt_alibi" else tiny(family)
-            reference, sharded = build(config), build(config)
-            sharded.load_state_dict(reference.state_dict())
-            mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
-            apply_tensor_parallel(sharded, mesh["tensor_parallel"], sequence_parallel=sp)
-            apply_fsdp(sharded, mesh["data_parallel"])  # 2-D as strategy=fsdp_tp builds it
-            attn = sharded.blocks[0].attn
-            projection = attn.qkv if family.startswith("gpt") else attn.q_proj
-            assert isinstance(projection.weight, DTensor)
-            if family.startswith("gpt"):  # stored as contiguous row shards (the checkpoint layout), computed by head
-                results[(rank, family, sp, "qkv")] = (projection.weight.to_local().shape[0], attn.n_head)
-            ref_logits, logits = reference(tokens), sharded(tokens)
-            ref_logits.square().mean().backward()
-            logits.square().mean().backward()
-            worst_grad = 0.0
-            for p, q in zip(reference.parameters(), sharded.parameters()):
-                full = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
-                worst_grad = max(worst_grad, (full - p.grad).abs().max().item())
-            norm = total_grad_norm([q.grad for q in sharded.parameters()])
-            results[(rank, family, sp)] = ((logits - ref_logits).abs().max().item(), worst_grad,
-                                           abs(norm.item() - torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()))
-            if sp:  # an odd length is refused on every rank before any collective (uneven shards would hang them)
-                try:
-                    sharded(tokens[:, :7])
-                    results[(rank, family, "odd")] = "ran"
-                except ValueError as err:
-                    results[(rank, family, "odd")] = str(err)
-        # a reward model (scalar head on the decoder's hidden states) under TP: the same per-token values and gradients
-        from lmforge.models.heads import ScalarHeadModel
-
-        for family, sp in (("gpt", False), ("llama", True)):
-            torch.manual_seed(0)
-            reference, sharded = ScalarHeadModel(build(tiny(family))), ScalarHeadModel(build(tiny(family)))
-            torch.nn.init.normal_(reference.head.weight, std=0.02)  # zero-initialised: make its output depend on the hidden states
-            sharded.load_state_dict(reference.state_dict())
-            apply_tensor_parallel(sharded, init_device_mesh("cpu", (2,), mesh_dim_names=("tensor_parallel",)), sequence_parallel=sp)
-            ref_values, values = reference(tokens), sharded(tokens)
-            ref_values.square().mean().backward()
-            values.square().mean().backward()
-            worst_grad = max(((q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad) - p.grad).abs().max().item()
-                             for p, q in zip(reference.parameters(), sharded.parameters()) if p.grad is not None)
-            results[(rank, "scalar_head", family)] = ((values - ref_values).abs().max().item(), worst_grad)
-        # KV-cache decoding on a tensor-parallel GPT: a cache of this rank's heads, ALiBi slopes of this rank's heads
-        from lmforge.generation import generate
-
-        for position in ("learned", "alibi"):
-            torch.manual_seed(0)
-            config = {**tiny("gpt"), "position": position}
-            reference, sharded = build(config), build(config)
-            sharded.load_state_dict(reference.state_dict())
-            apply_tensor_parallel(sharded, init_device_mesh("cpu", (2,), mesh_dim_names=("tensor_parallel",)))
-            ids = generate(reference, tokens[:, :5], max_new_tokens=6)
-            results[(rank, "generate", position)] = (torch.equal(generate(sharded, tokens[:, :5], max_new_tokens=6), ids),
-                                                     sharded.make_cache(2, 8).n_kv_head)
-        # generation from an FSDP2 model before any training forward (an RL stage's first rollout), then training:
-        # generate runs it under no_grad, so FSDP's reused all-gather buffers are not inference tensors
-        torch.manual_seed(0)
-        reference, model = build(tiny("llama")), build(tiny("llama"))
-        model.load_state_dict(reference.state_dict())
-        apply_fsdp(model, init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))["data_parallel"])
-        same = torch.equal(generate(model, tokens[:, :5], max_new_tokens=4), generate(reference, tokens[:, :5], max_new_tokens=4))
-        model(tokens).square().mean().backward()  # raised "Inplace update to inference tensor outside InferenceMode"
-        results[(rank, "fsdp_generate")] = same
-        # loss parallelism: the head holds half the vocabulary rows per rank (97 -> 49 + 48) and the CLM loss runs
-        # chunked on those rows (all-reduced softmax statistics); same loss and gradients as the whole model, with
-        # several chunks, through the gathered logits (fused_loss=false) and through torch's loss_parallel on the
-        # head's sharded logits; a tied head shares the vocab-parallel embedding table, stays tied, and is vocab-parallel
-        # even with loss_parallel=false (clm_flag_off). Per-token NLL on the shards too: DPO's sequence log-probs
-        # (dpo) and RL's log-probs with entropies (rl, entropies compared as well), against the same on the whole model
-        import lmforge.losses.linear_cross_entropy as lce
-        from lmforge.losses.vocab_parallel_cross_entropy import vocab_parallel_cross_entropy
-        from lmforge.objectives.base import decoder_sequence_logprobs
-
-        targets = tokens.roll(-1, dims=1)
-        targets[0, :3] = -100  # ignored targets on both sides
-        batch = {"input_ids": tokens, "targets": targets}
-        sharded_calls: list[int] = []
-        real = lce._shard_logsumexp
-        lce._shard_logsumexp = lambda *a: sharded_calls.append(1) or real(*a)
-        seq_weights = torch.tensor([1.5, -0.5])
-        entropies: dict[str, torch.Tensor] = {}
-
-        def dpo(model: torch.nn.Module) -> torch.Tensor:
-            return (seq_weights * decoder_sequence_logprobs(model, tokens, targets)).sum() / 21  # per token, as the others
-
-        def rl(model: torch.nn.Module) -> torch.Tensor:
-            nll, entropy = model(tokens, targets=targets, reduction="none", with_entropy=True)
-            entropies[model.__class__.__name__ + str(id(model))] = entropy
-            return (seq_weights[:, None] * nll).sum() / 21
-
-        def fused_rows_5(model: torch.nn.Module) -> torch.Tensor:
-            return lce.linear_cross_entropy(model.hidden_states(tokens), model.lm_head, targets, rows=5) / 21
-
-        def torch_loss_parallel(model: torch.nn.Module) -> torch.Tensor:
-            logits = model.lm_head(model.hidden_states(tokens))
-            if hasattr(logits, "placements"):
-                return vocab_parallel_cross_entropy(logits.reshape(-1, 97), targets.reshape(-1)) / 21
-            return torch.nn.functional.cross_entropy(logits.reshape(-1, 97), targets.reshape(-1), reduction="sum") / 21
-
-        losses = {"clm": lambda m: CausalLM()(m, batch).loss, "rows5": fused_rows_5, "clm_flag_off": lambda m: CausalLM()(m, batch).loss,
-                  "full_logits": lambda m: CausalLM(fused_loss=False)(m, batch).loss, "loss_parallel": torch_loss_parallel,
-                  "dpo": dpo, "rl": rl}
-        for name, overrides, sp, how in (("untied", {}, False, "clm"), ("untied", {}, True, "clm"), ("untied", {}, False, "rows5"),
-                                         ("untied", {}, False, "full_logits"), ("untied", {}, False, "loss_parallel"),
-                                         ("tied", {"tie_embeddings": True}, False, "clm"), ("tied", {"tie_embeddings": True}, True, "clm"),
-                                         ("tied", {"tie_embeddings": True}, False, "clm_flag_off"), ("untied", {}, False, "dpo"),
-                                         ("untied", {}, True, "rl")):
-            torch.manual_seed(0)
-            reference, sharded = build({**tiny("llama"), **overrides}), build({**tiny("llama"), **overrides})
-            sharded.load_state_dict(reference.state_dict())
-            mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
-            apply_tensor_parallel(sharded, mesh["tensor_parallel"], sequence_parallel=sp, loss_parallel=how != "clm_flag_off")
-            if how in ("clm", "full_logits", "clm_flag_off", "dpo", "rl"):  # the others call hidden_states, past FSDP's root hook
-                apply_fsdp(sharded, mesh["data_parallel"])
-            # this rank's vocabulary rows of the head and of the embedding (FSDP over 1 rank keeps all)
-            rows = (sharded.lm_head.weight.to_local().shape[0], sharded.wte.weight.to_local().shape[0])
-            sharded_calls.clear()
-            entropies.clear()
-            ref_loss = (losses[how] if how in ("dpo", "rl") else losses["clm"])(reference)
-            loss = losses[how](sharded)
-            entropy_gap = (entropies.popitem()[1] - entropies.popitem()[1]).abs().max().item() if how == "rl" else 0.0
-            ref_loss.backward()
-            loss.backward()
-            worst_grad = 0.0
-            for p, q in zip(reference.parameters(), sharded.parameters()):
-                full = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
-                worst_grad = max(worst_grad, (full - p.grad).abs().max().item())
-            tied = sharded.lm_head.weight is sharded.wte.weight
-            results[(rank, "loss_parallel", name, sp, how)] = (max(abs(loss.item() - ref_loss.item()), entropy_gap), worst_grad, rows,
-                                                               tied, type(loss).__name__, len(sharded_calls))
-        lce._shard_logsumexp = real
-        # meta-device init under FSDP over 2 ranks: each rank allocates half, the full weights equal a plain build
-        torch.manual_seed(5)
-        plain = build(tiny("gpt"))
-        torch.manual_seed(5)
-        model, rng = build_on_meta(tiny("gpt"))
-        apply_fsdp(model, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)))
-        materialize_and_init(model, "cpu", rng)
-        local = model.blocks[0].attn.qkv.weight.to_local().shape[0]
-        worst = max((q.full_tensor() - p).abs().max().item() for p, q in zip(plain.parameters(), model.parameters()))
-        results[(rank, "meta_fsdp")] = (worst, local)
-        # meta-device init of a 2-D (TP 2 x DP 1) GPT: its qkv, split by head at compute time, is stored and
-        # initialised as plain row shards of the whole matrix
-        torch.manual_seed(5)
-        model, rng = build_on_meta(tiny("gpt"))
-        mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
-        apply_tensor_parallel(model, mesh["tensor_parallel"])
-        apply_fsdp(model, mesh["data_parallel"])
-        materialize_and_init(model, "cpu", rng)
-        full = {k: v.full_tensor() for k, v in model.state_dict().items()}
-        results[(rank, "meta_tp")] = max((full[k] - v).abs().max().item() for k, v in plain.state_dict().items())
-        # mixed precision policy: bf16 compute and all-gathers, fp32 sharded master weights and gradients
-        mixed = build(tiny("llama"))
-        apply_fsdp(mixed, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)), param_dtype=torch.bfloat16,
-                   reduce_dtype=torch.float32)
-        out = mixed(tokens)
-        out.float().square().mean().backward()
-        weight = mixed.blocks[0].attn.q_proj.weight
-        results[(rank, "mixed")] = (out.dtype, weight.dtype, weight.grad.dtype)
-        # reshard_after_forward=false keeps every block's gathered weights from forward to backward (ZeRO-2-like), true
-        # frees them (ZeRO-3) except the last block's (backward needs it at once); cpu_offload: the same gradients
-        for reshard, offload in ((True, False), (False, False), (True, True)):
-            torch.manual_seed(0)
-            reference, model = build(tiny("llama")), build(tiny("llama"))
-            model.load_state_dict(reference.state_dict())
-            apply_fsdp(model, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)), reshard_after_forward=reshard,
-                       cpu_offload=offload)
-            out = model(tokens)
-            gathered = [not isinstance(block.attn.q_proj.weight, DTensor) for block in model.blocks]  # a plain tensor: unsharded
-            out.square().mean().backward()
-            reference(tokens).square().mean().backward()  # both ranks see the same tokens: FSDP's mean is this gradient
-            worst = max((q.grad.full_tensor() - p.grad).abs().max().item() for p, q in zip(reference.parameters(), model.parameters()))
-            results[(rank, "reshard", reshard, offload)] = (gathered, worst)
+        body(rank, results)
     finally:
         dist.destroy_process_group()
 
 
+def _on_two_ranks(body: Callable[[int, dict], None]) -> dict:
+    """`body(rank, results)` on two spawned processes; what they put in `results`."""
+    results = mp.Manager().dict()
+    mp.spawn(_gloo_rank, args=(free_port(), results, body), nprocs=2, join=True)
+    return dict(results)
+
+
+def _worker(rank: int, results: dict) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from lmforge.parallel import apply_fsdp
+
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    # TP over 2 ranks, plain and with sequence parallelism: same logits and gradients as the whole model
+    for family, sp in (("llama", False), ("mixtral", False), ("llama", True), ("mixtral", True), ("gpt", False), ("gpt", True),
+                       ("gpt_alibi", False), ("gpt_alibi", True)):
+        torch.manual_seed(0)
+        config = {**tiny("gpt"), "position": "alibi", "bias": True} if family == "gpt_alibi" else tiny(family)
+        reference, sharded = build(config), build(config)
+        sharded.load_state_dict(reference.state_dict())
+        mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        apply_tensor_parallel(sharded, mesh["tensor_parallel"], sequence_parallel=sp)
+        apply_fsdp(sharded, mesh["data_parallel"])  # 2-D as strategy=fsdp_tp builds it
+        attn = sharded.blocks[0].attn
+        projection = attn.qkv if family.startswith("gpt") else attn.q_proj
+        assert isinstance(projection.weight, DTensor)
+        if family.startswith("gpt"):  # stored as contiguous row shards (the checkpoint layout), computed by head
+            results[(rank, family, sp, "qkv")] = (projection.weight.to_local().shape[0], attn.n_head)
+        ref_logits, logits = reference(tokens), sharded(tokens)
+        ref_logits.square().mean().backward()
+        logits.square().mean().backward()
+        worst_grad = 0.0
+        for p, q in zip(reference.parameters(), sharded.parameters()):
+            full = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
+            worst_grad = max(worst_grad, (full - p.grad).abs().max().item())
+        norm = total_grad_norm([q.grad for q in sharded.parameters()])
+        results[(rank, family, sp)] = ((logits - ref_logits).abs().max().item(), worst_grad,
+                                       abs(norm.item() - torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()))
+        if sp:  # an odd length is refused on every rank before any collective (uneven shards would hang them)
+            try:
+                sharded(tokens[:, :7])
+                results[(rank, family, "odd")] = "ran"
+            except ValueError as err:
+                results[(rank, family, "odd")] = str(err)
+    # a reward model (scalar head on the decoder's hidden states) under TP: the same per-token values and gradients
+    from lmforge.models.heads import ScalarHeadModel
+
+    for family, sp in (("gpt", False), ("llama", True)):
+        torch.manual_seed(0)
+        reference, sharded = ScalarHeadModel(build(tiny(family))), ScalarHeadModel(build(tiny(family)))
+        torch.nn.init.normal_(reference.head.weight, std=0.02)  # zero-initialised: make its output depend on the hidden states
+        sharded.load_state_dict(reference.state_dict())
+        apply_tensor_parallel(sharded, init_device_mesh("cpu", (2,), mesh_dim_names=("tensor_parallel",)), sequence_parallel=sp)
+        ref_values, values = reference(tokens), sharded(tokens)
+        ref_values.square().mean().backward()
+        values.square().mean().backward()
+        worst_grad = max(((q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad) - p.grad).abs().max().item()
+                         for p, q in zip(reference.parameters(), sharded.parameters()) if p.grad is not None)
+        results[(rank, "scalar_head", family)] = ((values - ref_values).abs().max().item(), worst_grad)
+    # KV-cache decoding on a tensor-parallel GPT: a cache of this rank's heads, ALiBi slopes of this rank's heads
+    from lmforge.generation import generate
+
+    for position in ("learned", "alibi"):
+        torch.manual_seed(0)
+        config = {**tiny("gpt"), "position": position}
+        reference, sharded = build(config), build(config)
+        sharded.load_state_dict(reference.state_dict())
+        apply_tensor_parallel(sharded, init_device_mesh("cpu", (2,), mesh_dim_names=("tensor_parallel",)))
+        ids = generate(reference, tokens[:, :5], max_new_tokens=6)
+        results[(rank, "generate", position)] = (torch.equal(generate(sharded, tokens[:, :5], max_new_tokens=6), ids),
+                                                 sharded.make_cache(2, 8).n_kv_head)
+    # generation from an FSDP2 model before any training forward (an RL stage's first rollout), then training:
+    # generate runs it under no_grad, so FSDP's reused all-gather buffers are not inference tensors
+    torch.manual_seed(0)
+    reference, model = build(tiny("llama")), build(tiny("llama"))
+    model.load_state_dict(reference.state_dict())
+    apply_fsdp(model, init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))["data_parallel"])
+    same = torch.equal(generate(model, tokens[:, :5], max_new_tokens=4), generate(reference, tokens[:, :5], max_new_tokens=4))
+    model(tokens).square().mean().backward()  # raised "Inplace update to inference tensor outside InferenceMode"
+    results[(rank, "fsdp_generate")] = same
+    # loss parallelism: the head holds half the vocabulary rows per rank (97 -> 49 + 48) and the CLM loss runs
+    # chunked on those rows (all-reduced softmax statistics); same loss and gradients as the whole model, with
+    # several chunks, through the gathered logits (fused_loss=false) and through torch's loss_parallel on the
+    # head's sharded logits; a tied head shares the vocab-parallel embedding table, stays tied, and is vocab-parallel
+    # even with loss_parallel=false (clm_flag_off). Per-token NLL on the shards too: DPO's sequence log-probs
+    # (dpo) and RL's log-probs with entropies (rl, entropies compared as well), against the same on the whole model
+    import lmforge.losses.linear_cross_entropy as lce
+    from lmforge.losses.vocab_parallel_cross_entropy import vocab_parallel_cross_entropy
+    from lmforge.objectives.base import decoder_sequence_logprobs
+
+    targets = tokens.roll(-1, dims=1)
+    targets[0, :3] = -100  # ignored targets on both sides
+    batch = {"input_ids": tokens, "targets": targets}
+    sharded_calls: list[int] = []
+    real = lce._shard_logsumexp
+    lce._shard_logsumexp = lambda *a: sharded_calls.append(1) or real(*a)
+    seq_weights = torch.tensor([1.5, -0.5])
+    entropies: dict[str, torch.Tensor] = {}
+
+    def dpo(model: torch.nn.Module) -> torch.Tensor:
+        return (seq_weights * decoder_sequence_logprobs(model, tokens, targets)).sum() / 21  # per token, as the others
+
+    def rl(model: torch.nn.Module) -> torch.Tensor:
+        nll, entropy = model(tokens, targets=targets, reduction="none", with_entropy=True)
+        entropies[model.__class__.__name__ + str(id(model))] = entropy
+        return (seq_weights[:, None] * nll).sum() / 21
+
+    def fused_rows_5(model: torch.nn.Module) -> torch.Tensor:
+        return lce.linear_cross_entropy(model.hidden_states(tokens), model.lm_head, targets, rows=5) / 21
+
+    def torch_loss_parallel(model: torch.nn.Module) -> torch.Tensor:
+        logits = model.lm_head(model.hidden_states(tokens))
+        if hasattr(logits, "placements"):
+            return vocab_parallel_cross_entropy(logits.reshape(-1, 97), targets.reshape(-1)) / 21
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 97), targets.reshape(-1), reduction="sum") / 21
+
+    losses = {"clm": lambda m: CausalLM()(m, batch).loss, "rows5": fused_rows_5, "clm_flag_off": lambda m: CausalLM()(m, batch).loss,
+              "full_logits": lambda m: CausalLM(fused_loss=False)(m, batch).loss, "loss_parallel": torch_loss_parallel,
+              "dpo": dpo, "rl": rl}
+    for name, overrides, sp, how in (("untied", {}, False, "clm"), ("untied", {}, True, "clm"), ("untied", {}, False, "rows5"),
+                                     ("untied", {}, False, "full_logits"), ("untied", {}, False, "loss_parallel"),
+                                     ("tied", {"tie_embeddings": True}, False, "clm"), ("tied", {"tie_embeddings": True}, True, "clm"),
+                                     ("tied", {"tie_embeddings": True}, False, "clm_flag_off"), ("untied", {}, False, "dpo"),
+                                     ("untied", {}, True, "rl")):
+        torch.manual_seed(0)
+        reference, sharded = build({**tiny("llama"), **overrides}), build({**tiny("llama"), **overrides})
+        sharded.load_state_dict(reference.state_dict())
+        mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        apply_tensor_parallel(sharded, mesh["tensor_parallel"], sequence_parallel=sp, loss_parallel=how != "clm_flag_off")
+        if how in ("clm", "full_logits", "clm_flag_off", "dpo", "rl"):  # the others call hidden_states, past FSDP's root hook
+            apply_fsdp(sharded, mesh["data_parallel"])
+        # this rank's vocabulary rows of the head and of the embedding (FSDP over 1 rank keeps all)
+        rows = (sharded.lm_head.weight.to_local().shape[0], sharded.wte.weight.to_local().shape[0])
+        sharded_calls.clear()
+        entropies.clear()
+        ref_loss = (losses[how] if how in ("dpo", "rl") else losses["clm"])(reference)
+        loss = losses[how](sharded)
+        entropy_gap = (entropies.popitem()[1] - entropies.popitem()[1]).abs().max().item() if how == "rl" else 0.0
+        ref_loss.backward()
+        loss.backward()
+        worst_grad = 0.0
+        for p, q in zip(reference.parameters(), sharded.parameters()):
+            full = q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad
+            worst_grad = max(worst_grad, (full - p.grad).abs().max().item())
+        tied = sharded.lm_head.weight is sharded.wte.weight
+        results[(rank, "loss_parallel", name, sp, how)] = (max(abs(loss.item() - ref_loss.item()), entropy_gap), worst_grad, rows,
+                                                           tied, type(loss).__name__, len(sharded_calls))
+    lce._shard_logsumexp = real
+    # meta-device init under FSDP over 2 ranks: each rank allocates half, the full weights equal a plain build
+    torch.manual_seed(5)
+    plain = build(tiny("gpt"))
+    torch.manual_seed(5)
+    model, rng = build_on_meta(tiny("gpt"))
+    apply_fsdp(model, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)))
+    materialize_and_init(model, "cpu", rng)
+    local = model.blocks[0].attn.qkv.weight.to_local().shape[0]
+    worst = max((q.full_tensor() - p).abs().max().item() for p, q in zip(plain.parameters(), model.parameters()))
+    results[(rank, "meta_fsdp")] = (worst, local)
+    # meta-device init of a 2-D (TP 2 x DP 1) GPT: its qkv, split by head at compute time, is stored and
+    # initialised as plain row shards of the whole matrix
+    torch.manual_seed(5)
+    model, rng = build_on_meta(tiny("gpt"))
+    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    apply_tensor_parallel(model, mesh["tensor_parallel"])
+    apply_fsdp(model, mesh["data_parallel"])
+    materialize_and_init(model, "cpu", rng)
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    results[(rank, "meta_tp")] = max((full[k] - v).abs().max().item() for k, v in plain.state_dict().items())
+    # mixed precision policy: bf16 compute and all-gathers, fp32 sharded master weights and gradients
+    mixed = build(tiny("llama"))
+    apply_fsdp(mixed, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)), param_dtype=torch.bfloat16,
+               reduce_dtype=torch.float32)
+    out = mixed(tokens)
+    out.float().square().mean().backward()
+    weight = mixed.blocks[0].attn.q_proj.weight
+    results[(rank, "mixed")] = (out.dtype, weight.dtype, weight.grad.dtype)
+    # reshard_after_forward=false keeps every block's gathered weights from forward to backward (ZeRO-2-like), true
+    # frees them (ZeRO-3) except the last block's (backward needs it at once); cpu_offload: the same gradients
+    for reshard, offload in ((True, False), (False, False), (True, True)):
+        torch.manual_seed(0)
+        reference, model = build(tiny("llama")), build(tiny("llama"))
+        model.load_state_dict(reference.state_dict())
+        apply_fsdp(model, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)), reshard_after_forward=reshard,
+                   cpu_offload=offload)
+        out = model(tokens)
+        gathered = [not isinstance(block.attn.q_proj.weight, DTensor) for block in model.blocks]  # a plain tensor: unsharded
+        out.square().mean().backward()
+        reference(tokens).square().mean().backward()  # both ranks see the same tokens: FSDP's mean is this gradient
+        worst = max((q.grad.full_tensor() - p.grad).abs().max().item() for p, q in zip(reference.parameters(), model.parameters()))
+        results[(rank, "reshard", reshard, offload)] = (gathered, worst)
+
+
 @pytest.mark.slow
 def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(free_port(), results), nprocs=2, join=True)
+    results = _on_two_ranks(_worker)
     for rank in (0, 1):
         for family in ("llama", "mixtral", "gpt", "gpt_alibi"):
             for sp in (False, True):
@@ -327,57 +340,49 @@ def _peft_cases(family: str) -> list[str]:
     return [m for m in PEFT_CASES if not (m == "lora_head" and family == "gpt")]
 
 
-def _peft_worker(rank: int, port: int, results: dict) -> None:
+def _peft_worker(rank: int, results: dict) -> None:
     """PEFT under TP (2 ranks x DP 1, FSDP on top): every family x method x sequence parallelism gives the logits and
     the trainable parameters' gradients of the same PEFT model on one process."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     from lmforge.parallel import apply_fsdp
     from lmforge.peft import apply_peft, trainable_state_dict
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
-        tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
-        for family in ("gpt", "llama", "mixtral"):
-            for method in _peft_cases(family):
-                cfg = PEFT_CASES[method]
-                for sp in (False, True):
-                    torch.manual_seed(0)
-                    reference, sharded = build(tiny(family)), build(tiny(family))
-                    apply_peft(reference, cfg)
-                    with torch.no_grad():  # LoRA's B and an adapter's up start at zero: make every PEFT weight matter
-                        for name, p in reference.named_parameters():
-                            if "lora_B" in name or ".adapter.up." in name:
-                                p.normal_(0, 0.1)
-                    apply_peft(sharded, cfg)
-                    sharded.load_state_dict(reference.state_dict())
-                    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
-                    apply_tensor_parallel(sharded, mesh["tensor_parallel"], sequence_parallel=sp)
-                    apply_fsdp(sharded, mesh["data_parallel"])
-                    ref_logits, logits = reference(tokens), sharded(tokens)
-                    ref_logits.square().mean().backward()
-                    logits.square().mean().backward()
-                    trained = [(n, p, q) for (n, p), q in zip(reference.named_parameters(), sharded.parameters()) if p.requires_grad]
-                    worst = max(((q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad) - p.grad).abs().max().item()
-                                for _, p, q in trained)
-                    saved = trainable_state_dict(sharded)
-                    whole = all(not isinstance(v, DTensor) or v.full_tensor().shape == dict(reference.named_parameters())[k].shape
-                                for k, v in saved.items())
-                    # the frozen base stays frozen (torch's SequenceParallel re-registers norm weights as trainable)
-                    same_trained = [n for n, q in sharded.named_parameters() if q.requires_grad] == [n for n, _, _ in trained]
-                    results[(rank, family, method, sp)] = ((logits - ref_logits).abs().max().item(), worst, len(trained), whole and same_trained)
-    finally:
-        dist.destroy_process_group()
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    for family in ("gpt", "llama", "mixtral"):
+        for method in _peft_cases(family):
+            cfg = PEFT_CASES[method]
+            for sp in (False, True):
+                torch.manual_seed(0)
+                reference, sharded = build(tiny(family)), build(tiny(family))
+                apply_peft(reference, cfg)
+                with torch.no_grad():  # LoRA's B and an adapter's up start at zero: make every PEFT weight matter
+                    for name, p in reference.named_parameters():
+                        if "lora_B" in name or ".adapter.up." in name:
+                            p.normal_(0, 0.1)
+                apply_peft(sharded, cfg)
+                sharded.load_state_dict(reference.state_dict())
+                mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+                apply_tensor_parallel(sharded, mesh["tensor_parallel"], sequence_parallel=sp)
+                apply_fsdp(sharded, mesh["data_parallel"])
+                ref_logits, logits = reference(tokens), sharded(tokens)
+                ref_logits.square().mean().backward()
+                logits.square().mean().backward()
+                trained = [(n, p, q) for (n, p), q in zip(reference.named_parameters(), sharded.parameters()) if p.requires_grad]
+                worst = max(((q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad) - p.grad).abs().max().item()
+                            for _, p, q in trained)
+                saved = trainable_state_dict(sharded)
+                whole = all(not isinstance(v, DTensor) or v.full_tensor().shape == dict(reference.named_parameters())[k].shape
+                            for k, v in saved.items())
+                # the frozen base stays frozen (torch's SequenceParallel re-registers norm weights as trainable)
+                same_trained = [n for n, q in sharded.named_parameters() if q.requires_grad] == [n for n, _, _ in trained]
+                results[(rank, family, method, sp)] = ((logits - ref_logits).abs().max().item(), worst, len(trained), whole and same_trained)
 
 
 @pytest.mark.slow
 def test_peft_under_tensor_parallel_matches_one_process_on_two_cpu_ranks() -> None:
-    results = mp.Manager().dict()
-    mp.spawn(_peft_worker, args=(free_port(), results), nprocs=2, join=True)
+    results = _on_two_ranks(_peft_worker)
     for rank in (0, 1):
         for family in ("gpt", "llama", "mixtral"):
             for method in _peft_cases(family):

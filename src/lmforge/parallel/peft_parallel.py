@@ -31,19 +31,14 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.peft.lora import lora_adapter_names
 
 SUBLAYERS = ("attn", "mlp")  # a block's sublayers whose outputs are whole-width (or sequence-sharded) rows
 
 
-def lora_adapters(module: nn.Module) -> list[str]:
-    """Adapter names of a peft LoRA layer (the keys of its `lora_A`), [] for anything else."""
-    lora_a = getattr(module, "lora_A", None)
-    return list(lora_a.keys()) if isinstance(lora_a, nn.ModuleDict) and hasattr(module, "base_layer") else []
-
-
 def base_linear(module: nn.Module) -> nn.Module:
     """The Linear a LoRA layer wraps, or the module itself."""
-    return module.base_layer if lora_adapters(module) else module
+    return module.base_layer if lora_adapter_names(module) else module
 
 
 def with_lora(block: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +49,7 @@ def with_lora(block: nn.Module, plan: dict[str, Any]) -> dict[str, Any]:
 
     expanded: dict[str, Any] = {}
     for path, style in plan.items():
-        adapters = lora_adapters(block.get_submodule(path)) if isinstance(style, ColwiseParallel | RowwiseParallel) else []
+        adapters = lora_adapter_names(block.get_submodule(path)) if isinstance(style, ColwiseParallel | RowwiseParallel) else []
         if not adapters:
             expanded[path] = style
             continue
@@ -91,7 +86,9 @@ def adapter_plan(block: nn.Module, sequence_parallel: bool) -> dict[str, Any]:
     from lmforge.peft.adapter import BottleneckAdapter
 
     plan: dict[str, Any] = {}
-    for sub in SUBLAYERS if sequence_parallel else ():
+    if not sequence_parallel:  # whole rows: plain replicated adapters compute the right gradients
+        return plan
+    for sub in SUBLAYERS:
         sublayer = getattr(block, sub, None)
         # a mixture of experts hands back whole rows: they are cut into this rank's by a hook that runs after the adapter's
         experts = isinstance(getattr(sublayer, "experts", None), nn.ModuleList)
@@ -106,7 +103,7 @@ def shard_lora_by_head(module: nn.Module, tp_mesh: Any) -> None:
     from lmforge.parallel.head_parallel import shard_by_head
 
     shard_by_head(base_linear(module), tp_mesh)
-    for name in lora_adapters(module):
+    for name in lora_adapter_names(module):
         shard_by_head(module.lora_B[name], tp_mesh)
 
 
@@ -123,8 +120,5 @@ def shard_prefix(model: nn.Module, tp_mesh: Any) -> None:
     from lmforge.peft.prefix import prefix_encoder
 
     encoder = prefix_encoder(model)
-    if encoder is not None:
-        if encoder.kv_heads % tp_mesh.size():
-            raise ConfigError("strategy.tensor_parallel_size", f"{tp_mesh.size()} does not divide the prefix's {encoder.kv_heads} "
-                              "key/value heads", "choose a tensor_parallel_size that divides model.n_kv_head")
+    if encoder is not None:  # its kv heads are the attention's, which the plans checked divide over the TP ranks
         encoder.tp_mesh = tp_mesh

@@ -164,6 +164,13 @@ def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
 
 
+def lora_adapter_names(module: nn.Module) -> list[str]:
+    """Adapter names of a peft LoRA layer (the keys of its `lora_A`), [] for any other module. By its structure, not
+    its class: callers that only look (tensor parallelism's plans) need not import peft."""
+    lora_a = getattr(module, "lora_A", None)
+    return list(lora_a.keys()) if isinstance(lora_a, nn.ModuleDict) and hasattr(module, "base_layer") else []
+
+
 def set_lora_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch every LoRA layer on or off (off: the layer is its base Linear). Callers restore requires_grad,
     which peft's toggle also sets."""
