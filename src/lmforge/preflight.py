@@ -116,9 +116,6 @@ def check_sharding(cfg: DictConfig) -> None:
         if family not in ("gpt", "llama", "mixtral"):
             raise ConfigError("strategy.tensor_parallel_size", f"tensor parallelism has plans for the decoder families (gpt, llama, "
                               f"mixtral), not for model.family={family}", "use strategy=fsdp (tensor_parallel_size=1) for this family")
-        if (cfg.get("stage") or {}).get("compile") is True:
-            raise ConfigError("stage.compile", "a whole-model torch.compile of a tensor-parallel model fails in torch 2.13 "
-                              "(dynamo: \"Mixing fake modes\")", "use stage.compile=per_block (or auto, which does that under TP)")
         peft = cfg.get("peft") or {}
         if peft.get("method") == "adapter":  # after a Linear an adapter would see a column shard of its output
             targets = peft.get("targets") or []

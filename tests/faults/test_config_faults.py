@@ -69,7 +69,6 @@ CASES = {
     "misspelled lora key": (["peft=lora", "+peft.rr=4"], "peft.rr: unknown key (value 4) for peft.method=lora. Fix: did you mean `peft.r`?"),
     "tensor parallel on an encoder": (["strategy=fsdp_tp", "model=bert-tiny", "objective=mlm"],
                                       "strategy.tensor_parallel_size: tensor parallelism has plans for the decoder families"),
-    "tensor parallel with a whole-model compile": (["strategy=fsdp_tp", "stage.compile=true"], "stage.compile: a whole-model torch.compile"),
     "tensor parallel with an adapter after a projection": (["strategy=fsdp_tp", "peft=adapter", "peft.targets=[q_proj]"],
                                                            "peft.targets: ['q_proj'] under tensor parallelism"),
     "tensor parallel not dividing the kv heads": (["strategy=fsdp_tp", "strategy.tensor_parallel_size=3"], "strategy.tensor_parallel_size: 3 does not divide"),

@@ -96,10 +96,10 @@ class LMStage(L.LightningModule):
             from lmforge.models.activation_checkpointing import apply_activation_checkpointing
 
             apply_activation_checkpointing(self.model, self.activation_checkpointing)
-        # a whole-model compile of a tensor-parallel model fails in torch 2.13 (dynamo: "Mixing fake modes"): `auto`
-        # compiles its blocks instead (stage.compile=true with TP is refused in preflight)
+        # under tensor parallelism `auto` compiles block by block (torchtitan's way: no graph break at each FSDP unit's
+        # collectives); stage.compile=true compiles the whole tensor-parallel model
         tensor_parallel = sharded and int(getattr(strategy, "_tensor_parallel_size", 1)) > 1
-        per_block = self.compile_model == "per_block" or (tensor_parallel and self.should_compile())
+        per_block = self.compile_model == "per_block" or (tensor_parallel and self.compile_model == "auto" and self.should_compile())
         if per_block:  # torchtitan's way: one graph per block, compiled before FSDP wraps it
             from lmforge.models.activation_checkpointing import transformer_blocks
 

@@ -1,0 +1,39 @@
+"""A row-parallel (vocab-parallel) token embedding written with plain tensor ops and one DTensor redistribution.
+
+Why not torch's `RowwiseParallel` on the `nn.Embedding`: its lookup returns a `MaskPartial` DTensor whose mask is
+kept on the placement object between the lookup and the reduction. A whole-model `torch.compile` traces that
+tensor under one fake mode and reads it back under another (torch 2.13: "Mixing fake modes NYI"), so a
+tensor-parallel model could only be compiled block by block. Here the mask is an ordinary tensor of the
+forward: rank r looks up the ids in its rows [start, start + rows), zeroes the others, and the partial sums are
+all-reduced (or reduce-scattered to this rank's sequence rows under sequence parallelism). Same weights, same
+placement (`Shard(0)`) and state-dict layout as before, so checkpoints and the tied LM head are unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Mixed into the model's own embedding class by `parallel.tensor_parallel.shard_embedding` (which sets
+    `tp_mesh`, `sequence_parallel` and shards `weight` on dim 0): module path and type name stay the same."""
+
+    tp_mesh: Any
+    sequence_parallel: bool
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+        local = self.weight.to_local()  # this rank's vocabulary rows (torch.chunk's split: ceil(V / tp) per rank)
+        vocab, ranks = self.weight.shape[0], self.tp_mesh.size()
+        start = min(self.tp_mesh.get_local_rank() * -(-vocab // ranks), vocab)
+        outside = (input_ids < start) | (input_ids >= start + local.shape[0])
+        pad = self.padding_idx  # global row -> this rank's row (None where another rank holds it)
+        pad = pad - start if pad is not None and start <= pad < start + local.shape[0] else None
+        rows = F.embedding((input_ids - start).masked_fill(outside, 0), local, pad)
+        partial = DTensor.from_local(rows.masked_fill(outside.unsqueeze(-1), 0.0), self.tp_mesh, [Partial()], run_check=False)
+        return partial.redistribute(placements=[Shard(1) if self.sequence_parallel else Replicate()]).to_local()
