@@ -42,10 +42,13 @@ class SampleGeneration(L.Callback):
         rows = []
         for prompt in self.prompts:
             ids = torch.tensor([tokenizer.encode(prompt) or [tokenizer.eos_id]], device=pl_module.device)
-            out = generate(
-                pl_module.model, ids, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                top_k=self.top_k, top_p=self.top_p, eos_token_id=tokenizer.eos_id, generator=gen,
-            )
+            # eager even when the stage compiled the model: a few short decodes, where every new KV-cache length
+            # would be a compile of seconds (and, with graph breaks at FSDP units, can exhaust dynamo's recompile limit)
+            with torch.compiler.set_stance("force_eager"):
+                out = generate(
+                    pl_module.model, ids, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                    top_k=self.top_k, top_p=self.top_p, eos_token_id=tokenizer.eos_id, generator=gen,
+                )
             rows.append([trainer.global_step, prompt, tokenizer.decode(out[0, ids.size(1):].tolist())])
         if not trainer.is_global_zero:
             return

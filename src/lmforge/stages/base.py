@@ -110,7 +110,11 @@ class LMStage(L.LightningModule):
 
             log.info("parallel: %s", shard_stage(self, strategy, meta_rng))
         if self.should_compile() and not per_block:
-            self.model.compile()  # in place: state_dict keys stay free of `_orig_mod.`
+            # in place: state_dict keys stay free of `_orig_mod.`. Under sequence parallelism, static shapes: DTensor's
+            # sharding propagation fails on a symbolic batch size where LoRA's B meets sequence-sharded activations
+            # (torch 2.13), so a new batch shape (validation, a last short batch) is a recompile instead
+            static = tensor_parallel and bool(getattr(strategy, "sequence_parallel", False))
+            self.model.compile(dynamic=False if static else None)
 
     def can_build_on_meta(self) -> bool:
         """Meta-device init re-creates a fresh family model exactly; loaded weights, PEFT, wrapped models
