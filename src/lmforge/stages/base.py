@@ -57,6 +57,7 @@ class LMStage(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.compile_model = compile
+        self.static_shapes = False  # compiled for fixed shapes (set in configure_model): generate eagerly (no recompile per length)
         self.metadata = metadata if metadata is not None else {}
         self.model: nn.Module | None = None
         self.initial_weights: dict[str, torch.Tensor] | None = None  # init_from: loaded once the model exists
@@ -110,11 +111,12 @@ class LMStage(L.LightningModule):
 
             log.info("parallel: %s", shard_stage(self, strategy, meta_rng))
         if self.should_compile() and not per_block:
-            # in place: state_dict keys stay free of `_orig_mod.`. Under sequence parallelism, static shapes: DTensor's
-            # sharding propagation fails on a symbolic batch size where LoRA's B meets sequence-sharded activations
-            # (torch 2.13), so a new batch shape (validation, a last short batch) is a recompile instead
-            static = tensor_parallel and bool(getattr(strategy, "sequence_parallel", False))
-            self.model.compile(dynamic=False if static else None)
+            # in place: state_dict keys stay free of `_orig_mod.`. Under tensor parallelism, static shapes: DTensor's
+            # sharding propagation fails on symbolic sizes (torch 2.13: a symbolic batch where LoRA's B meets
+            # sequence-sharded activations; GRPO's training forward after rollouts made the shapes dynamic), so a new
+            # batch shape (validation, a last short batch) is a recompile instead, and generation runs eagerly
+            self.static_shapes = tensor_parallel
+            self.model.compile(dynamic=False if self.static_shapes else None)
 
     def can_build_on_meta(self) -> bool:
         """Meta-device init re-creates a fresh family model exactly; loaded weights, PEFT, wrapped models

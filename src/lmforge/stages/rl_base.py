@@ -124,6 +124,11 @@ class RLStage(LMStage):
         return ids + ([im_end] if im_end is not None else [])
 
     def rollout(self, batch: dict[str, Any], greedy: bool = False) -> Rollout:
+        # a model compiled for fixed shapes (tensor parallelism) would recompile at every new sequence length
+        with torch.compiler.set_stance("force_eager") if self.static_shapes else nullcontext():
+            return self._sample(batch, greedy)
+
+    def _sample(self, batch: dict[str, Any], greedy: bool) -> Rollout:
         return sample_rollout(
             self.model, batch, tokenizer=self.tokenizer, num_generations=1 if greedy else self.num_generations,
             max_new_tokens=self.val_max_new_tokens if greedy else self.max_new_tokens, stop_ids=self.stop_ids(),
