@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -198,13 +199,14 @@ def test_sharded_lora_writes_the_whole_adapter_of_the_single_process_run(runs: d
 
 
 def test_grpo_under_tensor_parallel_with_a_compiled_model_follows_the_single_process_run(cli, cache_dir: Path, tmp_path: Path) -> None:
-    """GRPO (rollouts, then a training forward with grad) on a whole-model-compiled 2-D Llama: compiled for static
-    shapes (torch's DTensor failed on the symbolic sizes rollouts had made), rollouts decoded eagerly (no recompile
-    per length): the eager single-process run's rewards and losses."""
+    """GRPO with a KL penalty (rollouts, then a training forward with grad) on a whole-model-compiled 2-D Llama:
+    compiled for static shapes (torch's DTensor failed on the symbolic sizes rollouts had made), rollouts decoded
+    eagerly (no recompile per length), the reference tensor-parallel like the policy: the eager single-process run's
+    first step (reward, KL, loss), and a second one."""
     grpo = ["debug=fast", "tokenizer=byte", "callbacks.progress_bar=null", "callbacks.samples=null", "logger=csv", "model=llama-tiny",
             "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "trainer.max_steps=2", "trainer.log_every_n_steps=1", "stage=grpo",
             "data=prompts_shakespeare", "data.max_examples=16", "data.batch_size=2", "data.val_batch_size=8", "stage.num_generations=4",
-            "stage.max_new_tokens=8", "stage.reward=length", "trainer.limit_val_batches=1", "seed=3", "trainer.precision=32-true",
+            "stage.max_new_tokens=8", "stage.reward=length", "stage.beta=0.04", "trainer.limit_val_batches=1", "seed=3", "trainer.precision=32-true",
             f"paths.cache_dir={cache_dir}",
             f"paths.log_dir={tmp_path}"]
     train_in_process(grpo, tmp_path / "single")
@@ -212,10 +214,15 @@ def test_grpo_under_tensor_parallel_with_a_compiled_model_follows_the_single_pro
                f"hydra.run.dir={tmp_path / 'tp'}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "recompile_limit" not in proc.stderr
+    # the frozen reference is tensor-parallel too (a whole model per TP rank otherwise): its k3 KL to the policy is 0 at first
+    assert "'tensor_parallel_modules': ['model', 'reference']" in (tmp_path / "tp" / "train.log").read_text()
 
-    def rl_rows(run: Path) -> list[float]:  # per step: loss, mean reward
+    def rl_rows(run: Path) -> list[float]:  # per step: loss, mean reward, KL to the reference
         with (run / "csv" / "metrics.csv").open() as fh:
-            return [float(r[k]) for r in csv.DictReader(fh) if r.get("train/loss") for k in ("train/loss", "rl/reward_mean")]
+            return [float(r[k]) for r in csv.DictReader(fh) if r.get("train/loss") for k in ("train/loss", "rl/reward_mean", "rl/kl")]
 
+    # step 0 exactly; from step 1 on, sampling from policies 1e-5 apart in log-prob can flip a near-tie draw
+    # (seen: one of 8 rows), so only that step 1 ran (after a compiled update and a second eager rollout)
     single, tp = rl_rows(tmp_path / "single"), rl_rows(tmp_path / "tp")
-    assert len(single) == 4 and tp == pytest.approx(single, abs=1e-5)
+    assert len(single) == len(tp) == 6 and tp[:3] == pytest.approx(single[:3], abs=1e-6)
+    assert all(math.isfinite(v) for v in tp) and tp[5] > 0  # the policy moved away from its reference

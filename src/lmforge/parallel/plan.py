@@ -29,17 +29,23 @@ def model_is_sharded(trainer: Any) -> bool:
     return is_sharded_strategy(getattr(trainer, "strategy", None))
 
 
-def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None) -> dict[str, int]:
+def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None) -> dict[str, Any]:
     """TP + FSDP2 on `stage`'s modules; returns counts for the log line."""
     mesh = stage.device_mesh
     dp_mesh, tp_mesh = mesh["data_parallel"], mesh["tensor_parallel"]
     fsdp_mesh = getattr(strategy, "fsdp_mesh", None)  # 2-D (replicate, shard) under HSDP
     fsdp_mesh = dp_mesh if fsdp_mesh is None else fsdp_mesh
-    report = {"tensor_parallel": tp_mesh.size(), "data_parallel": dp_mesh.size(),
+    report: dict[str, Any] = {"tensor_parallel": tp_mesh.size(), "data_parallel": dp_mesh.size(),
               "replica_groups": fsdp_mesh.size(0) if fsdp_mesh.ndim == 2 else 1, "fsdp_units": 0}
     if tp_mesh.size() > 1:
-        apply_tensor_parallel(stage.model, tp_mesh, sequence_parallel=bool(getattr(strategy, "sequence_parallel", False)),
-                              loss_parallel=bool(getattr(strategy, "loss_parallel", True)))
+        # every transformer the stage holds, not only the trained one: a DPO/RL reference, PPO's critic and a reward
+        # model replicated over the TP ranks would each cost a whole model per rank
+        report["tensor_parallel_modules"] = []
+        for name, child in stage.named_children():
+            if isinstance(child, nn.Module) and transformer_blocks(child):
+                apply_tensor_parallel(child, tp_mesh, sequence_parallel=bool(getattr(strategy, "sequence_parallel", False)),
+                                      loss_parallel=bool(getattr(strategy, "loss_parallel", True)))
+                report["tensor_parallel_modules"].append(name)
         group = dp_mesh.get_group()  # TP ranks see the same batch: validation sums count each once
         for metric in stage.modules():
             if hasattr(metric, "process_group") and type(metric).__module__.startswith("torchmetrics"):
