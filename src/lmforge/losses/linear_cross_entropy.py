@@ -320,9 +320,10 @@ def vocab_shard(head: nn.Module) -> tuple[torch.Tensor, Any, int] | None:
     weight = head.weight
     if not isinstance(weight, DTensor) or weight.device_mesh.ndim != 1 or weight.placements != (Shard(0),):
         return None
+    from lmforge.parallel.vocab_parallel_embedding import row_block
+
     mesh, vocab = weight.device_mesh, weight.shape[0]
-    per_rank = -(-vocab // mesh.size())  # torch.chunk's split, which Shard(0) uses: ceil(V / n) rows, the last ones fewer
-    offset = mesh.get_local_rank() * per_rank
+    offset, per_rank = row_block(weight)
     local = weight.to_local()
     if local.shape[0] != max(0, min(per_rank, vocab - offset)) or local.shape[0] == 0:
         return None  # a layout this arithmetic does not describe: let the module (and loss_parallel) handle it

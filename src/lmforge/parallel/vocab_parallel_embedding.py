@@ -18,6 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def row_block(weight: Any) -> tuple[int, int]:
+    """(first row, rows per rank) of this rank's block of a DTensor sharded by rows over a 1-D mesh: torch.chunk's
+    split, which `Shard(0)` uses (ceil(V / n) rows per rank, the last ones fewer, possibly none)."""
+    mesh, rows = weight.device_mesh, weight.shape[0]
+    per_rank = -(-rows // mesh.size())
+    return min(mesh.get_local_rank() * per_rank, rows), per_rank
+
+
 class VocabParallelEmbedding(nn.Embedding):
     """Mixed into the model's own embedding class by `parallel.tensor_parallel.shard_embedding` (which sets
     `tp_mesh`, `sequence_parallel` and shards `weight` on dim 0): module path and type name stay the same."""
@@ -28,9 +36,8 @@ class VocabParallelEmbedding(nn.Embedding):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
-        local = self.weight.to_local()  # this rank's vocabulary rows (torch.chunk's split: ceil(V / tp) per rank)
-        vocab, ranks = self.weight.shape[0], self.tp_mesh.size()
-        start = min(self.tp_mesh.get_local_rank() * -(-vocab // ranks), vocab)
+        local = self.weight.to_local()  # this rank's vocabulary rows
+        start, _ = row_block(self.weight)
         outside = (input_ids < start) | (input_ids >= start + local.shape[0])
         pad = self.padding_idx  # global row -> this rank's row (None where another rank holds it)
         pad = pad - start if pad is not None and start <= pad < start + local.shape[0] else None

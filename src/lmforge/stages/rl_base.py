@@ -126,15 +126,12 @@ class RLStage(LMStage):
     def rollout(self, batch: dict[str, Any], greedy: bool = False) -> Rollout:
         # a model compiled for fixed shapes (tensor parallelism) would recompile at every new sequence length
         with torch.compiler.set_stance("force_eager") if self.static_shapes else nullcontext():
-            return self._sample(batch, greedy)
-
-    def _sample(self, batch: dict[str, Any], greedy: bool) -> Rollout:
-        return sample_rollout(
-            self.model, batch, tokenizer=self.tokenizer, num_generations=1 if greedy else self.num_generations,
-            max_new_tokens=self.val_max_new_tokens if greedy else self.max_new_tokens, stop_ids=self.stop_ids(),
-            pad_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0,
-            temperature=0.0 if greedy else self.temperature, top_k=None if greedy else self.top_k, top_p=None if greedy else self.top_p,
-        )
+            return sample_rollout(
+                self.model, batch, tokenizer=self.tokenizer, num_generations=1 if greedy else self.num_generations,
+                max_new_tokens=self.val_max_new_tokens if greedy else self.max_new_tokens, stop_ids=self.stop_ids(),
+                pad_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0,
+                temperature=0.0 if greedy else self.temperature, top_k=None if greedy else self.top_k, top_p=None if greedy else self.top_p,
+            )
 
     @torch.no_grad()
     def scores(self, rollout: Rollout) -> torch.Tensor:
