@@ -164,6 +164,30 @@ def _worker(rank: int, results: dict) -> None:
         worst_grad = max(((q.grad.full_tensor() if isinstance(q.grad, DTensor) else q.grad) - p.grad).abs().max().item()
                          for p, q in zip(reference.parameters(), sharded.parameters()))
         results[(rank, "compiled", family, sp)] = (abs(loss.item() - ref_loss.item()), worst_grad)
+    # the vocab-parallel embedding alone: uneven rows (97 -> 49 + 48), a padding row in rank 1's block: the plain
+    # embedding's rows (this rank's sequence half under sequence parallelism) and, replicated, its gradient (none
+    # reaching the padding row)
+    from lmforge.parallel.tensor_parallel import shard_embedding
+
+    for sp in (False, True):
+        torch.manual_seed(0)
+        plain = torch.nn.Embedding(97, 8, padding_idx=60)
+        holder = torch.nn.Module()
+        holder.wte = torch.nn.Embedding(97, 8, padding_idx=60)
+        holder.wte.load_state_dict(plain.state_dict())
+        shard_embedding(holder, init_device_mesh("cpu", (2,), mesh_dim_names=("tensor_parallel",)), sequence_parallel=sp)
+        ids = tokens.clone()
+        ids[:, 0] = 60
+        out, ref = holder.wte(ids), plain(ids)
+        ref = ref[:, rank * 6 : (rank + 1) * 6] if sp else ref
+        grad_gap = 0.0
+        if not sp:
+            weights = torch.linspace(-1, 1, out.numel()).view(out.shape)
+            (out * weights).sum().backward()
+            (ref * weights).sum().backward()
+            grad = holder.wte.weight.grad.full_tensor()
+            grad_gap = max((grad - plain.weight.grad).abs().max().item(), grad[60].abs().max().item())
+        results[(rank, "embedding", sp)] = ((out - ref).abs().max().item(), grad_gap, holder.wte.weight.to_local().shape[0])
     # a reward model (scalar head on the decoder's hidden states) under TP: the same per-token values and gradients
     from lmforge.models.heads import ScalarHeadModel
 
@@ -323,6 +347,8 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
                 if family.startswith("gpt"):
                     assert results[(rank, family, sp, "qkv")] == (48, 2)  # 96 fused rows, 48 per rank; 2 of 4 heads
             assert "multiple of tensor_parallel_size=2, got 7" in results[(rank, family, "odd")]
+        for sp in (False, True):
+            assert results[(rank, "embedding", sp)] == (0.0, 0.0, (49, 48)[rank]), (rank, sp, results[(rank, "embedding", sp)])
         for family, sp in (("gpt", False), ("gpt", True), ("llama", True)):
             loss, grads = results[(rank, "compiled", family, sp)]
             assert loss < 1e-5 and grads < 1e-5, (rank, family, sp, loss, grads)
