@@ -12,7 +12,8 @@ Cost: eight `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, hsdp,
 of the fsdp run from its step-3 checkpoint), one 1-process resume and three in-process single-process runs (Llama,
 GPT, LoRA), all
 6 steps of a 2-layer, 64-wide model (the Llama's head untied, so TP shards it over the vocabulary) on bytes in fp32.
-Apart from the fixture: 2 GRPO steps on a compiled 2-D Llama against the same steps on one process (~35 s).
+Apart from the fixture: 2 GRPO steps on a 2-D Llama compiled whole, then per block, against the same steps on one
+process (~20 s each).
 """
 
 from __future__ import annotations
@@ -198,9 +199,11 @@ def test_sharded_lora_writes_the_whole_adapter_of_the_single_process_run(runs: d
         torch.testing.assert_close(sharded[key], value, atol=2e-5, rtol=0)  # gathered: full shapes, same values
 
 
-def test_grpo_under_tensor_parallel_with_a_compiled_model_follows_the_single_process_run(cli, cache_dir: Path, tmp_path: Path) -> None:
-    """GRPO with a KL penalty (rollouts, then a training forward with grad) on a whole-model-compiled 2-D Llama:
-    compiled for static shapes (torch's DTensor failed on the symbolic sizes rollouts had made), rollouts decoded
+@pytest.mark.parametrize("compile_mode", ["true", "per_block"])  # per_block: what stage.compile=auto picks under TP on CUDA
+def test_grpo_under_tensor_parallel_with_a_compiled_model_follows_the_single_process_run(cli, cache_dir: Path, tmp_path: Path,
+                                                                                         compile_mode: str) -> None:
+    """GRPO with a KL penalty (rollouts, then a training forward with grad) on a 2-D Llama compiled whole or block by
+    block: compiled for static shapes (torch's DTensor failed on the symbolic sizes rollouts had made), rollouts decoded
     eagerly (no recompile per length), the reference tensor-parallel like the policy: the eager single-process run's
     first step (reward, KL, loss), and a second one."""
     grpo = ["debug=fast", "tokenizer=byte", "callbacks.progress_bar=null", "callbacks.samples=null", "logger=csv", "model=llama-tiny",
@@ -210,7 +213,7 @@ def test_grpo_under_tensor_parallel_with_a_compiled_model_follows_the_single_pro
             f"paths.cache_dir={cache_dir}",
             f"paths.log_dir={tmp_path}"]
     train_in_process(grpo, tmp_path / "single")
-    proc = cli("train.py", *grpo, "strategy=fsdp_tp", "trainer.devices=2", "trainer.accelerator=cpu", "stage.compile=true",
+    proc = cli("train.py", *grpo, "strategy=fsdp_tp", "trainer.devices=2", "trainer.accelerator=cpu", f"stage.compile={compile_mode}",
                f"hydra.run.dir={tmp_path / 'tp'}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "recompile_limit" not in proc.stderr

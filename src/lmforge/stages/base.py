@@ -57,7 +57,7 @@ class LMStage(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.compile_model = compile
-        self.static_shapes = False  # compiled for fixed shapes (set in configure_model): generate eagerly (no recompile per length)
+        self.static_shapes = False  # compiled (whole or per block) for fixed shapes (configure_model): generate eagerly
         self.metadata = metadata if metadata is not None else {}
         self.model: nn.Module | None = None
         self.initial_weights: dict[str, torch.Tensor] | None = None  # init_from: loaded once the model exists
@@ -98,25 +98,25 @@ class LMStage(L.LightningModule):
 
             apply_activation_checkpointing(self.model, self.activation_checkpointing)
         # under tensor parallelism `auto` compiles block by block (torchtitan's way: no graph break at each FSDP unit's
-        # collectives); stage.compile=true compiles the whole tensor-parallel model
+        # collectives); stage.compile=true compiles the whole tensor-parallel model. Either way for static shapes there:
+        # DTensor's sharding propagation fails on symbolic sizes (torch 2.13: a symbolic batch where LoRA's B meets
+        # sequence-sharded activations; GRPO's training forward after rollouts had made the shapes dynamic), so a new
+        # batch shape (validation, a last short batch) is a recompile instead, and generation runs eagerly
         tensor_parallel = sharded and int(getattr(strategy, "_tensor_parallel_size", 1)) > 1
         per_block = self.compile_model == "per_block" or (tensor_parallel and self.compile_model == "auto" and self.should_compile())
+        self.static_shapes = tensor_parallel and (per_block or self.should_compile())
+        dynamic = False if self.static_shapes else None
         if per_block:  # torchtitan's way: one graph per block, compiled before FSDP wraps it
             from lmforge.models.activation_checkpointing import transformer_blocks
 
             for block in transformer_blocks(self.model):
-                block.compile()
+                block.compile(dynamic=dynamic)
         if sharded:
             from lmforge.parallel.plan import shard_stage
 
             log.info("parallel: %s", shard_stage(self, strategy, meta_rng))
         if self.should_compile() and not per_block:
-            # in place: state_dict keys stay free of `_orig_mod.`. Under tensor parallelism, static shapes: DTensor's
-            # sharding propagation fails on symbolic sizes (torch 2.13: a symbolic batch where LoRA's B meets
-            # sequence-sharded activations; GRPO's training forward after rollouts made the shapes dynamic), so a new
-            # batch shape (validation, a last short batch) is a recompile instead, and generation runs eagerly
-            self.static_shapes = tensor_parallel
-            self.model.compile(dynamic=False if self.static_shapes else None)
+            self.model.compile(dynamic=dynamic)  # in place: state_dict keys stay free of `_orig_mod.`
 
     def can_build_on_meta(self) -> bool:
         """Meta-device init re-creates a fresh family model exactly; loaded weights, PEFT, wrapped models
