@@ -19,7 +19,8 @@ steps each after --warmup steps; tokens/s from the median step; ratio = lmforge 
 a fresh process per round (`--same-process` puts them all in one): in one process, glibc's heap state left by
 one side (it hands freed blocks > its dynamic mmap threshold back to the OS) changes what the other side's
 allocations cost, which swung HF's bf16 step between 400 and 750 ms here from run to run. The rows record
-GLIBC_TUNABLES, which sets that behaviour for both sides (see the README). On a CPU without
+GLIBC_TUNABLES, which sets that behaviour for both sides (see the README), and each side's mean minor page faults
+per timed step (`*_faults_per_step`: fresh pages touched, ~1 µs each on this VM), so a slow run shows why. On a CPU without
 native bf16 matmuls (AVX2 only) a bf16 step takes ~15× an fp32 one on both sides: `--precisions 32-true`.
 
 `lightning`: the same model and batch trained by a bare PyTorch loop and by `lightning.Trainer`, ms/step
@@ -98,21 +99,31 @@ def optimizer_kind(opt: torch.optim.Optimizer) -> str:
     return "fused" if d.get("fused") else "foreach" if d.get("foreach") else "for-loop"
 
 
-def timed_rounds(fns: dict[str, Callable[[], Any]], rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Per-step seconds of each function: `warmup` untimed calls each, then `rounds` alternating blocks of
-    `steps` timed calls."""
+def minor_faults() -> int:
+    """Page faults served without I/O so far in this process: each is a fresh page of a new allocation being touched,
+    the cost that swings this benchmark (see the module doc)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed_rounds(fns: dict[str, Callable[[], Any]], rounds: int, steps: int, warmup: int) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """Per-step seconds and minor page faults of each function: `warmup` untimed calls each, then `rounds`
+    alternating blocks of `steps` timed calls."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    faults: dict[str, list[int]] = {name: [] for name in fns}
     for r in range(rounds):
         order = list(fns) if r % 2 == 0 else list(reversed(fns))  # neither side always runs first
         for name in order:
             for _ in range(steps):
-                t0 = now()
+                f0, t0 = minor_faults(), now()
                 fns[name]()
                 times[name].append(now() - t0)
-    return times
+                faults[name].append(minor_faults() - f0)
+    return times, faults
 
 
 def contenders(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, Callable[[bool], Callable[[], torch.Tensor]]], dict[str, str]]:
@@ -166,9 +177,9 @@ def contenders(args: argparse.Namespace, names: list[str]) -> tuple[dict[str, Ca
     return steps, info
 
 
-def child_times(args: argparse.Namespace, name: str, precision: str) -> tuple[list[float], dict[str, str]]:
+def child_times(args: argparse.Namespace, name: str, precision: str) -> tuple[list[float], list[int], dict[str, str]]:
     """One contender's `--warmup` + `--steps` steps in a fresh process (its allocator state is its own): the
-    step times and what the child built (optimizer kinds, HF attention)."""
+    step times, their page faults and what the child built (optimizer kinds, HF attention)."""
     import subprocess
     import sys
 
@@ -177,7 +188,7 @@ def child_times(args: argparse.Namespace, name: str, precision: str) -> tuple[li
            "--batch", str(args.batch), "--vocab", str(args.vocab), "--clock", args.clock, "--steps", str(args.steps),
            "--warmup", str(args.warmup)] + (["--threads", str(args.threads)] if args.threads else [])
     out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
-    return out.pop("times"), out
+    return out.pop("times"), out.pop("faults"), out
 
 
 def bench_vs_hf(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -188,8 +199,8 @@ def bench_vs_hf(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.child:  # one contender, one precision, in this process; the parent reads the JSON line
         name, precision = args.child
         make, info = contenders(args, [name])
-        times = timed_rounds({name: make[name](precision == "bf16-mixed")}, 1, args.steps, args.warmup)[name]
-        print(json.dumps({"times": times, **info}))
+        times, faults = timed_rounds({name: make[name](precision == "bf16-mixed")}, 1, args.steps, args.warmup)
+        print(json.dumps({"times": times[name], "faults": faults[name], **info}))
         return []
     info: dict[str, str] = {}
     if args.same_process:
@@ -199,13 +210,14 @@ def bench_vs_hf(args: argparse.Namespace) -> list[dict[str, Any]]:
     for precision in args.precisions:
         amp = precision == "bf16-mixed"
         if args.same_process:
-            times = timed_rounds({name: make[name](amp) for name in names}, args.rounds, args.steps, args.warmup)
+            times, faults = timed_rounds({name: make[name](amp) for name in names}, args.rounds, args.steps, args.warmup)
         else:
-            times = {name: [] for name in names}
+            times, faults = {name: [] for name in names}, {name: [] for name in names}
             for r in range(args.rounds):
                 for name in names if r % 2 == 0 else list(reversed(names)):  # neither side always runs first
-                    child, built = child_times(args, name, precision)
+                    child, child_faults, built = child_times(args, name, precision)
                     times[name] += child
+                    faults[name] += child_faults
                     info.update(built)
         med = {k: statistics.median(v) for k, v in times.items()}
         for name in [k for k in names if k != "hf"]:
@@ -213,6 +225,7 @@ def bench_vs_hf(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "bench": "train-vs-hf", "shape": f"{args.layers}x{args.width} h{args.heads} seq{args.seq} b{args.batch} v{args.vocab}",
                 "precision": precision, "lmforge": name, "lmforge_tok_s": round(tokens / med[name]), "hf_tok_s": round(tokens / med["hf"]),
                 "ratio": round(med["hf"] / med[name], 3), "lmforge_ms": round(1e3 * med[name], 1), "hf_ms": round(1e3 * med["hf"], 1),
+                "lmforge_faults_per_step": round(statistics.mean(faults[name])), "hf_faults_per_step": round(statistics.mean(faults["hf"])),
                 "steps_each": len(times[name]), "processes": "one" if args.same_process else "one per contender and round",
                 **info, "malloc": os.environ.get("GLIBC_TUNABLES", "default"), **machine_info(),
             })
