@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from lmforge.models.activation_checkpointing import transformer_blocks
 from lmforge.parallel.fsdp import apply_fsdp, parse_dtype
@@ -37,15 +36,14 @@ def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None)
     fsdp_mesh = dp_mesh if fsdp_mesh is None else fsdp_mesh
     report: dict[str, Any] = {"tensor_parallel": tp_mesh.size(), "data_parallel": dp_mesh.size(),
               "replica_groups": fsdp_mesh.size(0) if fsdp_mesh.ndim == 2 else 1, "fsdp_units": 0}
+    # every transformer the stage holds, not only the trained one: a DPO/RL reference, PPO's critic and a reward
+    # model left whole would each cost a whole model per TP rank (and per data-parallel rank without FSDP)
+    transformers = [(name, child) for name, child in stage.named_children() if transformer_blocks(child)]
     if tp_mesh.size() > 1:
-        # every transformer the stage holds, not only the trained one: a DPO/RL reference, PPO's critic and a reward
-        # model replicated over the TP ranks would each cost a whole model per rank
-        report["tensor_parallel_modules"] = []
-        for name, child in stage.named_children():
-            if isinstance(child, nn.Module) and transformer_blocks(child):
-                apply_tensor_parallel(child, tp_mesh, sequence_parallel=bool(getattr(strategy, "sequence_parallel", False)),
-                                      loss_parallel=bool(getattr(strategy, "loss_parallel", True)))
-                report["tensor_parallel_modules"].append(name)
+        for _, child in transformers:
+            apply_tensor_parallel(child, tp_mesh, sequence_parallel=bool(getattr(strategy, "sequence_parallel", False)),
+                                  loss_parallel=bool(getattr(strategy, "loss_parallel", True)))
+        report["tensor_parallel_modules"] = [name for name, _ in transformers]
         group = dp_mesh.get_group()  # TP ranks see the same batch: validation sums count each once
         for metric in stage.modules():
             if hasattr(metric, "process_group") and type(metric).__module__.startswith("torchmetrics"):
@@ -56,9 +54,8 @@ def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None)
         "reshard_after_forward": bool(getattr(strategy, "reshard_after_forward", True)),
         "cpu_offload": bool(getattr(strategy, "cpu_offload", False)),
     }
-    for _, child in stage.named_children():
-        if isinstance(child, nn.Module) and transformer_blocks(child):
-            report["fsdp_units"] += apply_fsdp(child, fsdp_mesh, **options) + 1
+    for _, child in transformers:
+        report["fsdp_units"] += apply_fsdp(child, fsdp_mesh, **options) + 1
     if meta_rng is not None:
         materialize_and_init(stage.model, strategy.root_device, meta_rng)
     return report

@@ -190,23 +190,19 @@ def shard_embedding(model: nn.Module, tp_mesh: Any, sequence_parallel: bool) -> 
     """Row-parallel token embedding: rank r stores vocabulary rows [r·V/tp, (r+1)·V/tp) (ids outside them look up
     zeros), and the partial lookups are summed: all-reduced to every rank, or reduce-scattered to this rank's
     sequence rows when the residual stream is sequence-parallel (half the traffic of all-reduce + slice). The
-    module keeps its path and type name (its class gains `VocabParallelEmbedding`'s forward), the weight its
-    `Shard(0)` layout: checkpoints and the tied head see what torch's `RowwiseParallel` made before."""
+    module becomes a `VocabParallelEmbedding` in place (same path, hooks and state-dict key), its weight a `Shard(0)`
+    DTensor: checkpoints and the tied head see what torch's `RowwiseParallel` made before."""
     from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lmforge.parallel.vocab_parallel_embedding import VocabParallelEmbedding
 
     wte = model.wte
     if type(wte) is not nn.Embedding:  # a subclass could change what forward does: this forward would drop it
         raise ConfigError("strategy.tensor_parallel_size", f"the token embedding is a {type(wte).__name__}, not an nn.Embedding, "
                           "and has no vocab-parallel plan", "use tensor_parallel_size=1 for this model")
     wte.weight = nn.Parameter(distribute_tensor(wte.weight.data, tp_mesh, [Shard(0)]), requires_grad=wte.weight.requires_grad)
-    wte.__class__ = _vocab_parallel_class(type(wte))
+    wte.__class__ = VocabParallelEmbedding  # as head_parallel.shard_by_head does for GPT's qkv
     wte.tp_mesh, wte.sequence_parallel = tp_mesh, sequence_parallel
-
-
-def _vocab_parallel_class(cls: type) -> type:
-    from lmforge.parallel.vocab_parallel_embedding import VocabParallelEmbedding
-
-    return type(cls.__name__, (VocabParallelEmbedding, cls), {})
 
 
 def shard_lm_head(model: nn.Module, tp_mesh: Any, tied: bool = False) -> None:

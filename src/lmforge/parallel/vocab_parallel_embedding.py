@@ -27,8 +27,8 @@ def row_block(weight: Any) -> tuple[int, int]:
 
 
 class VocabParallelEmbedding(nn.Embedding):
-    """Mixed into the model's own embedding class by `parallel.tensor_parallel.shard_embedding` (which sets
-    `tp_mesh`, `sequence_parallel` and shards `weight` on dim 0): module path and type name stay the same."""
+    """What `parallel.tensor_parallel.shard_embedding` turns a model's `nn.Embedding` into, in place (it sets
+    `tp_mesh`, `sequence_parallel` and shards `weight` on dim 0)."""
 
     tp_mesh: Any
     sequence_parallel: bool
