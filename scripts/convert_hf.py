@@ -34,7 +34,7 @@ def import_hf(hf_dir: str, out: str) -> Path:
     if source.tokenizer is None:
         raise LmforgeError(f"{hf_dir} has no tokenizer.json. Fix: save the model's fast tokenizer there (tokenizer.save_pretrained(dir)).")
     ckpt = {
-        "state_dict": {f"model.{k}": v.contiguous() for k, v in source.state_dict.items()},
+        "state_dict": {f"model.{k}": v.contiguous() for k, v in source.load_weights().items()},
         "lmforge": {
             "schema_version": SCHEMA_VERSION,
             "config": {"model": source.model_cfg},

@@ -20,9 +20,24 @@ from lmforge.errors import CheckpointError
 
 @dataclass
 class InitSource:
+    """What every rank needs up front (architecture, tokenizer), and the weights on demand: under a sharded
+    strategy only rank 0 reads them (`parallel.load_weights`), so N ranks on a node do not each hold a whole copy."""
+
+    path: Path
     model_cfg: dict[str, Any]  # the architecture the weights belong to (overrides the model group)
-    state_dict: dict[str, torch.Tensor]
     tokenizer: Tokenizer | None  # None when an HF directory ships no tokenizer.json
+    vocab_size: int | None = None  # rows the run needs: more than the source's when the data added tokens (grow_vocab)
+
+    def load_weights(self) -> dict[str, torch.Tensor]:
+        """The source's weights (full tensors, CPU), grown to `vocab_size` rows where the run added tokens."""
+        if self.path.is_dir() and (self.path / "config.json").is_file():
+            from lmforge.interop.hf import load_hf
+
+            state = {k: v.float() for k, v in load_hf(self.path).state_dict().items()}
+        else:
+            state = model_state_dict(load_checkpoint(self.path))
+        source_vocab = int(self.model_cfg["vocab_size"])
+        return grow_vocab(state, source_vocab, self.vocab_size) if self.vocab_size else state
 
 
 def _model_cfg_dict(cfg: Any) -> dict[str, Any]:
@@ -30,21 +45,25 @@ def _model_cfg_dict(cfg: Any) -> dict[str, Any]:
 
 
 def load_init_source(path: str | Path) -> InitSource:
-    """Read weights + architecture + tokenizer from an lmforge checkpoint file or an HF model directory."""
+    """Read the architecture + tokenizer of an lmforge checkpoint or an HF model directory (not its weights:
+    `InitSource.load_weights`)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"init_from={str(path)!r} does not exist. Fix: pass an lmforge .ckpt or a Hugging Face model directory.")
-    if path.is_dir():
+    if path.is_dir() and (path / "config.json").is_file():
         from lmforge.generation.loading import load_hf_tokenizer
-        from lmforge.interop.hf import load_hf
+        from lmforge.interop.hf import config_from_hf, transformers_module
 
-        model = load_hf(path)
+        hf_cfg = transformers_module().AutoConfig.from_pretrained(path, local_files_only=True)
         # eos/bos/pad roles from tokenizer_config.json, so a foreign tokenizer (Llama's </s>) keeps its specials
         tokenizer = load_hf_tokenizer(path) if (path / "tokenizer.json").is_file() else None
-        return InitSource(_model_cfg_dict(model.config), {k: v.float() for k, v in model.state_dict().items()}, tokenizer)
-    ckpt = load_checkpoint(path)
-    meta = ckpt["lmforge"]
-    return InitSource(dict(meta["config"]["model"]), model_state_dict(ckpt), Tokenizer.from_json(meta["tokenizer"]))
+        return InitSource(path, _model_cfg_dict(config_from_hf(hf_cfg)), tokenizer)
+    try:
+        meta = load_checkpoint(path, weights=False)["lmforge"]
+    except CheckpointError as err:  # the same diagnosis, under the key this run was given
+        raise CheckpointError(str(err).replace("ckpt_path=", "init_from=", 1).replace(
+            "Fix: pass", "Fix: pass a Hugging Face model directory (with config.json) or", 1)) from None
+    return InitSource(path, dict(meta["config"]["model"]), Tokenizer.from_json(meta["tokenizer"]))
 
 
 def grow_vocab(state_dict: dict[str, torch.Tensor], old_vocab: int, new_vocab: int) -> dict[str, torch.Tensor]:

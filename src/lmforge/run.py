@@ -23,7 +23,7 @@ from lmforge.checkpoint import load_checkpoint, model_state_dict, resolve_ckpt_p
 from lmforge.checkpoint_io import AtomicCheckpointIO
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import ConfigError
-from lmforge.init_from import grow_vocab, load_init_source
+from lmforge.init_from import load_init_source
 from lmforge.kernels.cpu_kernels import set_cpu_kernels
 from lmforge.objectives import Objective
 from lmforge.parallel.plan import is_sharded_strategy
@@ -243,7 +243,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if init is not None:
         with open_dict(cfg):  # the weights decide the architecture; the run's model group is replaced
             cfg.model = OmegaConf.create(init.model_cfg)
-        log.info("init_from=%s: %s model, %d tensors", cfg.init_from, cfg.model.family, len(init.state_dict))
+        log.info("init_from=%s: %s model", cfg.init_from, cfg.model.family)
     objective = check_config(cfg)
     _, tokenizer, datamodule = build_data(cfg, tokenizer, objective)
     with open_dict(cfg):  # derived values are resolved once and saved with the run
@@ -252,7 +252,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if ckpt_path:
             cfg.ckpt_path = ckpt_path
     if init is not None and tokenizer.vocab_size > cfg.model.vocab_size:  # the data added tokens (ChatML): grow the tables
-        init.state_dict = grow_vocab(init.state_dict, cfg.model.vocab_size, tokenizer.vocab_size)
+        init.vocab_size = tokenizer.vocab_size  # applied as the weights are read (grow_vocab)
         log.info("init_from: vocab %d -> %d (new rows = mean embedding)", cfg.model.vocab_size, tokenizer.vocab_size)
         with open_dict(cfg):
             cfg.model.vocab_size = tokenizer.vocab_size
@@ -270,7 +270,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         print_config_tree(cfg, save_to=output_dir / "config.yaml")
     stage = build_stage(cfg, tokenizer, metadata, objective=objective)
     if init is not None:
-        stage.initial_weights = init.state_dict
+        stage.init_weights = init.load_weights  # read in configure_model: on rank 0 only under a meta-device build
     adapt_to_stage(cfg, stage)
     trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
     try:

@@ -187,6 +187,19 @@ def test_consolidation_script_writes_the_single_process_weights(runs: dict[str, 
         torch.testing.assert_close(value, single[f"model.{key}"], atol=2e-5, rtol=0)
 
 
+def test_init_from_a_sharded_checkpoint_directory_starts_from_its_weights(runs: dict[str, Path], cache_dir: Path, tmp_path: Path) -> None:
+    """init_from reads a DCP directory like a .ckpt file (it was refused as 'not an HF model directory'); at lr 0 the run's
+    end weights are the source's."""
+    source = runs["fsdp"] / "checkpoints" / "last.ckpt"
+    assert source.is_dir()
+    train_in_process(["debug=fast", "trainer.max_steps=1", "optimizer.lr=0", "scheduler=constant", "callbacks.progress_bar=null",
+                      "callbacks.samples=null", f"init_from={source}", f"paths.cache_dir={cache_dir}", f"paths.log_dir={tmp_path}"], tmp_path / "run")
+    start = load_checkpoint(source)["state_dict"]
+    end = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]
+    model_keys = [k for k in start if k.startswith("model.")]
+    assert model_keys and all(torch.equal(end[k], start[k]) for k in model_keys)
+
+
 @pytest.mark.parametrize("single_run,sharded_run", [("lora_single", "lora_fsdp"), ("lora_all_single", "lora_tp_sp")])
 def test_sharded_lora_writes_the_whole_adapter_of_the_single_process_run(runs: dict[str, Path], single_run: str, sharded_run: str) -> None:
     """FSDP over the data, and TP x sequence parallelism over every Linear (LoRA's A or B split with its projection)."""

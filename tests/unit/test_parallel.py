@@ -7,6 +7,7 @@ gradient norm equals the plain one."""
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -16,11 +17,13 @@ import torch
 import torch.multiprocessing as mp
 from conftest import free_port
 
-from lmforge.errors import ConfigError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.models import build
 from lmforge.objectives.clm import CausalLM
 from lmforge.optim.grad_norm import clip_grads_, total_grad_norm
 from lmforge.parallel import apply_tensor_parallel, build_on_meta, materialize_and_init
+from lmforge.parallel.load_weights import broadcast_weights
+from lmforge.parallel.meta_init import materialize
 
 FAMILIES = {
     "gpt": {},
@@ -312,6 +315,30 @@ def _worker(rank: int, results: dict) -> None:
     materialize_and_init(model, "cpu", rng)
     full = {k: v.full_tensor() for k, v in model.state_dict().items()}
     results[(rank, "meta_tp")] = max((full[k] - v).abs().max().item() for k, v in plain.state_dict().items())
+    # init_from under a meta-device build: rank 0 alone reads the weights; every rank's shards get them (2-D GPT with its
+    # tied head and head-split qkv, FSDP-only Llama, plus a frozen copy of the Llama); a bad state dict is one clear
+    # error on both ranks, not a hang
+    for family, shape in (("gpt", (1, 2)), ("llama", (2, 1))):
+        torch.manual_seed(7)
+        source = build(tiny(family)).state_dict()
+        model, _ = build_on_meta(tiny(family))
+        copies = [model, copy.deepcopy(model)] if family == "llama" else [model]
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("data_parallel", "tensor_parallel"))
+        for module in copies:
+            if shape[1] > 1:
+                apply_tensor_parallel(module, mesh["tensor_parallel"])
+            apply_fsdp(module, mesh["data_parallel"])
+            materialize(module, "cpu")
+        reads = []
+        count = broadcast_weights(copies, lambda reads=reads, source=source: reads.append(rank) or source)
+        worst = max((v.full_tensor() - source[k]).abs().max().item() for m in copies for k, v in m.state_dict().items())
+        results[(rank, "broadcast", family)] = (worst, reads, count, len(copies))
+        for broken in ({k: v for k, v in source.items() if not k.startswith("blocks.1.")}, {**source, "extra.weight": torch.zeros(1)}):
+            try:
+                broadcast_weights(copies, lambda broken=broken: broken)
+                results[(rank, "broadcast_error", family, len(broken))] = "no error"
+            except CheckpointError as err:
+                results[(rank, "broadcast_error", family, len(broken))] = str(err)
     # mixed precision policy: bf16 compute and all-gathers, fp32 sharded master weights and gradients
     mixed = build(tiny("llama"))
     apply_fsdp(mixed, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)), param_dtype=torch.bfloat16,
@@ -362,6 +389,13 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
         worst, local_rows = results[(rank, "meta_fsdp")]
         assert worst == 0.0 and local_rows == 48  # qkv: 96 rows, 48 per rank
         assert results[(rank, "meta_tp")] == 0.0
+        for family, copies in (("gpt", 1), ("llama", 2)):
+            worst, reads, count, n = results[(rank, "broadcast", family)]
+            assert worst == 0.0 and reads == ([0] if rank == 0 else []) and n == copies, (family, rank, worst, reads)
+            assert count == len(build(tiny(family)).state_dict())
+            errors = [v for k, v in results.items() if k[:3] == (rank, "broadcast_error", family)]
+            assert len(errors) == 2 and all("init_from weights do not fit the model" in e for e in errors), errors
+            assert any("missing ['blocks.1." in e for e in errors) and any("unexpected ['extra.weight']" in e for e in errors), errors
         for position in ("learned", "alibi"):
             assert results[(rank, "generate", position)] == (True, 2), position  # same tokens; 2 of the 4 heads cached
         assert results[(rank, "fsdp_generate")] is True

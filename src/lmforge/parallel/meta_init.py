@@ -114,13 +114,18 @@ def _tied_parameters(model: nn.Module) -> dict[tuple[nn.Module, str], tuple[nn.M
     return tied
 
 
-def materialize_and_init(model: nn.Module, device: torch.device | str, rng_state: torch.Tensor) -> None:
-    """Allocate (sharded) storage on `device` and re-run the model's init from `rng_state`; restores the generator."""
+def materialize(model: nn.Module, device: torch.device | str) -> None:
+    """Allocate (sharded) storage on `device`, uninitialised: for weights that are loaded next (init_from)."""
     tied = _tied_parameters(model)
     model.to_empty(device=device)
     for (owner, name), (source, source_name) in tied.items():  # to_empty unties shared tables (wte = lm_head)
         if getattr(owner, name) is not getattr(source, source_name):
             setattr(owner, name, getattr(source, source_name))
+
+
+def materialize_and_init(model: nn.Module, device: torch.device | str, rng_state: torch.Tensor) -> None:
+    """Allocate (sharded) storage on `device` and re-run the model's init from `rng_state`; restores the generator."""
+    materialize(model, device)
     after = torch.get_rng_state()
     torch.set_rng_state(rng_state)
     try:

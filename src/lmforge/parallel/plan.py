@@ -2,18 +2,22 @@
 
 Order (torchtitan's): tensor parallel on the trained model, then FSDP2 on every child module that has
 transformer blocks (the model, and the DPO/RL reference, reward model and PPO critic, so no rank holds a full
-copy of those either), then — for a meta-device build — allocation of the shards and the model's own init.
+copy of those either), then — for a meta-device build — allocation of the shards, and either the model's own
+init or the `init_from` weights, read on rank 0 and broadcast into every rank's shards (`load_weights`).
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from lmforge.models.activation_checkpointing import transformer_blocks
 from lmforge.parallel.fsdp import apply_fsdp, parse_dtype
-from lmforge.parallel.meta_init import materialize_and_init
+from lmforge.parallel.load_weights import broadcast_weights
+from lmforge.parallel.meta_init import materialize, materialize_and_init
 from lmforge.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -28,8 +32,11 @@ def model_is_sharded(trainer: Any) -> bool:
     return is_sharded_strategy(getattr(trainer, "strategy", None))
 
 
-def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None) -> dict[str, Any]:
-    """TP + FSDP2 on `stage`'s modules; returns counts for the log line."""
+def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None,
+                init_weights: Callable[[], dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+    """TP + FSDP2 on `stage`'s modules; for a meta-device build (`meta_rng` given) then storage for the shards
+    of the model and of its frozen copies, filled by init (replayed from `meta_rng`) or by `init_weights` (called
+    on rank 0 only). Returns counts for the log line."""
     mesh = stage.device_mesh
     dp_mesh, tp_mesh = mesh["data_parallel"], mesh["tensor_parallel"]
     fsdp_mesh = getattr(strategy, "fsdp_mesh", None)  # 2-D (replicate, shard) under HSDP
@@ -56,6 +63,27 @@ def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None)
     }
     for _, child in transformers:
         report["fsdp_units"] += apply_fsdp(child, fsdp_mesh, **options) + 1
-    if meta_rng is not None:
-        materialize_and_init(stage.model, strategy.root_device, meta_rng)
+    if meta_rng is not None:  # the model and its frozen copies (a DPO/RL reference) were built on meta alike
+        on_meta = [child for _, child in transformers if any(p.is_meta for p in child.parameters())]
+        for child in on_meta:
+            if init_weights is None:
+                materialize_and_init(child, strategy.root_device, meta_rng)  # a copy replays the model's init: equal
+            else:
+                materialize(child, strategy.root_device)
+        if init_weights is not None:
+            report["init_from_tensors_broadcast"] = broadcast_weights(on_meta, init_weights)
+        left = [name for name, p in stage.named_parameters() if p.is_meta]
+        if left:
+            raise RuntimeError(f"meta-device build left {left[:3]} unallocated: set strategy.meta_init=false")
+    report["host_peak_rss_gb"] = host_peak_rss_gb()  # what building and loading cost this rank's host memory so far
     return report
+
+
+def host_peak_rss_gb() -> float | None:
+    """This process's peak resident memory so far (Linux/macOS `getrusage`); None where it is not available."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 2)  # bytes on macOS, KiB on Linux

@@ -60,7 +60,8 @@ class LMStage(L.LightningModule):
         self.static_shapes = False  # compiled (whole or per block) for fixed shapes (configure_model): generate eagerly
         self.metadata = metadata if metadata is not None else {}
         self.model: nn.Module | None = None
-        self.initial_weights: dict[str, torch.Tensor] | None = None  # init_from: loaded once the model exists
+        # init_from: reads the weights (InitSource.load_weights) once the model exists; under a meta-device build on rank 0 only
+        self.init_weights: Callable[[], dict[str, torch.Tensor]] | None = None
         # bytes per token id (0 for specials): bits-per-byte denominator, comparable across tokenizers
         self.register_buffer("token_bytes", token_bytes if token_bytes is not None else torch.zeros(0, dtype=torch.long), persistent=False)
         self.val_nll, self.val_tokens, self.val_bytes = SumMetric(), SumMetric(), SumMetric()
@@ -87,7 +88,6 @@ class LMStage(L.LightningModule):
             self.model, meta_rng = build_on_meta(self.model_cfg)  # no rank ever holds the whole model
         else:
             self.model = self.build_model()
-        self.initial_weights = None  # a reference to GBs of tensors is not kept for the whole run
         self.build_frozen_models()
         if self.peft_cfg is not None:
             from lmforge.peft import apply_peft
@@ -114,21 +114,27 @@ class LMStage(L.LightningModule):
         if sharded:
             from lmforge.parallel.plan import shard_stage
 
-            log.info("parallel: %s", shard_stage(self, strategy, meta_rng))
+            log.info("parallel: %s", shard_stage(self, strategy, meta_rng, self.init_weights if meta_rng is not None else None))
+        self.init_weights = None  # read once; not kept for the whole run
         if self.should_compile() and not per_block:
             self.model.compile(dynamic=dynamic)  # in place: state_dict keys stay free of `_orig_mod.`
 
     def can_build_on_meta(self) -> bool:
-        """Meta-device init re-creates a fresh family model exactly; loaded weights, PEFT, wrapped models
-        (reward head) and frozen copies of the model (DPO/RL reference) are built as usual."""
-        return (self.initial_weights is None and self.peft_cfg is None and type(self).build_model is LMStage.build_model
-                and type(self).build_frozen_models is LMStage.build_frozen_models)
+        """Meta-device init re-creates a fresh family model exactly, and `init_from` weights are broadcast from
+        rank 0 into its shards; frozen deep copies of it (DPO/RL reference) are built on meta with it. PEFT, wrapped
+        models (reward head) and companions with fresh weights of their own (PPO's critic head) are built as usual."""
+        return self.peft_cfg is None and type(self).build_model is LMStage.build_model and self.frozen_models_are_copies()
+
+    def frozen_models_are_copies(self) -> bool:
+        """Whether `build_frozen_models` only registers deep copies of the model: copies of a meta model are on meta
+        too, and get the model's init (replayed) or its `init_from` weights."""
+        return type(self).build_frozen_models is LMStage.build_frozen_models
 
     def build_model(self) -> nn.Module:
         """The trained module, with `init_from` weights loaded. Reward models wrap it in a scalar head."""
         model = build(self.model_cfg)
-        if self.initial_weights is not None:
-            model.load_state_dict(self.initial_weights, strict=True)
+        if self.init_weights is not None:
+            model.load_state_dict(self.init_weights(), strict=True)
         return model
 
     def build_frozen_models(self) -> None:  # noqa: B027 - optional hook: DPO / RL stages add a reference model here

@@ -39,6 +39,9 @@ class DPOStage(LMStage):
         self.reference: nn.Module | None = None
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in METRICS})
 
+    def frozen_models_are_copies(self) -> bool:
+        return not self.precompute_reference  # its temporary copy is not a registered child: it would stay on meta
+
     def build_frozen_models(self) -> None:
         if self.precompute_reference:  # (N, 2) chosen/rejected log-probs per split, filled in on_fit_start
             sizes = {split: len(self.trainer.datamodule.datasets[split]) for split in ("train", "val")}

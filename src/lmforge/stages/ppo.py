@@ -54,6 +54,9 @@ class PPOStage(RLStage):
     def needs_reference(self) -> bool:
         return True  # the KL penalty is part of PPO's reward: β = 0 still logs the KL
 
+    def frozen_models_are_copies(self) -> bool:
+        return self.reward_model_path is not None  # else the critic's fresh scalar head draws an init of its own
+
     def build_frozen_models(self) -> None:
         super().build_frozen_models()
         if self.reward_model is not None:  # TRL: the value model starts as the reward model

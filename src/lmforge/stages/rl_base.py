@@ -95,6 +95,9 @@ class RLStage(LMStage):
     def needs_reference(self) -> bool:
         return self.beta > 0
 
+    def frozen_models_are_copies(self) -> bool:
+        return True  # the reference is a deep copy; a reward model is read from its own file, whole
+
     def build_frozen_models(self) -> None:
         if self.needs_reference() and self.peft_cfg is None:
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
