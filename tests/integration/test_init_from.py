@@ -1,8 +1,8 @@
 """`init_from=`: a new run starts from the weights (and architecture, tokenizer) of a checkpoint or HF dir.
 
 Runs train.py's code path in-process (`train_in_process`) and scripts/convert_hf.py's `main`: the CLI's own
-error formatting is covered by test_bad_input, and each subprocess would add ~5 s of imports. One 2-process
-`strategy=fsdp` run (~15 s) checks the sharded path: weights read on rank 0, broadcast into the shards.
+error formatting is covered by test_bad_input, and each subprocess would add ~5 s of imports. Two 2-process
+`strategy=fsdp` runs (~15 s each; plain and LoRA) check the sharded path: weights read on rank 0, broadcast into the shards.
 """
 
 from __future__ import annotations
@@ -74,13 +74,15 @@ def test_init_from_missing_path_names_the_key(cache_dir, tmp_path):
         train_in_process(["debug=fast", "init_from=/nonexistent/model", *common(cache_dir, tmp_path)], tmp_path / "run")
 
 
-def test_init_from_under_fsdp_reads_on_rank_zero_and_follows_the_single_process_run(cli, cache_dir, tmp_path, source):
+@pytest.mark.parametrize("peft", [[], ["peft=lora", "peft.dropout=0"]], ids=["full", "lora"])
+def test_init_from_under_fsdp_reads_on_rank_zero_and_follows_the_single_process_run(cli, cache_dir, tmp_path, source, peft):
     """A sharded run builds on the meta device and rank 0 alone reads the init_from weights, broadcast into every rank's
-    shards (policy and DPO reference alike; the data's ChatML tokens grow the vocabulary on the way): DPO then starts at
-    log 2 (reference = policy) and follows the one-process run with the same global batch."""
+    shards (policy and DPO reference alike; the data's ChatML tokens grow the vocabulary on the way; under LoRA the
+    adapters are those a whole build draws): DPO then starts at log 2 (reference = policy) and follows the one-process
+    run with the same global batch."""
     dpo = ["debug=fast", "stage=dpo", "data=pref_shakespeare", "data.max_examples=32", "trainer.max_steps=2",
            "trainer.precision=32-true", "trainer.deterministic=true", "seed=3", "logger=csv", f"init_from={source}",
-           *common(cache_dir, tmp_path)]
+           *peft, *common(cache_dir, tmp_path)]
     train_in_process([*dpo, "data.batch_size=8"], tmp_path / "single")
     proc = cli("train.py", *dpo, "data.batch_size=4", "strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
                f"hydra.run.dir={tmp_path / 'fsdp'}", timeout=300)

@@ -24,6 +24,7 @@ from lmforge.optim.grad_norm import clip_grads_, total_grad_norm
 from lmforge.parallel import apply_tensor_parallel, build_on_meta, materialize_and_init
 from lmforge.parallel.load_weights import broadcast_weights
 from lmforge.parallel.meta_init import materialize
+from lmforge.parallel.meta_peft import apply_peft_on_meta, fill_peft_values
 
 FAMILIES = {
     "gpt": {},
@@ -460,6 +461,29 @@ def _peft_worker(rank: int, results: dict) -> None:
                 # the frozen base stays frozen (torch's SequenceParallel re-registers norm weights as trainable)
                 same_trained = [n for n, q in sharded.named_parameters() if q.requires_grad] == [n for n, _, _ in trained]
                 results[(rank, family, method, sp)] = ((logits - ref_logits).abs().max().item(), worst, len(trained), whole and same_trained)
+    # init_from + PEFT on a meta-device build (TP 2 x FSDP): base weights broadcast from rank 0 under their plain
+    # checkpoint keys (LoRA's base_layer dropped), PEFT weights drawn as a whole build draws them; every tensor and
+    # the generator's state afterwards equal the whole build's
+    for family in ("gpt", "llama"):
+        for method in ("lora", "adapter", "prefix"):
+            torch.manual_seed(0)
+            whole = build(tiny(family))
+            source = {k: v.clone() for k, v in whole.state_dict().items()}
+            apply_peft(whole, PEFT_CASES[method])
+            after_whole = torch.rand(3)
+            torch.manual_seed(0)
+            model, _ = build_on_meta(tiny(family))
+            _, values = apply_peft_on_meta(model, PEFT_CASES[method])
+            after_meta = torch.rand(3)
+            mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+            apply_tensor_parallel(model, mesh["tensor_parallel"])
+            apply_fsdp(model, mesh["data_parallel"])
+            materialize(model, "cpu")
+            broadcast_weights([model], lambda source=source: source, skip=frozenset(values))
+            fill_peft_values(model, values)
+            expected, got = whole.state_dict(), model.state_dict()
+            worst = max((got[k].full_tensor() if isinstance(got[k], DTensor) else got[k]).sub(v).abs().max().item() for k, v in expected.items())
+            results[(rank, "meta_peft", family, method)] = (got.keys() == expected.keys(), worst, torch.equal(after_meta, after_whole), len(values))
 
 
 @pytest.mark.slow
@@ -471,3 +495,7 @@ def test_peft_under_tensor_parallel_matches_one_process_on_two_cpu_ranks() -> No
                 for sp in (False, True):
                     logits, grads, trained, whole = results[(rank, family, method, sp)]
                     assert logits < 1e-5 and grads < 1e-5 and trained > 0 and whole, (rank, family, method, sp, logits, grads, trained)
+        for family in ("gpt", "llama"):
+            for method in ("lora", "adapter", "prefix"):
+                same_keys, worst, same_generator, drawn = results[(rank, "meta_peft", family, method)]
+                assert same_keys and worst == 0.0 and same_generator and drawn > 0, (rank, family, method, worst, same_generator)

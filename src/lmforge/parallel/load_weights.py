@@ -20,9 +20,19 @@ from torch import nn
 from lmforge.errors import CheckpointError, LmforgeError
 
 
-def _mismatch(module: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
-    """What differs between `state` (whole tensors) and `module`'s (sharded) state dict; None when they match."""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+def _source_keys(module: nn.Module, skip: frozenset[str]) -> dict[str, str]:
+    """`module`'s state-dict key -> the key of the same weight in a plain checkpoint (LoRA's `base_layer` dropped),
+    for every key but the `skip`ped ones (PEFT weights, which the checkpoint does not have)."""
+    from lmforge.parallel.meta_peft import base_key
+
+    return {k: base_key(k) for k in module.state_dict() if k not in skip}
+
+
+def _mismatch(module: nn.Module, state: dict[str, torch.Tensor], skip: frozenset[str]) -> str | None:
+    """What differs between `state` (whole tensors, checkpoint keys) and `module`'s (sharded) state dict; None when
+    they match."""
+    sharded = module.state_dict()
+    expected = {source: tuple(sharded[key].shape) for key, source in _source_keys(module, skip).items()}
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     shapes = [f"{k}: {tuple(state[k].shape)} for {expected[k]}" for k in sorted(expected.keys() & state.keys())
@@ -33,10 +43,12 @@ def _mismatch(module: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
     return found or None
 
 
-def broadcast_weights(modules: Sequence[nn.Module], read: Callable[[], dict[str, torch.Tensor]]) -> int:
+def broadcast_weights(modules: Sequence[nn.Module], read: Callable[[], dict[str, torch.Tensor]],
+                      skip: frozenset[str] = frozenset()) -> int:
     """Load the whole state dict `read()` returns on rank 0 into each of `modules` (the same architecture, sharded
-    alike: the trained model and its frozen copies), on every rank; returns the number of tensors loaded.
-    Collective: every rank calls it; `read` runs on rank 0 only."""
+    alike: the trained model and its frozen copies), on every rank; returns the number of tensors loaded. `skip`:
+    the modules' keys the checkpoint lacks (PEFT weights, filled elsewhere). Collective: every rank calls it; `read`
+    runs on rank 0 only."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -45,14 +57,17 @@ def broadcast_weights(modules: Sequence[nn.Module], read: Callable[[], dict[str,
     if dist.get_rank() == 0:
         try:
             state = read()
-            problem = next((p for p in (_mismatch(m, state) for m in modules) if p), None)
+            problem = next((p for p in (_mismatch(m, state, skip) for m in modules) if p), None)
             verdict[0] = f"init_from weights do not fit the model: {problem}" if problem else len(state)
         except (LmforgeError, OSError, RuntimeError, KeyError, ValueError) as err:  # shared, so no rank is left waiting
             verdict[0] = f"init_from weights could not be read on rank 0: {err}"
     dist.broadcast_object_list(verdict, src=0)
     if isinstance(verdict[0], str):
         raise CheckpointError(f"{verdict[0]}. Fix: pass a checkpoint of this architecture (init_from sets the model from it)")
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    # strict unless PEFT weights are left out; the keys were checked above either way
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not skip)
     for module in modules:
-        set_model_state_dict(module, dict(state), options=options)  # a copy: torch replaces the entries it loads
+        keys = _source_keys(module, skip)
+        renamed = {key: state[source] for key, source in keys.items()} if state else {}  # a new dict: torch replaces entries
+        set_model_state_dict(module, renamed, options=options)
     return int(verdict[0])

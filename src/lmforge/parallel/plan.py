@@ -18,6 +18,7 @@ from lmforge.models.activation_checkpointing import transformer_blocks
 from lmforge.parallel.fsdp import apply_fsdp, parse_dtype
 from lmforge.parallel.load_weights import broadcast_weights
 from lmforge.parallel.meta_init import materialize, materialize_and_init
+from lmforge.parallel.meta_peft import fill_peft_values
 from lmforge.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -33,10 +34,11 @@ def model_is_sharded(trainer: Any) -> bool:
 
 
 def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None,
-                init_weights: Callable[[], dict[str, torch.Tensor]] | None = None) -> dict[str, Any]:
+                init_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
+                peft_values: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """TP + FSDP2 on `stage`'s modules; for a meta-device build (`meta_rng` given) then storage for the shards
     of the model and of its frozen copies, filled by init (replayed from `meta_rng`) or by `init_weights` (called
-    on rank 0 only). Returns counts for the log line."""
+    on rank 0 only) and `peft_values` (the PEFT weights, `meta_peft`). Returns counts for the log line."""
     mesh = stage.device_mesh
     dp_mesh, tp_mesh = mesh["data_parallel"], mesh["tensor_parallel"]
     fsdp_mesh = getattr(strategy, "fsdp_mesh", None)  # 2-D (replicate, shard) under HSDP
@@ -71,7 +73,9 @@ def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None,
             else:
                 materialize(child, strategy.root_device)
         if init_weights is not None:
-            report["init_from_tensors_broadcast"] = broadcast_weights(on_meta, init_weights)
+            report["init_from_tensors_broadcast"] = broadcast_weights(on_meta, init_weights, skip=frozenset(peft_values or ()))
+        if peft_values:
+            fill_peft_values(stage.model, peft_values)
         left = [name for name, p in stage.named_parameters() if p.is_meta]
         if left:
             raise RuntimeError(f"meta-device build left {left[:3]} unallocated: set strategy.meta_init=false")

@@ -89,7 +89,12 @@ class LMStage(L.LightningModule):
         else:
             self.model = self.build_model()
         self.build_frozen_models()
-        if self.peft_cfg is not None:
+        peft_values = None  # a meta build's PEFT weights, as a whole build draws them (filled in once sharded)
+        if self.peft_cfg is not None and meta_rng is not None:
+            from lmforge.parallel.meta_peft import apply_peft_on_meta
+
+            self.peft_report, peft_values = apply_peft_on_meta(self.model, self.peft_cfg)
+        elif self.peft_cfg is not None:
             from lmforge.peft import apply_peft
 
             self.peft_report = apply_peft(self.model, self.peft_cfg)
@@ -114,16 +119,19 @@ class LMStage(L.LightningModule):
         if sharded:
             from lmforge.parallel.plan import shard_stage
 
-            log.info("parallel: %s", shard_stage(self, strategy, meta_rng, self.init_weights if meta_rng is not None else None))
+            log.info("parallel: %s", shard_stage(self, strategy, meta_rng, self.init_weights if meta_rng is not None else None, peft_values))
         self.init_weights = None  # read once; not kept for the whole run
         if self.should_compile() and not per_block:
             self.model.compile(dynamic=dynamic)  # in place: state_dict keys stay free of `_orig_mod.`
 
     def can_build_on_meta(self) -> bool:
         """Meta-device init re-creates a fresh family model exactly, and `init_from` weights are broadcast from
-        rank 0 into its shards; frozen deep copies of it (DPO/RL reference) are built on meta with it. PEFT, wrapped
-        models (reward head) and companions with fresh weights of their own (PPO's critic head) are built as usual."""
-        return self.peft_cfg is None and type(self).build_model is LMStage.build_model and self.frozen_models_are_copies()
+        rank 0 into its shards; frozen deep copies of it (DPO/RL reference) are built on meta with it, and PEFT on top
+        of `init_from` weights gets the adapters a whole build draws (`meta_peft`). Wrapped models (reward head),
+        companions with fresh weights of their own (PPO's critic head) and PEFT on a randomly initialised base (whose
+        init, replayed with the adapters in place, would draw in another order) are built as usual."""
+        return ((self.peft_cfg is None or self.init_weights is not None) and type(self).build_model is LMStage.build_model
+                and self.frozen_models_are_copies())
 
     def frozen_models_are_copies(self) -> bool:
         """Whether `build_frozen_models` only registers deep copies of the model: copies of a meta model are on meta
