@@ -22,9 +22,9 @@ from lmforge.models import build
 from lmforge.objectives.clm import CausalLM
 from lmforge.optim.grad_norm import clip_grads_, total_grad_norm
 from lmforge.parallel import apply_tensor_parallel, build_on_meta, materialize_and_init
-from lmforge.parallel.load_weights import broadcast_weights
+from lmforge.parallel.load_weights import Target, broadcast_weights
 from lmforge.parallel.meta_init import materialize
-from lmforge.parallel.meta_peft import apply_peft_on_meta, fill_peft_values
+from lmforge.parallel.meta_shadow import apply_peft_on_meta, fill_values
 
 FAMILIES = {
     "gpt": {},
@@ -479,8 +479,8 @@ def _peft_worker(rank: int, results: dict) -> None:
             apply_tensor_parallel(model, mesh["tensor_parallel"])
             apply_fsdp(model, mesh["data_parallel"])
             materialize(model, "cpu")
-            broadcast_weights([model], lambda source=source: source, skip=frozenset(values))
-            fill_peft_values(model, values)
+            broadcast_weights([Target(model, skip=frozenset(values))], lambda source=source: source)
+            fill_values(model, values)
             expected, got = whole.state_dict(), model.state_dict()
             worst = max((got[k].full_tensor() if isinstance(got[k], DTensor) else got[k]).sub(v).abs().max().item() for k, v in expected.items())
             results[(rank, "meta_peft", family, method)] = (got.keys() == expected.keys(), worst, torch.equal(after_meta, after_whole), len(values))

@@ -103,3 +103,20 @@ def test_empty_param_groups_are_dropped_so_the_scheduler_matches_what_deepspeed_
     out = s.configure_optimizers()
     assert [g["weight_decay"] for g in out["optimizer"].param_groups] == [0.1]
     assert len(out["lr_scheduler"]["scheduler"].base_lrs) == 1
+
+
+def test_dpo_precomputed_reference_is_never_taken_from_resumed_weights():
+    """precompute_reference computes the reference log-probs with the policy before its first step (no copy of the
+    weights); a resumed run whose checkpoint lacks them would take them from trained weights: refused, with the fix."""
+    import pytest
+
+    from lmforge.errors import CheckpointError
+    from lmforge.stages.dpo import DPOStage
+
+    s = DPOStage(MODEL, CausalLM(), precompute_reference=True)
+    s.register_buffer("reference_train", torch.full((4, 2), float("nan")))
+    s.register_buffer("reference_val", torch.zeros(2, 2))
+    s.model = torch.nn.Linear(1, 1)
+    s._trainer = SimpleNamespace(ckpt_path="runs/x/checkpoints/last.ckpt", loggers=[])
+    with pytest.raises(CheckpointError, match="last.ckpt has no complete reference log-probs.*init_from"):
+        s.on_fit_start()

@@ -13,6 +13,7 @@ a mismatch is the same clear error on every rank, never some ranks waiting in a 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,54 +21,58 @@ from torch import nn
 from lmforge.errors import CheckpointError, LmforgeError
 
 
-def _source_keys(module: nn.Module, skip: frozenset[str]) -> dict[str, str]:
-    """`module`'s state-dict key -> the key of the same weight in a plain checkpoint (LoRA's `base_layer` dropped),
-    for every key but the `skip`ped ones (PEFT weights, which the checkpoint does not have)."""
-    from lmforge.parallel.meta_peft import base_key
+@dataclass(frozen=True)
+class Target:
+    """A sharded module to fill: its keys are `prefix` + the checkpoint's (LoRA's `base_layer` aside), except `skip`
+    (weights the checkpoint lacks: PEFT's, a new head's)."""
 
-    return {k: base_key(k) for k in module.state_dict() if k not in skip}
+    module: nn.Module
+    prefix: str = ""
+    skip: frozenset[str] = frozenset()
+
+    def source_keys(self) -> dict[str, str]:
+        """The module's state-dict key -> the key of the same weight in the checkpoint."""
+        from lmforge.parallel.meta_shadow import base_key
+
+        return {k: base_key(k).removeprefix(self.prefix) for k in self.module.state_dict() if k not in self.skip}
+
+    def mismatch(self, state: dict[str, torch.Tensor]) -> str | None:
+        """What differs between `state` (whole tensors, checkpoint keys) and the module's (sharded) state dict."""
+        sharded = self.module.state_dict()
+        expected = {source: tuple(sharded[key].shape) for key, source in self.source_keys().items()}
+        missing = sorted(expected.keys() - state.keys())
+        unexpected = sorted(state.keys() - expected.keys())
+        shapes = [f"{k}: {tuple(state[k].shape)} for {expected[k]}" for k in sorted(expected.keys() & state.keys())
+                  if tuple(state[k].shape) != expected[k]]
+        problems = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
+                    f"shapes {shapes[:5]}" if shapes else ""]
+        return "; ".join(p for p in problems if p) or None
 
 
-def _mismatch(module: nn.Module, state: dict[str, torch.Tensor], skip: frozenset[str]) -> str | None:
-    """What differs between `state` (whole tensors, checkpoint keys) and `module`'s (sharded) state dict; None when
-    they match."""
-    sharded = module.state_dict()
-    expected = {source: tuple(sharded[key].shape) for key, source in _source_keys(module, skip).items()}
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    shapes = [f"{k}: {tuple(state[k].shape)} for {expected[k]}" for k in sorted(expected.keys() & state.keys())
-              if tuple(state[k].shape) != expected[k]]
-    problems = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
-                f"shapes {shapes[:5]}" if shapes else ""]
-    found = "; ".join(p for p in problems if p)
-    return found or None
-
-
-def broadcast_weights(modules: Sequence[nn.Module], read: Callable[[], dict[str, torch.Tensor]],
-                      skip: frozenset[str] = frozenset()) -> int:
-    """Load the whole state dict `read()` returns on rank 0 into each of `modules` (the same architecture, sharded
-    alike: the trained model and its frozen copies), on every rank; returns the number of tensors loaded. `skip`:
-    the modules' keys the checkpoint lacks (PEFT weights, filled elsewhere). Collective: every rank calls it; `read`
-    runs on rank 0 only."""
+def broadcast_weights(targets: Sequence[Target | nn.Module], read: Callable[[], dict[str, torch.Tensor]], what: str = "init_from") -> int:
+    """Load the whole state dict `read()` returns on rank 0 into each of `targets` (sharded modules holding those
+    weights: the trained model and its frozen copies), on every rank; returns the number of tensors read.
+    Collective: every rank calls it; `read` runs on rank 0 only. `what` names the source in errors."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    targets = [t if isinstance(t, Target) else Target(t) for t in targets]
     state: dict[str, torch.Tensor] = {}
     verdict: list[str | int | None] = [None]
     if dist.get_rank() == 0:
         try:
             state = read()
-            problem = next((p for p in (_mismatch(m, state, skip) for m in modules) if p), None)
-            verdict[0] = f"init_from weights do not fit the model: {problem}" if problem else len(state)
+            problem = next((p for p in (t.mismatch(state) for t in targets) if p), None)
+            verdict[0] = f"{what} weights do not fit the model: {problem}" if problem else len(state)
         except (LmforgeError, OSError, RuntimeError, KeyError, ValueError) as err:  # shared, so no rank is left waiting
-            verdict[0] = f"init_from weights could not be read on rank 0: {err}"
+            verdict[0] = f"{what} weights could not be read on rank 0: {err}"
     dist.broadcast_object_list(verdict, src=0)
     if isinstance(verdict[0], str):
-        raise CheckpointError(f"{verdict[0]}. Fix: pass a checkpoint of this architecture (init_from sets the model from it)")
-    # strict unless PEFT weights are left out; the keys were checked above either way
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not skip)
-    for module in modules:
-        keys = _source_keys(module, skip)
+        raise CheckpointError(f"{verdict[0]}. Fix: pass a checkpoint of this architecture ({what} sets the model from it)")
+    for target in targets:
+        # strict unless some keys are filled elsewhere; the keys were checked above either way
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=not target.skip)
+        keys = target.source_keys()
         renamed = {key: state[source] for key, source in keys.items()} if state else {}  # a new dict: torch replaces entries
-        set_model_state_dict(module, renamed, options=options)
+        set_model_state_dict(target.module, renamed, options=options)
     return int(verdict[0])

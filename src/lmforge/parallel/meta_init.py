@@ -75,6 +75,12 @@ class _FullTensorInit(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def draw_on_meta() -> TorchFunctionMode:
+    """A mode under which random init ops on meta tensors still draw their numbers from the CPU generator (thrown
+    away): a model built on meta under it leaves the generator where a whole build leaves it."""
+    return _DrawOnMeta()
+
+
 def build_on_meta(model_cfg: dict[str, Any]) -> tuple[nn.Module, torch.Tensor]:
     """Build the family model with no memory; returns it and the CPU generator state its
     `reset_parameters()` started from (what `materialize_and_init` replays)."""

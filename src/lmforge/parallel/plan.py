@@ -9,16 +9,15 @@ init or the `init_from` weights, read on rank 0 and broadcast into every rank's 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from lmforge.models.activation_checkpointing import transformer_blocks
 from lmforge.parallel.fsdp import apply_fsdp, parse_dtype
-from lmforge.parallel.load_weights import broadcast_weights
+from lmforge.parallel.load_weights import Target, broadcast_weights
 from lmforge.parallel.meta_init import materialize, materialize_and_init
-from lmforge.parallel.meta_peft import fill_peft_values
+from lmforge.parallel.meta_shadow import MetaSource, fill_values
 from lmforge.parallel.tensor_parallel import apply_tensor_parallel
 
 
@@ -34,11 +33,11 @@ def model_is_sharded(trainer: Any) -> bool:
 
 
 def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None,
-                init_weights: Callable[[], dict[str, torch.Tensor]] | None = None,
-                peft_values: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """TP + FSDP2 on `stage`'s modules; for a meta-device build (`meta_rng` given) then storage for the shards
-    of the model and of its frozen copies, filled by init (replayed from `meta_rng`) or by `init_weights` (called
-    on rank 0 only) and `peft_values` (the PEFT weights, `meta_peft`). Returns counts for the log line."""
+                meta_sources: dict[str, MetaSource] | None = None) -> dict[str, Any]:
+    """TP + FSDP2 on `stage`'s modules; for a meta-device build (`meta_rng` given) then storage for the shards of
+    every module built on meta, filled from its `meta_sources` entry (`stage.model`'s under "model"; a child without
+    one is a copy of the model's base): init replayed from `meta_rng`, or whole weights read on rank 0 and broadcast,
+    plus the weights drawn beside them. Returns counts for the log line."""
     mesh = stage.device_mesh
     dp_mesh, tp_mesh = mesh["data_parallel"], mesh["tensor_parallel"]
     fsdp_mesh = getattr(strategy, "fsdp_mesh", None)  # 2-D (replicate, shard) under HSDP
@@ -65,22 +64,37 @@ def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None,
     }
     for _, child in transformers:
         report["fsdp_units"] += apply_fsdp(child, fsdp_mesh, **options) + 1
-    if meta_rng is not None:  # the model and its frozen copies (a DPO/RL reference) were built on meta alike
-        on_meta = [child for _, child in transformers if any(p.is_meta for p in child.parameters())]
-        for child in on_meta:
-            if init_weights is None:
-                materialize_and_init(child, strategy.root_device, meta_rng)  # a copy replays the model's init: equal
-            else:
-                materialize(child, strategy.root_device)
-        if init_weights is not None:
-            report["init_from_tensors_broadcast"] = broadcast_weights(on_meta, init_weights, skip=frozenset(peft_values or ()))
-        if peft_values:
-            fill_peft_values(stage.model, peft_values)
-        left = [name for name, p in stage.named_parameters() if p.is_meta]
-        if left:
-            raise RuntimeError(f"meta-device build left {left[:3]} unallocated: set strategy.meta_init=false")
+    if meta_rng is not None:
+        report.update(fill_meta_modules(stage, strategy.root_device, meta_rng, meta_sources or {}))
     report["host_peak_rss_gb"] = host_peak_rss_gb()  # what building and loading cost this rank's host memory so far
     return report
+
+
+def fill_meta_modules(stage: Any, device: torch.device, meta_rng: torch.Tensor, sources: dict[str, MetaSource]) -> dict[str, Any]:
+    """Allocate every child of `stage` still on meta (sharded by now) and fill it from its source; the weights of one
+    file are read once for all the modules that hold them (the model and its reference; a reward model and the PPO
+    critic started from it)."""
+    copy_of_model = MetaSource(sources["model"].read if "model" in sources else None)
+    reads: dict[int, tuple[Any, list[Target]]] = {}
+    for name, child in stage.named_children():
+        if not any(p.is_meta for p in child.parameters()):
+            continue
+        source = sources.get(name, copy_of_model)
+        if source.read is None:  # a fresh family model or a copy of it: its own init, replayed (equal for copies)
+            materialize_and_init(child, device, meta_rng)
+            continue
+        materialize(child, device)
+        reads.setdefault(id(source.read), (source.read, []))[1].append(Target(child, source.prefix, frozenset(source.extras)))
+    filled: dict[str, Any] = {}
+    for read, targets in reads.values():
+        filled["weights_broadcast"] = filled.get("weights_broadcast", 0) + broadcast_weights(targets, read)
+    for name, source in sources.items():
+        if source.extras:
+            fill_values(getattr(stage, name), source.extras)
+    left = [name for name, p in stage.named_parameters() if p.is_meta]
+    if left:
+        raise RuntimeError(f"meta-device build left {left[:3]} unallocated: set strategy.meta_init=false")
+    return filled
 
 
 def host_peak_rss_gb() -> float | None:

@@ -62,6 +62,7 @@ class LMStage(L.LightningModule):
         self.model: nn.Module | None = None
         # init_from: reads the weights (InitSource.load_weights) once the model exists; under a meta-device build on rank 0 only
         self.init_weights: Callable[[], dict[str, torch.Tensor]] | None = None
+        self.meta_sources: dict[str, Any] | None = None  # a meta build: child name -> MetaSource (parallel/meta_shadow.py)
         # bytes per token id (0 for specials): bits-per-byte denominator, comparable across tokenizers
         self.register_buffer("token_bytes", token_bytes if token_bytes is not None else torch.zeros(0, dtype=torch.long), persistent=False)
         self.val_nll, self.val_tokens, self.val_bytes = SumMetric(), SumMetric(), SumMetric()
@@ -83,17 +84,15 @@ class LMStage(L.LightningModule):
         sharded = strategy is not None and self._device_mesh is not None
         meta_rng = None
         if sharded and getattr(strategy, "meta_init", False) and self.can_build_on_meta():
-            from lmforge.parallel import build_on_meta
-
-            self.model, meta_rng = build_on_meta(self.model_cfg)  # no rank ever holds the whole model
+            self.model, meta_rng = self.build_model_on_meta()  # no rank ever holds the whole model
         else:
             self.model = self.build_model()
         self.build_frozen_models()
-        peft_values = None  # a meta build's PEFT weights, as a whole build draws them (filled in once sharded)
         if self.peft_cfg is not None and meta_rng is not None:
-            from lmforge.parallel.meta_peft import apply_peft_on_meta
+            from lmforge.parallel.meta_shadow import apply_peft_on_meta
 
-            self.peft_report, peft_values = apply_peft_on_meta(self.model, self.peft_cfg)
+            self.peft_report, values = apply_peft_on_meta(self.model, self.peft_cfg)
+            self.meta_sources["model"].extras.update(values)  # drawn as a whole build draws them, filled in once sharded
         elif self.peft_cfg is not None:
             from lmforge.peft import apply_peft
 
@@ -119,31 +118,53 @@ class LMStage(L.LightningModule):
         if sharded:
             from lmforge.parallel.plan import shard_stage
 
-            log.info("parallel: %s", shard_stage(self, strategy, meta_rng, self.init_weights if meta_rng is not None else None, peft_values))
-        self.init_weights = None  # read once; not kept for the whole run
+            log.info("parallel: %s", shard_stage(self, strategy, meta_rng, self.meta_sources))
+        self.init_weights, self.meta_sources = None, None  # read once; not kept for the whole run
         if self.should_compile() and not per_block:
             self.model.compile(dynamic=dynamic)  # in place: state_dict keys stay free of `_orig_mod.`
 
     def can_build_on_meta(self) -> bool:
         """Meta-device init re-creates a fresh family model exactly, and `init_from` weights are broadcast from
-        rank 0 into its shards; frozen deep copies of it (DPO/RL reference) are built on meta with it, and PEFT on top
-        of `init_from` weights gets the adapters a whole build draws (`meta_peft`). Wrapped models (reward head),
-        companions with fresh weights of their own (PPO's critic head) and PEFT on a randomly initialised base (whose
-        init, replayed with the adapters in place, would draw in another order) are built as usual."""
-        return ((self.peft_cfg is None or self.init_weights is not None) and type(self).build_model is LMStage.build_model
-                and self.frozen_models_are_copies())
+        rank 0 into its shards. Weights drawn around `init_from` weights (PEFT's, a reward model's or PPO critic's
+        scalar head) are drawn as a whole build draws them (`meta_shadow`), and frozen companions (a DPO/RL reference,
+        a reward model read from its own file) are built on meta too. Built as usual (whole on each rank, then
+        sharded): PEFT or a head on a randomly initialised base (its init, replayed with them in place, would draw in
+        another order), DPO's `precompute_reference` copy, and stages that override `build_model`."""
+        plain = self.peft_cfg is None and type(self).wrap_model is LMStage.wrap_model
+        return ((plain or self.init_weights is not None) and type(self).build_model is LMStage.build_model
+                and self.frozen_models_build_on_meta())
 
-    def frozen_models_are_copies(self) -> bool:
-        """Whether `build_frozen_models` only registers deep copies of the model: copies of a meta model are on meta
-        too, and get the model's init (replayed) or its `init_from` weights."""
+    def frozen_models_build_on_meta(self) -> bool:
+        """Whether `build_frozen_models` can build on a meta model: deep copies of it (the same init or `init_from`
+        weights), and companions it registers in `self.meta_sources` with their own source."""
         return type(self).build_frozen_models is LMStage.build_frozen_models
 
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The trained module around the family model (reward models: a scalar head); itself by default."""
+        return model
+
     def build_model(self) -> nn.Module:
-        """The trained module, with `init_from` weights loaded. Reward models wrap it in a scalar head."""
+        """The trained module, with `init_from` weights loaded, whole on this rank."""
         model = build(self.model_cfg)
         if self.init_weights is not None:
             model.load_state_dict(self.init_weights(), strict=True)
-        return model
+        return self.wrap_model(model)
+
+    def build_model_on_meta(self) -> tuple[nn.Module, torch.Tensor]:
+        """The trained module on the meta device, and the generator state its init replays from; records in
+        `self.meta_sources['model']` where its weights come from once sharded (init replay, or `init_from` read on
+        rank 0 plus the weights `wrap_model` draws)."""
+        from lmforge.parallel import build_on_meta
+        from lmforge.parallel.meta_shadow import MetaSource, build_with_shadow
+
+        base, rng = build_on_meta(self.model_cfg)
+        source = MetaSource(self.init_weights)
+        model = base
+        if type(self).wrap_model is not LMStage.wrap_model:
+            model, source.extras = build_with_shadow(self.wrap_model, base)
+            source.prefix = next(f"{name}." if name else "" for name, m in model.named_modules() if m is base)
+        self.meta_sources = {"model": source}
+        return model, rng
 
     def build_frozen_models(self) -> None:  # noqa: B027 - optional hook: DPO / RL stages add a reference model here
         """Frozen companions (reference policy, reward model), built after the model and before PEFT wraps it."""

@@ -2,7 +2,8 @@
 
 The reference is a frozen copy of the starting (SFT) weights, or — under PEFT — the same model with its
 adapters switched off (no second copy in memory), or, with `precompute_reference`, only its log-probabilities:
-computed once over both splits at the start of training, kept as buffers (in the checkpoint, so a resume
+computed once over both splits at the start of training by the policy itself (before its first step it is the
+reference, so no copy is ever made), kept as buffers (in the checkpoint, so a resume
 never recomputes them) and looked up by example index — no reference forward per step and no reference
 weights in memory afterwards. Sequence log-probabilities are summed over completion tokens (averaged for IPO,
 as TRL does); losses: `sigmoid` (DPO, with label smoothing = conservative DPO), `ipo` (Azar et al. 2023),
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
+from lmforge.errors import CheckpointError
 from lmforge.losses import dpo_loss, dpo_uses_average_logps
 from lmforge.objectives.base import decoder_sequence_logprobs
 from lmforge.stages.base import LMStage
@@ -39,26 +41,25 @@ class DPOStage(LMStage):
         self.reference: nn.Module | None = None
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in METRICS})
 
-    def frozen_models_are_copies(self) -> bool:
-        return not self.precompute_reference  # its temporary copy is not a registered child: it would stay on meta
+    def frozen_models_build_on_meta(self) -> bool:
+        return True  # the reference is a deep copy of the model (none with precompute_reference or PEFT)
 
     def build_frozen_models(self) -> None:
         if self.precompute_reference:  # (N, 2) chosen/rejected log-probs per split, filled in on_fit_start
             sizes = {split: len(self.trainer.datamodule.datasets[split]) for split in ("train", "val")}
             for split, n in sizes.items():
                 self.register_buffer(f"reference_{split}", torch.full((n, 2), float("nan")))
-            if self.peft_cfg is None:  # a temporary copy, not registered: it never reaches the checkpoint
-                self.__dict__["_reference_copy"] = copy.deepcopy(self.model).requires_grad_(False).eval()
         elif self.peft_cfg is None:  # under PEFT the reference is the base model with adapters disabled
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
 
     def reference_sequence_logps(self, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         average = dpo_uses_average_logps(self.loss_type)
         with torch.no_grad():
-            reference = self.reference if self.reference is not None else self.__dict__.get("_reference_copy")
-            if reference is not None:
-                reference.eval()  # Lightning's model.train() reaches it too: keep dropout off
-                return decoder_sequence_logprobs(reference, ids, targets, average, attention_mask=mask)
+            if self.reference is not None:
+                self.reference.eval()  # Lightning's model.train() reaches it too: keep dropout off
+                return decoder_sequence_logprobs(self.reference, ids, targets, average, attention_mask=mask)
+            if self.peft_cfg is None:  # precompute_reference, before the first step: the policy is still the reference
+                return decoder_sequence_logprobs(self.model, ids, targets, average, attention_mask=mask)
             from lmforge.peft import adapters_disabled
 
             with adapters_disabled(self.model):
@@ -76,9 +77,19 @@ class DPOStage(LMStage):
         super().on_fit_start()
         if not self.precompute_reference or not (self.reference_train.isnan().any() or self.reference_val.isnan().any()):
             return  # no cache, or it was restored complete from a checkpoint
-        reference = self.__dict__.get("_reference_copy")
-        if reference is not None:
-            reference.to(self.device)
+        if self.trainer.ckpt_path is not None:  # resumed weights are no longer the reference
+            raise CheckpointError(f"{self.trainer.ckpt_path} has no complete reference log-probs (stage.precompute_reference was "
+                                  "off, or the data changed): the resumed policy is no longer the reference. Fix: resume with the "
+                                  "run's own settings, or start a new run from these weights with init_from=<ckpt>")
+        # no step taken yet: the policy is the reference (in eval mode, no dropout); no copy of the weights is made
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.fill_reference_tables()
+        finally:
+            self.model.train(was_training)
+
+    def fill_reference_tables(self) -> None:
         datamodule = self.trainer.datamodule
         for split in ("train", "val"):
             table = getattr(self, f"reference_{split}")
@@ -90,7 +101,6 @@ class DPOStage(LMStage):
                 with self.trainer.precision_plugin.forward_context():
                     logps = self.reference_sequence_logps(ids, mask, targets)
                 table[batch["index"]] = torch.stack(logps.float().chunk(2), dim=1)
-        self.__dict__.pop("_reference_copy", None)  # the weights are no longer needed: free them
 
     def step(self, batch: dict[str, torch.Tensor]) -> Any:
         ids, mask, targets = stack_pairs(batch)

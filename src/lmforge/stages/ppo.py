@@ -54,13 +54,22 @@ class PPOStage(RLStage):
     def needs_reference(self) -> bool:
         return True  # the KL penalty is part of PPO's reward: β = 0 still logs the KL
 
-    def frozen_models_are_copies(self) -> bool:
-        return self.reward_model_path is not None  # else the critic's fresh scalar head draws an init of its own
+    def frozen_models_build_on_meta(self) -> bool:
+        # a critic made from the policy gets a fresh scalar head: drawn beside init_from weights, not beside a replayed init
+        return self.reward_model_path is not None or self.init_weights is not None
 
     def build_frozen_models(self) -> None:
         super().build_frozen_models()
         if self.reward_model is not None:  # TRL: the value model starts as the reward model
             self.critic = copy.deepcopy(self.reward_model).requires_grad_(True).train()
+            if self.meta_sources is not None:
+                self.meta_sources["critic"] = self.meta_sources["reward_model"]  # the same file, read once
+        elif self.meta_sources is not None:  # the policy's init_from weights + the head a whole build draws
+            from lmforge.parallel.meta_shadow import MetaSource, build_with_shadow
+
+            critic, head = build_with_shadow(ScalarHeadModel, copy.deepcopy(self.model))
+            self.critic = critic.requires_grad_(True)
+            self.meta_sources["critic"] = MetaSource(self.meta_sources["model"].read, "backbone.", head)
         else:
             self.critic = ScalarHeadModel(copy.deepcopy(self.model)).requires_grad_(True)
 

@@ -26,8 +26,8 @@ class RewardStage(LMStage):
         self.margin, self.center_rewards_coef = margin, center_rewards_coef
         self.val_metrics = nn.ModuleDict({name: MeanMetric() for name in ("loss", "accuracy", "margin")})
 
-    def build_model(self) -> nn.Module:
-        return ScalarHeadModel(super().build_model())
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return ScalarHeadModel(model)
 
     def pair_scores(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask, _ = stack_pairs(batch)

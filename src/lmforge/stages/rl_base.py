@@ -25,9 +25,8 @@ from lmforge.stages.base import LMStage
 from lmforge.stages.rollout import Rollout, rollout_logprobs, sample_rollout
 
 
-def load_reward_model(path: str, vocab_size: int) -> ScalarHeadModel:
-    """A frozen reward model from a `stage=reward` checkpoint; its tokenizer must be the policy's."""
-    ckpt = load_checkpoint(path)
+def reward_model_cfg(ckpt: dict[str, Any], path: str, vocab_size: int) -> dict[str, Any]:
+    """The architecture of a `stage=reward` checkpoint (its metadata), checked against the policy's vocabulary."""
     meta = ckpt["lmforge"]
     if meta.get("stage") != "RewardStage":
         raise ConfigError("stage.reward_model", f"{path} was written by {meta.get('stage') or 'an older lmforge'}, not stage=reward", "pass a checkpoint from `python train.py stage=reward ...`")
@@ -35,7 +34,26 @@ def load_reward_model(path: str, vocab_size: int) -> ScalarHeadModel:
     if model_cfg.get("vocab_size") != vocab_size:
         raise ConfigError("stage.reward_model", f"its vocab ({model_cfg.get('vocab_size')}) differs from the policy's ({vocab_size})",
                           "train the reward model from the same SFT checkpoint (same tokenizer) as the policy")
+    return model_cfg
+
+
+def load_reward_model(path: str, vocab_size: int) -> ScalarHeadModel:
+    """A frozen reward model from a `stage=reward` checkpoint; its tokenizer must be the policy's."""
+    ckpt = load_checkpoint(path)
+    model_cfg = reward_model_cfg(ckpt, path, vocab_size)
     return scalar_model_from_state(model_cfg, model_state_dict(ckpt, scalar_head=True)).requires_grad_(False).eval()
+
+
+def reward_model_on_meta(path: str, vocab_size: int) -> tuple[ScalarHeadModel, Callable[[], dict[str, torch.Tensor]]]:
+    """The frozen reward model built on the meta device (drawing from the generator what `load_reward_model` draws),
+    and the reader of its weights, which a sharded run calls on rank 0 only (`parallel.load_weights`)."""
+    from lmforge.models import build
+    from lmforge.parallel.meta_init import draw_on_meta
+
+    model_cfg = reward_model_cfg(load_checkpoint(path, weights=False), path, vocab_size)
+    with torch.device("meta"), draw_on_meta():
+        model = ScalarHeadModel(build(model_cfg))
+    return model.requires_grad_(False).eval(), lambda: model_state_dict(load_checkpoint(path), scalar_head=True)
 
 
 class RLStage(LMStage):
@@ -95,13 +113,18 @@ class RLStage(LMStage):
     def needs_reference(self) -> bool:
         return self.beta > 0
 
-    def frozen_models_are_copies(self) -> bool:
-        return True  # the reference is a deep copy; a reward model is read from its own file, whole
+    def frozen_models_build_on_meta(self) -> bool:
+        return True  # the reference is a deep copy; a reward model has its own file, read on rank 0
 
     def build_frozen_models(self) -> None:
         if self.needs_reference() and self.peft_cfg is None:
             self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
-        if self.reward_model_path is not None:
+        if self.reward_model_path is not None and self.meta_sources is not None:  # a meta build: filled once sharded
+            from lmforge.parallel.meta_shadow import MetaSource
+
+            self.reward_model, read = reward_model_on_meta(self.reward_model_path, self.model.config.vocab_size)
+            self.meta_sources["reward_model"] = MetaSource(read)
+        elif self.reward_model_path is not None:
             self.reward_model = load_reward_model(self.reward_model_path, self.model.config.vocab_size)
 
     def reference_context(self) -> AbstractContextManager[Any]:
