@@ -271,6 +271,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     stage = build_stage(cfg, tokenizer, metadata, objective=objective)
     if init is not None:
         stage.init_weights = init.load_weights  # read in configure_model: on rank 0 only under a meta-device build
+    stage.resuming = bool(ckpt_path)  # a meta-device build then only allocates: the checkpoint fills every tensor
     adapt_to_stage(cfg, stage)
     trainer = build_trainer(cfg, build_callbacks(cfg), loggers)
     try:

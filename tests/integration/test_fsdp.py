@@ -8,8 +8,8 @@ to the last) run the same comparison.
 The fsdp run's step-3 checkpoint also resumes on one process (DCP reshards it) onto the single-process loss curve.
 LoRA under FSDP, and under fsdp_tp with sequence parallelism and a whole-model torch.compile, writes the gathered adapter
 of the single-process LoRA run.
-Cost: eight `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, hsdp, GPT fsdp_tp, LoRA fsdp, LoRA fsdp_tp, then a resume
-of the fsdp run from its step-3 checkpoint), one 1-process resume and three in-process single-process runs (Llama,
+Cost: nine `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, hsdp, GPT fsdp_tp, LoRA fsdp, LoRA fsdp_tp, then resumes
+of the fsdp and LoRA fsdp runs from their step-3 checkpoints), one 1-process resume and three in-process single-process runs (Llama,
 GPT, LoRA), all
 6 steps of a 2-layer, 64-wide model (the Llama's head untied, so TP shards it over the vocabulary) on bytes in fp32.
 Apart from the fixture: 2 GRPO steps on a 2-D Llama compiled whole, then per block, against the same steps on one
@@ -98,8 +98,14 @@ def runs(cli, cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     lora_single = logs / "debug" / "runs" / "lora_single"
     train_in_process([*base, "peft=lora", "peft.dropout=0", f"data.batch_size={2 * MICRO_BATCH}"], lora_single)
     lora_fsdp = logs / "debug" / "runs" / "lora_fsdp"
-    proc = cli("train.py", *base, "peft=lora", "peft.dropout=0", "strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
-               f"data.batch_size={MICRO_BATCH}", "callbacks.periodic.save_top_k=0", f"hydra.run.dir={lora_fsdp}", timeout=300)
+    lora_sharded = [*base, "peft=lora", "peft.dropout=0", "strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu",
+                    f"data.batch_size={MICRO_BATCH}"]
+    proc = cli("train.py", *lora_sharded, f"hydra.run.dir={lora_fsdp}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # its resume builds on the meta device (PEFT included) and only allocates: the sharded checkpoint fills every tensor
+    lora_resumed = logs / "debug" / "runs" / "lora_resumed"
+    proc = cli("train.py", *lora_sharded, f"ckpt_path={lora_fsdp / 'checkpoints' / 'step-000003.ckpt'}", f"hydra.run.dir={lora_resumed}",
+               timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # LoRA's A / B split with the projections they adapt; the whole 2-D model compiled (static shapes under sequence
     # parallelism: a symbolic batch size failed DTensor's sharding propagation at LoRA's B), validation a new shape
@@ -113,7 +119,7 @@ def runs(cli, cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
                      lora_all_single)
     return {"single": single, "fsdp": fsdp, "ddp": ddp, "resumed": resumed, "tp_sp": tp, "hsdp": hsdp, "resumed_on_one": one_rank,
             "gpt_single": gpt_single, "gpt_tp_sp": gpt_tp, "lora_single": lora_single, "lora_fsdp": lora_fsdp,
-            "lora_tp_sp": lora_tp, "lora_all_single": lora_all_single}
+            "lora_tp_sp": lora_tp, "lora_all_single": lora_all_single, "lora_resumed": lora_resumed}
 
 
 def test_two_process_ddp_writes_one_run_dir_and_logs_from_rank_zero(runs: dict[str, Path]) -> None:
@@ -159,6 +165,16 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs: dict[s
 
 def test_resume_from_a_sharded_checkpoint_continues_the_loss_curve_exactly(runs: dict[str, Path]) -> None:
     full, resumed = losses(runs["fsdp"]), losses(runs["resumed"])
+    assert sorted(resumed) == list(range(3, STEPS))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+def test_a_sharded_lora_run_resumes_on_a_meta_build_and_continues_exactly(runs: dict[str, Path]) -> None:
+    """Resuming allocates the meta-built model (LoRA wrappers and all) without drawing or reading any weights:
+    the checkpoint fills every tensor, and the loss curve goes on as if never stopped."""
+    assert "'weights_from_checkpoint': True" in (runs["lora_resumed"] / "train.log").read_text()
+    full, resumed = losses(runs["lora_fsdp"]), losses(runs["lora_resumed"])
     assert sorted(resumed) == list(range(3, STEPS))
     for step in resumed:
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step

@@ -33,11 +33,12 @@ def model_is_sharded(trainer: Any) -> bool:
 
 
 def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None,
-                meta_sources: dict[str, MetaSource] | None = None) -> dict[str, Any]:
+                meta_sources: dict[str, MetaSource] | None = None, fill: bool = True) -> dict[str, Any]:
     """TP + FSDP2 on `stage`'s modules; for a meta-device build (`meta_rng` given) then storage for the shards of
     every module built on meta, filled from its `meta_sources` entry (`stage.model`'s under "model"; a child without
     one is a copy of the model's base): init replayed from `meta_rng`, or whole weights read on rank 0 and broadcast,
-    plus the weights drawn beside them. Returns counts for the log line."""
+    plus the weights drawn beside them; `fill=False` (a resume) only allocates: the checkpoint restores every tensor.
+    Returns counts for the log line."""
     mesh = stage.device_mesh
     dp_mesh, tp_mesh = mesh["data_parallel"], mesh["tensor_parallel"]
     fsdp_mesh = getattr(strategy, "fsdp_mesh", None)  # 2-D (replicate, shard) under HSDP
@@ -64,7 +65,12 @@ def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None,
     }
     for _, child in transformers:
         report["fsdp_units"] += apply_fsdp(child, fsdp_mesh, **options) + 1
-    if meta_rng is not None:
+    if meta_rng is not None and not fill:
+        for child in stage.children():
+            if any(p.is_meta for p in child.parameters()):
+                materialize(child, strategy.root_device)
+        report["weights_from_checkpoint"] = True
+    elif meta_rng is not None:
         report.update(fill_meta_modules(stage, strategy.root_device, meta_rng, meta_sources or {}))
     report["host_peak_rss_gb"] = host_peak_rss_gb()  # what building and loading cost this rank's host memory so far
     return report

@@ -63,6 +63,8 @@ class LMStage(L.LightningModule):
         # init_from: reads the weights (InitSource.load_weights) once the model exists; under a meta-device build on rank 0 only
         self.init_weights: Callable[[], dict[str, torch.Tensor]] | None = None
         self.meta_sources: dict[str, Any] | None = None  # a meta build: child name -> MetaSource (parallel/meta_shadow.py)
+        # run.py: the weights come from ckpt_path (a resume), so a meta build only allocates: the checkpoint fills every tensor
+        self.resuming = False
         # bytes per token id (0 for specials): bits-per-byte denominator, comparable across tokenizers
         self.register_buffer("token_bytes", token_bytes if token_bytes is not None else torch.zeros(0, dtype=torch.long), persistent=False)
         self.val_nll, self.val_tokens, self.val_bytes = SumMetric(), SumMetric(), SumMetric()
@@ -118,7 +120,7 @@ class LMStage(L.LightningModule):
         if sharded:
             from lmforge.parallel.plan import shard_stage
 
-            log.info("parallel: %s", shard_stage(self, strategy, meta_rng, self.meta_sources))
+            log.info("parallel: %s", shard_stage(self, strategy, meta_rng, self.meta_sources, fill=not self.resuming))
         self.init_weights, self.meta_sources = None, None  # read once; not kept for the whole run
         if self.should_compile() and not per_block:
             self.model.compile(dynamic=dynamic)  # in place: state_dict keys stay free of `_orig_mod.`
@@ -128,11 +130,17 @@ class LMStage(L.LightningModule):
         rank 0 into its shards. Weights drawn around `init_from` weights (PEFT's, a reward model's or PPO critic's
         scalar head) are drawn as a whole build draws them (`meta_shadow`), and frozen companions (a DPO/RL reference,
         a reward model read from its own file) are built on meta too. Built as usual (whole on each rank, then
-        sharded): PEFT or a head on a randomly initialised base (its init, replayed with them in place, would draw in
-        another order), DPO's `precompute_reference` copy, and stages that override `build_model`."""
+        sharded): PEFT or a head on a randomly initialised base in a fresh run (its init, replayed with them in place,
+        would draw in another order), and stages that override `build_model`. On a resume the checkpoint fills every
+        tensor, so everything builds on meta."""
         plain = self.peft_cfg is None and type(self).wrap_model is LMStage.wrap_model
-        return ((plain or self.init_weights is not None) and type(self).build_model is LMStage.build_model
+        return ((plain or self.weights_are_loaded()) and type(self).build_model is LMStage.build_model
                 and self.frozen_models_build_on_meta())
+
+    def weights_are_loaded(self) -> bool:
+        """Whether the model's weights come from a file (init_from, or the checkpoint a resume restores) rather than
+        from its init: then whatever is drawn around them on a meta build is drawn in a whole build's order."""
+        return self.init_weights is not None or self.resuming
 
     def frozen_models_build_on_meta(self) -> bool:
         """Whether `build_frozen_models` can build on a meta model: deep copies of it (the same init or `init_from`

@@ -56,7 +56,7 @@ class PPOStage(RLStage):
 
     def frozen_models_build_on_meta(self) -> bool:
         # a critic made from the policy gets a fresh scalar head: drawn beside init_from weights, not beside a replayed init
-        return self.reward_model_path is not None or self.init_weights is not None
+        return self.reward_model_path is not None or self.weights_are_loaded()
 
     def build_frozen_models(self) -> None:
         super().build_frozen_models()
