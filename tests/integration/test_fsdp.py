@@ -173,6 +173,7 @@ def test_resume_from_a_sharded_checkpoint_continues_the_loss_curve_exactly(runs:
 def test_a_sharded_lora_run_resumes_on_a_meta_build_and_continues_exactly(runs: dict[str, Path]) -> None:
     """Resuming allocates the meta-built model (LoRA wrappers and all) without drawing or reading any weights:
     the checkpoint fills every tensor, and the loss curve goes on as if never stopped."""
+    assert "'built_on_meta': ['model']" in (runs["lora_fsdp"] / "train.log").read_text()  # a fresh LoRA run too
     assert "'weights_from_checkpoint': True" in (runs["lora_resumed"] / "train.log").read_text()
     full, resumed = losses(runs["lora_fsdp"]), losses(runs["lora_resumed"])
     assert sorted(resumed) == list(range(3, STEPS))

@@ -127,6 +127,7 @@ def test_reward_model_and_ppo_build_on_meta_like_a_whole_build_under_fsdp(cli, c
                 rows[run.name] = [tuple(r.get(k) for k in keys) for r in csv.DictReader(fh) if r.get("train/loss")]
     assert rows["reward_meta"] == rows["reward_whole"] and len(rows["reward_meta"]) == 2
     assert rows["ppo_meta"] == rows["ppo_whole"] and rows["ppo_meta"]
+    assert "'built_on_meta': ['model', 'reference', 'reward_model', 'critic']" in (tmp_path / "ppo_meta" / "train.log").read_text()
     # tensors read on rank 0: the reward run reads init_from (N); PPO reads init_from (N) and the reward model's file once
     # (N + the head's weight and bias) for both the reward model and the critic
     read = {r: int(re.findall(r"'weights_broadcast': (\d+)", (tmp_path / r / "train.log").read_text())[-1]) for r in ("reward_meta", "ppo_meta")}

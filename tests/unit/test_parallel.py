@@ -24,7 +24,7 @@ from lmforge.optim.grad_norm import clip_grads_, total_grad_norm
 from lmforge.parallel import apply_tensor_parallel, build_on_meta, materialize_and_init
 from lmforge.parallel.load_weights import Target, broadcast_weights
 from lmforge.parallel.meta_init import materialize
-from lmforge.parallel.meta_shadow import apply_peft_on_meta, fill_values
+from lmforge.parallel.meta_shadow import apply_peft_on_meta, build_with_shadow, fill_values
 
 FAMILIES = {
     "gpt": {},
@@ -340,6 +340,22 @@ def _worker(rank: int, results: dict) -> None:
                 results[(rank, "broadcast_error", family, len(broken))] = "no error"
             except CheckpointError as err:
                 results[(rank, "broadcast_error", family, len(broken))] = str(err)
+    # a scalar-head model (stage=reward, PPO's critic) on a fresh meta build: the backbone's init replayed, the head drawn
+    # on a zero-stride shadow; the weights and the generator afterwards are those of a whole build
+    from lmforge.models.heads import ScalarHeadModel
+
+    torch.manual_seed(9)
+    whole = ScalarHeadModel(build(tiny("llama")))
+    after_whole = torch.rand(3)
+    torch.manual_seed(9)
+    base, rng = build_on_meta(tiny("llama"))
+    model, head = build_with_shadow(ScalarHeadModel, base)
+    after_meta = torch.rand(3)
+    apply_fsdp(model, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)))
+    materialize_and_init(model, "cpu", rng, skip=frozenset(head))
+    fill_values(model, head)
+    worst = max((v.full_tensor() - whole.state_dict()[k]).abs().max().item() for k, v in model.state_dict().items())
+    results[(rank, "meta_head")] = (worst, sorted(head), torch.equal(after_meta, after_whole))
     # mixed precision policy: bf16 compute and all-gathers, fp32 sharded master weights and gradients
     mixed = build(tiny("llama"))
     apply_fsdp(mixed, init_device_mesh("cpu", (2,), mesh_dim_names=("data_parallel",)), param_dtype=torch.bfloat16,
@@ -390,6 +406,7 @@ def test_tensor_parallel_and_meta_init_on_two_cpu_ranks() -> None:
         worst, local_rows = results[(rank, "meta_fsdp")]
         assert worst == 0.0 and local_rows == 48  # qkv: 96 rows, 48 per rank
         assert results[(rank, "meta_tp")] == 0.0
+        assert results[(rank, "meta_head")] == (0.0, ["head.bias", "head.weight"], True)
         for family, copies in (("gpt", 1), ("llama", 2)):
             worst, reads, count, n = results[(rank, "broadcast", family)]
             assert worst == 0.0 and reads == ([0] if rank == 0 else []) and n == copies, (family, rank, worst, reads)
@@ -464,26 +481,32 @@ def _peft_worker(rank: int, results: dict) -> None:
     # init_from + PEFT on a meta-device build (TP 2 x FSDP): base weights broadcast from rank 0 under their plain
     # checkpoint keys (LoRA's base_layer dropped), PEFT weights drawn as a whole build draws them; every tensor and
     # the generator's state afterwards equal the whole build's
+    # a fresh run (no init_from): the base's init replayed with the PEFT weights in place, drawing nothing for them
     for family in ("gpt", "llama"):
         for method in ("lora", "adapter", "prefix"):
-            torch.manual_seed(0)
-            whole = build(tiny(family))
-            source = {k: v.clone() for k, v in whole.state_dict().items()}
-            apply_peft(whole, PEFT_CASES[method])
-            after_whole = torch.rand(3)
-            torch.manual_seed(0)
-            model, _ = build_on_meta(tiny(family))
-            _, values = apply_peft_on_meta(model, PEFT_CASES[method])
-            after_meta = torch.rand(3)
-            mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
-            apply_tensor_parallel(model, mesh["tensor_parallel"])
-            apply_fsdp(model, mesh["data_parallel"])
-            materialize(model, "cpu")
-            broadcast_weights([Target(model, skip=frozenset(values))], lambda source=source: source)
-            fill_values(model, values)
-            expected, got = whole.state_dict(), model.state_dict()
-            worst = max((got[k].full_tensor() if isinstance(got[k], DTensor) else got[k]).sub(v).abs().max().item() for k, v in expected.items())
-            results[(rank, "meta_peft", family, method)] = (got.keys() == expected.keys(), worst, torch.equal(after_meta, after_whole), len(values))
+            for fresh in (False, True):
+                torch.manual_seed(0)
+                whole = build(tiny(family))
+                source = {k: v.clone() for k, v in whole.state_dict().items()}
+                apply_peft(whole, PEFT_CASES[method])
+                after_whole = torch.rand(3)
+                torch.manual_seed(0)
+                model, rng = build_on_meta(tiny(family))
+                _, values = apply_peft_on_meta(model, PEFT_CASES[method])
+                after_meta = torch.rand(3)
+                mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+                apply_tensor_parallel(model, mesh["tensor_parallel"])
+                apply_fsdp(model, mesh["data_parallel"])
+                if fresh:
+                    materialize_and_init(model, "cpu", rng, skip=frozenset(values))
+                else:
+                    materialize(model, "cpu")
+                    broadcast_weights([Target(model, skip=frozenset(values))], lambda source=source: source)
+                fill_values(model, values)
+                expected, got = whole.state_dict(), model.state_dict()
+                worst = max((got[k].full_tensor() if isinstance(got[k], DTensor) else got[k]).sub(v).abs().max().item() for k, v in expected.items())
+                results[(rank, "meta_peft", family, method, fresh)] = (got.keys() == expected.keys(), worst, torch.equal(after_meta, after_whole),
+                                                                       len(values))
 
 
 @pytest.mark.slow
@@ -497,5 +520,6 @@ def test_peft_under_tensor_parallel_matches_one_process_on_two_cpu_ranks() -> No
                     assert logits < 1e-5 and grads < 1e-5 and trained > 0 and whole, (rank, family, method, sp, logits, grads, trained)
         for family in ("gpt", "llama"):
             for method in ("lora", "adapter", "prefix"):
-                same_keys, worst, same_generator, drawn = results[(rank, "meta_peft", family, method)]
-                assert same_keys and worst == 0.0 and same_generator and drawn > 0, (rank, family, method, worst, same_generator)
+                for fresh in (False, True):
+                    same_keys, worst, same_generator, drawn = results[(rank, "meta_peft", family, method, fresh)]
+                    assert same_keys and worst == 0.0 and same_generator and drawn > 0, (rank, family, method, fresh, worst, same_generator)

@@ -56,13 +56,21 @@ class _DrawOnMeta(TorchFunctionMode):
 
 
 class _FullTensorInit(TorchFunctionMode):
-    """In-place init ops on DTensors: compute the full tensor on CPU as an unsharded build would, keep the shard."""
+    """In-place init ops on DTensors: compute the full tensor on CPU as an unsharded build would, keep the shard.
+    Ops on the `skip`ped tensors (ids) do nothing and draw nothing: weights added after the model was built (PEFT's,
+    filled from their own source), which its init did not draw for."""
+
+    def __init__(self, skip: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.skip = skip
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         from torch.distributed.tensor import DTensor, distribute_tensor
 
         kwargs = kwargs or {}
         target = _target(args, kwargs)
+        if (func in INIT_INPLACE or func in NN_INIT) and id(target) in self.skip:
+            return target
         if (func in INIT_INPLACE or func in NN_INIT) and isinstance(target, DTensor):
             overwrites = func in OVERWRITING or func in NN_INIT
             full = torch.empty(target.shape, dtype=target.dtype, device="cpu") if overwrites else target.full_tensor().cpu()
@@ -129,13 +137,20 @@ def materialize(model: nn.Module, device: torch.device | str) -> None:
             setattr(owner, name, getattr(source, source_name))
 
 
-def materialize_and_init(model: nn.Module, device: torch.device | str, rng_state: torch.Tensor) -> None:
-    """Allocate (sharded) storage on `device` and re-run the model's init from `rng_state`; restores the generator."""
+def materialize_and_init(model: nn.Module, device: torch.device | str, rng_state: torch.Tensor,
+                         skip: frozenset[str] = frozenset()) -> None:
+    """Allocate (sharded) storage on `device` and re-run the family model's init from `rng_state` (for a wrapper such as
+    a scalar-head model, its backbone's), leaving the `skip`ped parameters (by name: PEFT weights, a head) untouched;
+    restores the generator."""
     materialize(model, device)
+    family = next((m for m in model.modules() if callable(getattr(m, "reset_parameters", None))), None)
+    if family is None:
+        raise RuntimeError(f"{type(model).__name__} holds no module with reset_parameters(): set strategy.meta_init=false")
+    skip_ids = frozenset(id(p) for name, p in model.named_parameters(remove_duplicate=False) if name in skip)
     after = torch.get_rng_state()
     torch.set_rng_state(rng_state)
     try:
-        with torch.no_grad(), _FullTensorInit():
-            model.reset_parameters()
+        with torch.no_grad(), _FullTensorInit(skip_ids):
+            family.reset_parameters()
     finally:
         torch.set_rng_state(after)

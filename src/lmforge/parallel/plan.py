@@ -66,9 +66,9 @@ def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None,
     for _, child in transformers:
         report["fsdp_units"] += apply_fsdp(child, fsdp_mesh, **options) + 1
     if meta_rng is not None and not fill:
-        for child in stage.children():
-            if any(p.is_meta for p in child.parameters()):
-                materialize(child, strategy.root_device)
+        report["built_on_meta"] = [name for name, child in stage.named_children() if any(p.is_meta for p in child.parameters())]
+        for name in report["built_on_meta"]:
+            materialize(getattr(stage, name), strategy.root_device)
         report["weights_from_checkpoint"] = True
     elif meta_rng is not None:
         report.update(fill_meta_modules(stage, strategy.root_device, meta_rng, meta_sources or {}))
@@ -82,16 +82,17 @@ def fill_meta_modules(stage: Any, device: torch.device, meta_rng: torch.Tensor, 
     critic started from it)."""
     copy_of_model = MetaSource(sources["model"].read if "model" in sources else None)
     reads: dict[int, tuple[Any, list[Target]]] = {}
+    filled: dict[str, Any] = {"built_on_meta": []}
     for name, child in stage.named_children():
         if not any(p.is_meta for p in child.parameters()):
             continue
+        filled["built_on_meta"].append(name)
         source = sources.get(name, copy_of_model)
         if source.read is None:  # a fresh family model or a copy of it: its own init, replayed (equal for copies)
-            materialize_and_init(child, device, meta_rng)
+            materialize_and_init(child, device, meta_rng, skip=frozenset(source.extras))
             continue
         materialize(child, device)
         reads.setdefault(id(source.read), (source.read, []))[1].append(Target(child, source.prefix, frozenset(source.extras)))
-    filled: dict[str, Any] = {}
     for read, targets in reads.values():
         filled["weights_broadcast"] = filled.get("weights_broadcast", 0) + broadcast_weights(targets, read)
     for name, source in sources.items():

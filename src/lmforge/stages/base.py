@@ -126,21 +126,13 @@ class LMStage(L.LightningModule):
             self.model.compile(dynamic=dynamic)  # in place: state_dict keys stay free of `_orig_mod.`
 
     def can_build_on_meta(self) -> bool:
-        """Meta-device init re-creates a fresh family model exactly, and `init_from` weights are broadcast from
-        rank 0 into its shards. Weights drawn around `init_from` weights (PEFT's, a reward model's or PPO critic's
+        """Meta-device init re-creates a fresh family model exactly (its init replayed), and `init_from` weights are
+        broadcast from rank 0 into its shards. Weights drawn around the base (PEFT's, a reward model's or PPO critic's
         scalar head) are drawn as a whole build draws them (`meta_shadow`), and frozen companions (a DPO/RL reference,
-        a reward model read from its own file) are built on meta too. Built as usual (whole on each rank, then
-        sharded): PEFT or a head on a randomly initialised base in a fresh run (its init, replayed with them in place,
-        would draw in another order), and stages that override `build_model`. On a resume the checkpoint fills every
-        tensor, so everything builds on meta."""
-        plain = self.peft_cfg is None and type(self).wrap_model is LMStage.wrap_model
-        return ((plain or self.weights_are_loaded()) and type(self).build_model is LMStage.build_model
-                and self.frozen_models_build_on_meta())
-
-    def weights_are_loaded(self) -> bool:
-        """Whether the model's weights come from a file (init_from, or the checkpoint a resume restores) rather than
-        from its init: then whatever is drawn around them on a meta build is drawn in a whole build's order."""
-        return self.init_weights is not None or self.resuming
+        a reward model read from its own file) are built on meta too. On a resume the checkpoint fills every tensor.
+        Built as usual (whole on each rank, then sharded): stages that override `build_model` or
+        `build_frozen_models` without saying how their modules build on meta."""
+        return type(self).build_model is LMStage.build_model and self.frozen_models_build_on_meta()
 
     def frozen_models_build_on_meta(self) -> bool:
         """Whether `build_frozen_models` can build on a meta model: deep copies of it (the same init or `init_from`

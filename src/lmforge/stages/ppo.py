@@ -55,8 +55,7 @@ class PPOStage(RLStage):
         return True  # the KL penalty is part of PPO's reward: β = 0 still logs the KL
 
     def frozen_models_build_on_meta(self) -> bool:
-        # a critic made from the policy gets a fresh scalar head: drawn beside init_from weights, not beside a replayed init
-        return self.reward_model_path is not None or self.weights_are_loaded()
+        return True  # the critic: a copy of the reward model, or the policy's base + a head drawn on a shadow
 
     def build_frozen_models(self) -> None:
         super().build_frozen_models()
