@@ -31,9 +31,9 @@ class InitSource:
     def load_weights(self) -> dict[str, torch.Tensor]:
         """The source's weights (full tensors, CPU), grown to `vocab_size` rows where the run added tokens."""
         if self.path.is_dir() and (self.path / "config.json").is_file():
-            from lmforge.interop.hf import load_hf
+            from lmforge.interop.hf import load_hf_weights
 
-            state = {k: v.float() for k, v in load_hf(self.path).state_dict().items()}
+            state = load_hf_weights(self.path)  # straight from the safetensors files where it can
         else:
             state = model_state_dict(load_checkpoint(self.path))
         source_vocab = int(self.model_cfg["vocab_size"])

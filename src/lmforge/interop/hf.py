@@ -21,7 +21,7 @@ from lmforge.errors import LmforgeError
 from lmforge.interop.converter import HFConverter, transformers_module
 from lmforge.models import family_classes
 
-__all__ = ["config_from_hf", "config_to_hf", "converter_for", "from_hf", "load_hf", "save_hf", "to_hf"]
+__all__ = ["config_from_hf", "config_to_hf", "converter_for", "from_hf", "load_hf", "load_hf_weights", "read_hf_weights", "save_hf", "to_hf"]
 
 # family -> module holding its CONVERTER; HF model_type -> family
 _CONVERTER_MODULES = {
@@ -163,3 +163,52 @@ def load_hf(directory: str | os.PathLike[str]) -> nn.Module:
     conv = converter_for(model_type=hf_cfg.model_type)
     hf = getattr(transformers, conv.hf_class_name(hf_cfg)).from_pretrained(path, local_files_only=True)
     return from_hf(hf)
+
+
+def _weight_files(path: Path) -> list[Path] | None:
+    """The safetensors files holding an HF directory's model weights (one, or those its index lists); None when it
+    has none (a `pytorch_model.bin` checkpoint)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / name for name in sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))]
+    single = path / "model.safetensors"
+    return [single] if single.is_file() else None
+
+
+def read_hf_weights(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor] | None:
+    """Our state dict (float32) straight from an HF directory's safetensors files and the family's key map, building
+    neither model: for a large checkpoint, one copy of its weights in memory instead of HF's model, ours and the
+    weights. None where the files need transformers' own loading (no safetensors, keys the converter does not map):
+    `load_hf` then. Every key and shape of the result is checked against the architecture."""
+    from safetensors import safe_open
+
+    path = Path(directory)
+    files = _weight_files(path)
+    if files is None:
+        return None
+    hf_cfg = transformers_module().AutoConfig.from_pretrained(path, local_files_only=True)
+    conv = converter_for(model_type=hf_cfg.model_type)
+    cfg = conv.config_from_hf(hf_cfg)
+    theirs: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            theirs.update({key: fh.get_tensor(key) for key in fh.keys()})
+    try:
+        ours = conv.weights_from_hf(theirs, cfg)
+    except KeyError:  # legacy names (a bare model's, old checkpoints'): transformers' loader knows them
+        return None
+    _, model_cls = family_classes(cfg.family)
+    rng = torch.get_rng_state()
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in model_cls(cfg).state_dict().items()}
+    torch.set_rng_state(rng)
+    if expected.keys() != ours.keys() or any(ours[k].shape != shape for k, shape in expected.items()):
+        return None
+    return {k: v.float().contiguous() for k, v in ours.items()}
+
+
+def load_hf_weights(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Our state dict (float32) of a local HF model directory: read directly where possible (`read_hf_weights`),
+    else through transformers' `from_pretrained` and our model."""
+    direct = read_hf_weights(directory)
+    return direct if direct is not None else {k: v.float() for k, v in load_hf(directory).state_dict().items()}
