@@ -61,11 +61,19 @@ def config_from_hf(hf_cfg: Any) -> MixtralConfig:
 
 
 def weights_from_hf(sd: StateDict, cfg: MixtralConfig) -> StateDict:
-    """HF MixtralForCausalLM (or bare MixtralModel) state dict -> ours."""
+    """HF MixtralForCausalLM (or bare MixtralModel) state dict -> ours: the in-memory layout (experts fused) or the
+    one of its safetensors files (`block_sparse_moe.experts.<e>.w1/w2/w3`, what `read_hf_weights` reads)."""
     sd = with_causal_lm_prefix(sd)
     ours = {k: sd[theirs] for k, theirs in shared_key_map(cfg)}
     for i in range(cfg.n_layer):
         hf, mine = f"model.layers.{i}.mlp.", f"blocks.{i}.mlp."
+        disk = f"model.layers.{i}.block_sparse_moe."
+        if f"{disk}gate.weight" in sd:  # the files' per-expert layout (w1 gate, w3 up, w2 down), which HF fuses on load
+            ours[f"{mine}router.weight"] = sd[f"{disk}gate.weight"]
+            for e in range(cfg.n_expert):
+                for name, theirs in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2")):
+                    ours[f"{mine}experts.{e}.{name}.weight"] = sd[f"{disk}experts.{e}.{theirs}.weight"]
+            continue
         ours[f"{mine}router.weight"] = sd[f"{hf}gate.weight"]
         gate_up, down = sd[f"{hf}experts.gate_up_proj"], sd[f"{hf}experts.down_proj"]
         for e in range(cfg.n_expert):
