@@ -331,12 +331,12 @@ def _worker(rank: int, results: dict) -> None:
             apply_fsdp(module, mesh["data_parallel"])
             materialize(module, "cpu")
         reads = []
-        count = broadcast_weights(copies, lambda reads=reads, source=source: reads.append(rank) or source)
+        count = broadcast_weights([Target(m) for m in copies], lambda reads=reads, source=source: reads.append(rank) or source)
         worst = max((v.full_tensor() - source[k]).abs().max().item() for m in copies for k, v in m.state_dict().items())
         results[(rank, "broadcast", family)] = (worst, reads, count, len(copies))
         for broken in ({k: v for k, v in source.items() if not k.startswith("blocks.1.")}, {**source, "extra.weight": torch.zeros(1)}):
             try:
-                broadcast_weights(copies, lambda broken=broken: broken)
+                broadcast_weights([Target(m) for m in copies], lambda broken=broken: broken)
                 results[(rank, "broadcast_error", family, len(broken))] = "no error"
             except CheckpointError as err:
                 results[(rank, "broadcast_error", family, len(broken))] = str(err)

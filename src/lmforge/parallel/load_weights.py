@@ -49,14 +49,13 @@ class Target:
         return "; ".join(p for p in problems if p) or None
 
 
-def broadcast_weights(targets: Sequence[Target | nn.Module], read: Callable[[], dict[str, torch.Tensor]], what: str = "init_from") -> int:
+def broadcast_weights(targets: Sequence[Target], read: Callable[[], dict[str, torch.Tensor]], what: str = "init_from") -> int:
     """Load the whole state dict `read()` returns on rank 0 into each of `targets` (sharded modules holding those
     weights: the trained model and its frozen copies), on every rank; returns the number of tensors read.
     Collective: every rank calls it; `read` runs on rank 0 only. `what` names the source in errors."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    targets = [t if isinstance(t, Target) else Target(t) for t in targets]
     state: dict[str, torch.Tensor] = {}
     verdict: list[str | int | None] = [None]
     if dist.get_rank() == 0:

@@ -36,6 +36,7 @@ class MetaSource:
     read: Callable[[], dict[str, torch.Tensor]] | None  # whole weights, read on rank 0 only; None: replay the model's init
     prefix: str = ""  # the module's keys are prefix + the checkpoint's (a scalar-head wrapper: "backbone.")
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # weights the checkpoint lacks, drawn as a whole build draws them
+    what: str = "init_from"  # the config key that named the file, for errors
 
 
 def _zero_stride_shadow(model: nn.Module) -> tuple[nn.Module, set[int]]:

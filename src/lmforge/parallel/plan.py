@@ -2,8 +2,9 @@
 
 Order (torchtitan's): tensor parallel on the trained model, then FSDP2 on every child module that has
 transformer blocks (the model, and the DPO/RL reference, reward model and PPO critic, so no rank holds a full
-copy of those either), then — for a meta-device build — allocation of the shards, and either the model's own
-init or the `init_from` weights, read on rank 0 and broadcast into every rank's shards (`load_weights`).
+copy of those either), then — for a meta-device build — allocation of the shards of every module built on meta,
+filled by its source (`meta_shadow.MetaSource`): the model's own init replayed, or whole weights read on rank 0 and
+broadcast (`load_weights`), plus the weights drawn beside them; on a resume nothing: the checkpoint fills them.
 """
 
 from __future__ import annotations
@@ -65,42 +66,41 @@ def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None,
     }
     for _, child in transformers:
         report["fsdp_units"] += apply_fsdp(child, fsdp_mesh, **options) + 1
-    if meta_rng is not None and not fill:
-        report["built_on_meta"] = [name for name, child in stage.named_children() if any(p.is_meta for p in child.parameters())]
-        for name in report["built_on_meta"]:
-            materialize(getattr(stage, name), strategy.root_device)
-        report["weights_from_checkpoint"] = True
-    elif meta_rng is not None:
-        report.update(fill_meta_modules(stage, strategy.root_device, meta_rng, meta_sources or {}))
+    if meta_rng is not None:
+        report.update(fill_meta_modules(stage, strategy.root_device, meta_rng, meta_sources or {}, fill))
     report["host_peak_rss_gb"] = host_peak_rss_gb()  # what building and loading cost this rank's host memory so far
     return report
 
 
-def fill_meta_modules(stage: Any, device: torch.device, meta_rng: torch.Tensor, sources: dict[str, MetaSource]) -> dict[str, Any]:
-    """Allocate every child of `stage` still on meta (sharded by now) and fill it from its source; the weights of one
-    file are read once for all the modules that hold them (the model and its reference; a reward model and the PPO
-    critic started from it)."""
+def fill_meta_modules(stage: Any, device: torch.device, meta_rng: torch.Tensor, sources: dict[str, MetaSource],
+                      fill: bool = True) -> dict[str, Any]:
+    """Allocate every child of `stage` still on meta (sharded by now) and, unless `fill` is off (a resume: the
+    checkpoint restores every tensor), fill it from its source. The weights of one file are read once for all the
+    modules that hold them (the model and its reference; a reward model and the PPO critic started from it)."""
     copy_of_model = MetaSource(sources["model"].read if "model" in sources else None)
-    reads: dict[int, tuple[Any, list[Target]]] = {}
+    reads: dict[int, tuple[MetaSource, list[Target]]] = {}
     filled: dict[str, Any] = {"built_on_meta": []}
     for name, child in stage.named_children():
         if not any(p.is_meta for p in child.parameters()):
             continue
         filled["built_on_meta"].append(name)
         source = sources.get(name, copy_of_model)
-        if source.read is None:  # a fresh family model or a copy of it: its own init, replayed (equal for copies)
+        if fill and source.read is None:  # a fresh family model or a copy of it: its own init, replayed (equal for copies)
             materialize_and_init(child, device, meta_rng, skip=frozenset(source.extras))
             continue
         materialize(child, device)
-        reads.setdefault(id(source.read), (source.read, []))[1].append(Target(child, source.prefix, frozenset(source.extras)))
-    for read, targets in reads.values():
-        filled["weights_broadcast"] = filled.get("weights_broadcast", 0) + broadcast_weights(targets, read)
-    for name, source in sources.items():
-        if source.extras:
-            fill_values(getattr(stage, name), source.extras)
+        if fill:
+            reads.setdefault(id(source.read), (source, []))[1].append(Target(child, source.prefix, frozenset(source.extras)))
     left = [name for name, p in stage.named_parameters() if p.is_meta]
     if left:
         raise RuntimeError(f"meta-device build left {left[:3]} unallocated: set strategy.meta_init=false")
+    if not fill:
+        return {**filled, "weights_from_checkpoint": True}
+    for source, targets in reads.values():
+        filled["weights_broadcast"] = filled.get("weights_broadcast", 0) + broadcast_weights(targets, source.read, source.what)
+    for name, source in sources.items():
+        if source.extras:
+            fill_values(getattr(stage, name), source.extras)
     return filled
 
 

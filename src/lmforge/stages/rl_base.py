@@ -123,7 +123,7 @@ class RLStage(LMStage):
             from lmforge.parallel.meta_shadow import MetaSource
 
             self.reward_model, read = reward_model_on_meta(self.reward_model_path, self.model.config.vocab_size)
-            self.meta_sources["reward_model"] = MetaSource(read)
+            self.meta_sources["reward_model"] = MetaSource(read, what="stage.reward_model")
         elif self.reward_model_path is not None:
             self.reward_model = load_reward_model(self.reward_model_path, self.model.config.vocab_size)
 
