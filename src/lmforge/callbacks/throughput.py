@@ -11,8 +11,6 @@ since the last log. An upper bound on the time the model waits for data; validat
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from typing import Any
 
@@ -22,14 +20,14 @@ from lightning.fabric.utilities.throughput import Throughput
 
 from lmforge.flops import device_peak_flops, model_flops_per_token
 from lmforge.models.counting import build_on_meta
+from lmforge.utils.memory import peak_rss_gb
 
 
 def max_memory_gb(device: torch.device) -> float:
     """Peak allocated GPU memory, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 1e9 if sys.platform == "darwin" else rss * 1024 / 1e9
+    return peak_rss_gb() or 0.0
 
 
 def cuda_memory_stats(device: torch.device) -> dict[str, float]:

@@ -9,7 +9,6 @@ broadcast (`load_weights`), plus the weights drawn beside them; on a resume noth
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from lmforge.parallel.load_weights import Target, broadcast_weights
 from lmforge.parallel.meta_init import materialize, materialize_and_init
 from lmforge.parallel.meta_shadow import MetaSource, fill_values
 from lmforge.parallel.tensor_parallel import apply_tensor_parallel
+from lmforge.utils.memory import peak_rss_gb
 
 
 def is_sharded_strategy(strategy: Any) -> bool:
@@ -68,7 +68,8 @@ def shard_stage(stage: Any, strategy: Any, meta_rng: torch.Tensor | None = None,
         report["fsdp_units"] += apply_fsdp(child, fsdp_mesh, **options) + 1
     if meta_rng is not None:
         report.update(fill_meta_modules(stage, strategy.root_device, meta_rng, meta_sources or {}, fill))
-    report["host_peak_rss_gb"] = host_peak_rss_gb()  # what building and loading cost this rank's host memory so far
+    rss = peak_rss_gb()  # what building and loading cost this rank's host memory so far
+    report["host_peak_rss_gb"] = None if rss is None else round(rss, 2)
     return report
 
 
@@ -103,12 +104,3 @@ def fill_meta_modules(stage: Any, device: torch.device, meta_rng: torch.Tensor, 
             fill_values(getattr(stage, name), source.extras)
     return filled
 
-
-def host_peak_rss_gb() -> float | None:
-    """This process's peak resident memory so far (Linux/macOS `getrusage`); None where it is not available."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**30 if sys.platform == "darwin" else 2**20), 2)  # bytes on macOS, KiB on Linux
