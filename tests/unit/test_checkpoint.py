@@ -186,3 +186,15 @@ def test_reward_checkpoints_are_refused_where_a_language_model_is_expected():
     assert set(model_state_dict(ckpt, scalar_head=True)) == {"head.weight"}
     with pytest.raises(CheckpointError, match="must be a checkpoint written by stage=reward"):
         model_state_dict({"state_dict": {}, "lmforge": {"stage": "SFTStage"}}, scalar_head=True)
+
+
+@pytest.mark.parametrize("kind", ["empty_dir", "text_file"])
+def test_init_from_a_path_that_is_no_model_names_init_from_and_both_fixes(tmp_path: Path, kind: str) -> None:
+    """init_from reads only the architecture up front (weights later, on rank 0 under FSDP): a path that is neither a
+    checkpoint nor an HF directory is refused there, under the key the run was given."""
+    from lmforge.init_from import load_init_source
+
+    path = tmp_path / "model"
+    path.mkdir() if kind == "empty_dir" else path.write_text("not a model")
+    with pytest.raises(CheckpointError, match=r"init_from=.*is not a readable checkpoint.*Fix: pass a Hugging Face model directory \(with config.json\) or"):
+        load_init_source(path)
