@@ -30,7 +30,7 @@ class InitSource:
 
     def load_weights(self) -> dict[str, torch.Tensor]:
         """The source's weights (full tensors, CPU), grown to `vocab_size` rows where the run added tokens."""
-        if self.path.is_dir() and (self.path / "config.json").is_file():
+        if is_hf_dir(self.path):
             from lmforge.interop.hf import load_hf_weights
 
             state = load_hf_weights(self.path)  # straight from the safetensors files where it can
@@ -38,6 +38,11 @@ class InitSource:
             state = model_state_dict(load_checkpoint(self.path))
         source_vocab = int(self.model_cfg["vocab_size"])
         return grow_vocab(state, source_vocab, self.vocab_size) if self.vocab_size else state
+
+
+def is_hf_dir(path: Path) -> bool:
+    """An HF model directory (config.json); other directories are sharded lmforge checkpoints."""
+    return path.is_dir() and (path / "config.json").is_file()
 
 
 def _model_cfg_dict(cfg: Any) -> dict[str, Any]:
@@ -50,14 +55,14 @@ def load_init_source(path: str | Path) -> InitSource:
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"init_from={str(path)!r} does not exist. Fix: pass an lmforge .ckpt or a Hugging Face model directory.")
-    if path.is_dir() and (path / "config.json").is_file():
+    if is_hf_dir(path):
         from lmforge.generation.loading import load_hf_tokenizer
-        from lmforge.interop.hf import config_from_hf, transformers_module
+        from lmforge.interop.hf import read_hf_config
 
-        hf_cfg = transformers_module().AutoConfig.from_pretrained(path, local_files_only=True)
+        conv, hf_cfg = read_hf_config(path)
         # eos/bos/pad roles from tokenizer_config.json, so a foreign tokenizer (Llama's </s>) keeps its specials
         tokenizer = load_hf_tokenizer(path) if (path / "tokenizer.json").is_file() else None
-        return InitSource(path, _model_cfg_dict(config_from_hf(hf_cfg)), tokenizer)
+        return InitSource(path, _model_cfg_dict(conv.config_from_hf(hf_cfg)), tokenizer)
     try:
         meta = load_checkpoint(path, weights=False)["lmforge"]
     except CheckpointError as err:  # the same diagnosis, under the key this run was given

@@ -21,7 +21,8 @@ from lmforge.errors import LmforgeError
 from lmforge.interop.converter import HFConverter, transformers_module
 from lmforge.models import family_classes
 
-__all__ = ["config_from_hf", "config_to_hf", "converter_for", "from_hf", "load_hf", "load_hf_weights", "read_hf_weights", "save_hf", "to_hf"]
+__all__ = ["config_from_hf", "config_to_hf", "converter_for", "from_hf", "load_hf", "load_hf_weights", "read_hf_config", "read_hf_weights",
+           "save_hf", "to_hf"]
 
 # family -> module holding its CONVERTER; HF model_type -> family
 _CONVERTER_MODULES = {
@@ -153,15 +154,19 @@ def save_hf(
     return out
 
 
-def load_hf(directory: str | os.PathLike[str]) -> nn.Module:
-    """Load a local HF model directory (never the Hub) of any supported family as an lmforge model."""
+def read_hf_config(directory: str | os.PathLike[str]) -> tuple[HFConverter, Any]:
+    """The converter and the transformers config of a local HF model directory (its config.json only)."""
     path = Path(directory)
     if not (path / "config.json").is_file():
         raise LmforgeError(f"{path} is not an HF model directory (no config.json). Fix: point at the folder holding config.json + *.safetensors")
-    transformers = transformers_module()
-    hf_cfg = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    conv = converter_for(model_type=hf_cfg.model_type)
-    hf = getattr(transformers, conv.hf_class_name(hf_cfg)).from_pretrained(path, local_files_only=True)
+    hf_cfg = transformers_module().AutoConfig.from_pretrained(path, local_files_only=True)
+    return converter_for(model_type=hf_cfg.model_type), hf_cfg
+
+
+def load_hf(directory: str | os.PathLike[str]) -> nn.Module:
+    """Load a local HF model directory (never the Hub) of any supported family as an lmforge model."""
+    conv, hf_cfg = read_hf_config(directory)
+    hf = getattr(transformers_module(), conv.hf_class_name(hf_cfg)).from_pretrained(Path(directory), local_files_only=True)
     return from_hf(hf)
 
 
@@ -186,8 +191,7 @@ def read_hf_weights(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor
     files = _weight_files(path)
     if files is None:
         return None
-    hf_cfg = transformers_module().AutoConfig.from_pretrained(path, local_files_only=True)
-    conv = converter_for(model_type=hf_cfg.model_type)
+    conv, hf_cfg = read_hf_config(path)
     cfg = conv.config_from_hf(hf_cfg)
     theirs: dict[str, torch.Tensor] = {}
     for file in files:
@@ -197,11 +201,11 @@ def read_hf_weights(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor
         ours = conv.weights_from_hf(theirs, cfg)
     except KeyError:  # legacy names (a bare model's, old checkpoints'): transformers' loader knows them
         return None
+    from lmforge.models.counting import skip_init
+
     _, model_cls = family_classes(cfg.family)
-    rng = torch.get_rng_state()
-    with torch.device("meta"):
+    with torch.device("meta"), skip_init():  # the structure only: no storage, no init drawn
         expected = {k: v.shape for k, v in model_cls(cfg).state_dict().items()}
-    torch.set_rng_state(rng)
     if expected.keys() != ours.keys() or any(ours[k].shape != shape for k, shape in expected.items()):
         return None
     return {k: v.float().contiguous() for k, v in ours.items()}

@@ -65,7 +65,7 @@ class _FullTensorInit(TorchFunctionMode):
         self.skip = skip
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        from torch.distributed.tensor import DTensor, distribute_tensor
+        from torch.distributed.tensor import DTensor
 
         kwargs = kwargs or {}
         target = _target(args, kwargs)
@@ -76,11 +76,22 @@ class _FullTensorInit(TorchFunctionMode):
             full = torch.empty(target.shape, dtype=target.dtype, device="cpu") if overwrites else target.full_tensor().cpu()
             rest = tuple(a.full_tensor().cpu() if isinstance(a, DTensor) else a for a in args)
             _call_on(func, full, rest, kwargs)
-            shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None).to_local()
-            with torch.no_grad():
-                target.to_local().copy_(shard)
+            copy_full_into(target, full)
             return target
         return func(*args, **kwargs)
+
+
+def copy_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Write the whole tensor `full` into `target`; for a (sharded) DTensor, this rank's slice of it as
+    `distribute_tensor` lays it out, with no communication (every rank holds the same `full`)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(target, DTensor):
+            shard = distribute_tensor(full.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+            target.to_local().copy_(shard.to_local())
+        else:
+            target.copy_(full)
 
 
 def draw_on_meta() -> TorchFunctionMode:

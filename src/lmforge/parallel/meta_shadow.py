@@ -92,16 +92,9 @@ def base_key(name: str) -> str:
 
 
 def fill_values(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
-    """Copy `values` (whole tensors, by parameter name) into `model`'s allocated (sharded) parameters: each rank keeps
-    its slice of the whole tensor, as `distribute_tensor` lays it out."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    """Copy `values` (whole tensors, by parameter name) into `model`'s allocated (sharded) parameters."""
+    from lmforge.parallel.meta_init import copy_full_into
 
     params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, full in values.items():
-            param = params[name]
-            if isinstance(param, DTensor):
-                local = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None).to_local()
-                param.to_local().copy_(local)
-            else:
-                param.copy_(full)
+    for name, full in values.items():
+        copy_full_into(params[name], full)

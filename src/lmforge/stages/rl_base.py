@@ -47,12 +47,12 @@ def load_reward_model(path: str, vocab_size: int) -> ScalarHeadModel:
 def reward_model_on_meta(path: str, vocab_size: int) -> tuple[ScalarHeadModel, Callable[[], dict[str, torch.Tensor]]]:
     """The frozen reward model built on the meta device (drawing from the generator what `load_reward_model` draws),
     and the reader of its weights, which a sharded run calls on rank 0 only (`parallel.load_weights`)."""
-    from lmforge.models import build
-    from lmforge.parallel.meta_init import draw_on_meta
+    from lmforge.parallel.meta_init import build_on_meta, draw_on_meta
 
     model_cfg = reward_model_cfg(load_checkpoint(path, weights=False), path, vocab_size)
-    with torch.device("meta"), draw_on_meta():
-        model = ScalarHeadModel(build(model_cfg))
+    backbone, _ = build_on_meta(model_cfg)
+    with torch.device("meta"), draw_on_meta():  # the head's init draws, as in load_reward_model
+        model = ScalarHeadModel(backbone)
     return model.requires_grad_(False).eval(), lambda: model_state_dict(load_checkpoint(path), scalar_head=True)
 
 
