@@ -46,3 +46,35 @@ def test_default_config_builds_it() -> None:
     cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "optimizer" / "adamw.yaml")
     opt = instantiate(cfg)(decay_param_groups(model(), cfg.weight_decay))
     assert type(opt) is AdamW and opt.defaults["fused"] is True and opt.defaults["betas"] == (0.9, 0.99)
+
+
+def test_fsdp2_dtensor_parameters_get_the_fused_kernel_and_the_same_updates() -> None:
+    """FSDP2 parameters are DTensors on one mesh: fused (one pass per shard), updates equal to torch's loop on the
+    unsharded model; parameters spread over two meshes keep torch's choice."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sharded, plain = model(), model()
+        mesh = init_device_mesh("cpu", (1,))
+        fully_shard(sharded, mesh=mesh)
+        kw = {"lr": 1e-2, "weight_decay": 0.1}
+        opt_a, opt_b = AdamW(sharded.parameters(), **kw), torch.optim.AdamW(plain.parameters(), foreach=False, **kw)
+        assert opt_a.defaults["fused"] is True
+        x = torch.randn(32, 8)
+        for _ in range(4):
+            for m, opt in ((sharded, opt_a), (plain, opt_b)):
+                m(x).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+        for p, q in zip(sharded.parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p.full_tensor(), q, rtol=1e-5, atol=1e-6)
+        other = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
+        mixed = [torch.nn.Parameter(distribute_tensor(torch.zeros(4), mesh, [Replicate()])),
+                 torch.nn.Parameter(distribute_tensor(torch.zeros(4), other, [Replicate()]))]
+        assert not can_fuse(mixed) and can_fuse(mixed[:1])
+    finally:
+        dist.destroy_process_group()

@@ -6,9 +6,10 @@ uses by default (`adamw_torch_fused`). The fused kernel updates each parameter i
 weight, gradient and two moments; the loop makes ~10 passes and ~10 Python op dispatches per parameter
 (`python scripts/benchmark.py train-vs-hf` reports which implementation each side ran).
 
-Fused is chosen only for plain tensors on CPU or CUDA with a floating dtype (torch's own condition);
-DTensor parameters (FSDP2 / tensor parallel), other devices, or an explicit `foreach=True` keep torch's
-choice. `fused=True` / `False` are passed through unchanged. The object is a torch.optim.AdamW: its
+Fused is chosen for parameters on CPU or CUDA with a floating dtype (torch's own condition), plain tensors or
+FSDP2's DTensors on one mesh (each rank's shards in one pass, where foreach makes several over every weight,
+gradient and moment); parameters over several meshes, other devices, or an explicit `foreach=True` keep
+torch's choice. `fused=True` / `False` are passed through unchanged. The object is a torch.optim.AdamW: its
 state dict, schedulers and Lightning treat it as one.
 """
 
@@ -35,12 +36,17 @@ def _params(params: Any) -> list[torch.Tensor]:
 
 
 def can_fuse(params: Iterable[torch.Tensor]) -> bool:
-    """Every parameter a plain tensor (not a subclass such as DTensor) on CPU/CUDA with a floating dtype."""
+    """Every parameter on CPU/CUDA with a floating dtype, and either all plain tensors or all DTensors of one device
+    mesh (FSDP2: DTensor runs the fused kernel on each rank's shard; parameters spread over several meshes, as
+    tensor parallel's 2-D layouts can be, keep torch's foreach choice)."""
+    from torch.distributed.tensor import DTensor
+
     params = list(params)
-    return bool(params) and all(
-        type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in FUSED_DEVICES and p.is_floating_point()
-        for p in params
-    )
+    if not params or not all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params):
+        return False
+    if all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params):
+        return True
+    return all(isinstance(p, DTensor) for p in params) and len({id(p.device_mesh) for p in params}) == 1
 
 
 class AdamW(torch.optim.AdamW):
