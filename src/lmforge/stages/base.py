@@ -25,6 +25,7 @@ from lmforge.models import build
 from lmforge.objectives.base import LossOutput
 from lmforge.optim.grad_norm import clip_grads_, total_grad_norm
 from lmforge.optim.param_groups import decay_param_groups, muon_param_groups, true_numel
+from lmforge.stages.step_checks import DeviceStepChecks, takes_device_checks, unwrap
 
 SCHEMA_VERSION = 1
 
@@ -76,6 +77,8 @@ class LMStage(L.LightningModule):
         self.spike_detector = (LossSpikeDetector(threshold=float(loss_spike_threshold), warmup=int(loss_spike_warmup))
                                if loss_spike_threshold is not None else None)
         self.pending_loss: tuple[int, torch.Tensor] | None = None  # (step, loss) until the step is known not skipped
+        # fused optimizers: the non-finite check and clipping run on the device (stages/step_checks.py); None: on the host
+        self.step_checks: DeviceStepChecks | None = None
 
     # --- model ---------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -200,10 +203,11 @@ class LMStage(L.LightningModule):
         loss = out.loss if aux is None else out.loss + aux
         if aux is not None:
             self.log_moe_metrics()
-        if not self.loss_is_finite(loss):  # None: Lightning skips backward; the optimizer sees no grads
+        if self.step_checks is not None:  # judged with the grad norm on the device: no wait for the GPU here
+            self.step_checks.note_loss(loss)
+        elif not self.loss_is_finite(loss):  # None: Lightning skips backward; the optimizer sees no grads
             self.skip_step(f"loss={loss.item()}")
             return None
-        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
         self.note_train_loss(out.loss)
         return loss
 
@@ -214,19 +218,61 @@ class LMStage(L.LightningModule):
         if self.spike_detector is not None:
             self.pending_loss = (self.trainer.global_step if self._trainer is not None else -1, loss.detach())
 
+    def on_train_start(self) -> None:
+        """Device-side step checks where nothing needs the host's verdict first: automatic optimisation, one
+        optimizer that takes found_inf/grad_scale, no fp16 GradScaler (it owns those), no DeepSpeed engine, and
+        clipping by norm or none."""
+        trainer = self.trainer
+        optimizers = trainer.optimizers
+        self.step_checks = DeviceStepChecks() if (
+            self.automatic_optimization and len(optimizers) == 1 and takes_device_checks(optimizers[0])
+            and not self.engine_owns_gradients() and getattr(trainer.precision_plugin, "scaler", None) is None
+            and getattr(trainer, "gradient_clip_algorithm", None) in (None, "norm")  # a str enum: equal to "norm"
+        ) else None
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().optimizer_step(*args, **kwargs)
+        finally:
+            if self.step_checks is not None and self._trainer is not None:
+                for optimizer in self.trainer.optimizers:
+                    DeviceStepChecks.disarm(optimizer)
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log_engine_grad_norm()
-        if self.spike_detector is None:
+        if self.step_checks is not None:
+            if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:  # Lightning reads the logs now anyway
+                self.settle_steps()
+        else:
+            pending, self.pending_loss = self.pending_loss, None
+            if pending is not None and self.spike_detector is not None:
+                self.judge_loss(*pending)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
+        if self.spike_detector is not None:
+            self.log("train/loss_spikes", float(self.spike_detector.spikes), on_step=True)
+
+    def on_train_end(self) -> None:
+        self.settle_steps()
+
+    def settle_steps(self) -> None:
+        """The device-side verdicts so far, in step order: skipped steps counted (fatal past max_skipped_steps),
+        the others' losses judged for spikes."""
+        if self.step_checks is None:
             return
-        pending, self.pending_loss = self.pending_loss, None
-        if pending is not None:
-            step, loss = pending
-            spike = self.spike_detector.update(loss.float().item())
-            if spike is not None:
-                log.warning("step %d: loss spike: train/loss=%.4g is %.1f std above its moving mean %.4g (%d so far; "
-                            "stage.loss_spike_threshold=%g)", step, spike.loss, spike.sigmas, spike.mean,
-                            self.spike_detector.spikes, self.spike_detector.threshold)
-        self.log("train/loss_spikes", float(self.spike_detector.spikes), on_step=True)
+        for record, skipped, loss in self.step_checks.settle():
+            if skipped:
+                self.skip_step(DeviceStepChecks.reason(record), step=record.step)
+            elif record.spike_loss is not None and self.spike_detector is not None:
+                self.judge_loss(record.spike_loss[0], loss)
+
+    def judge_loss(self, step: int, loss: torch.Tensor | float) -> None:
+        """Feed a kept step's train/loss to the spike detector; warn on a spike."""
+        assert self.spike_detector is not None
+        spike = self.spike_detector.update(float(loss.float().item()) if isinstance(loss, torch.Tensor) else loss)
+        if spike is not None:
+            log.warning("step %d: loss spike: train/loss=%.4g is %.1f std above its moving mean %.4g (%d so far; "
+                        "stage.loss_spike_threshold=%g)", step, spike.loss, spike.sigmas, spike.mean,
+                        self.spike_detector.spikes, self.spike_detector.threshold)
 
     def engine_owns_gradients(self) -> bool:
         """DeepSpeed: gradients live in the engine's buffers, which norms, clips and steps them itself."""
@@ -261,11 +307,12 @@ class LMStage(L.LightningModule):
             bad = self.trainer.strategy.reduce(bad, reduce_op="max")
         return not bool(bad)
 
-    def skip_step(self, why: str) -> None:
+    def skip_step(self, why: str, step: int | None = None) -> None:
+        """Count a skipped step (logged as train/skipped_steps at the batch's end), warn, and stop past the limit."""
         self.skipped_steps += 1
         self.pending_loss = None  # a skipped step's loss stays out of the spike statistics
-        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True)
-        step = self.trainer.global_step if self._trainer is not None else -1
+        if step is None:
+            step = self.trainer.global_step if self._trainer is not None else -1
         log.warning("step %d skipped: non-finite %s (%d skipped so far)", step, why, self.skipped_steps)
         if self.max_skipped_steps is not None and self.skipped_steps > self.max_skipped_steps:
             raise TrainingDivergedError(
@@ -304,6 +351,13 @@ class LMStage(L.LightningModule):
         if not params or self.engine_owns_gradients():
             return
         norm = total_grad_norm([p.grad for p in params])  # DTensor-aware (FSDP2 / tensor parallel)
+        if self.step_checks is not None:  # found_inf / grad_scale for the fused optimizer: nothing read back here
+            agree = (lambda bad: self.trainer.strategy.reduce(bad, reduce_op="max")) if self.trainer.world_size > 1 else None
+            self.step_checks.arm(unwrap(optimizer), self.trainer.global_step, norm, self.pending_loss, agree)
+            self.pending_loss = None
+            self.log("train/grad_norm", norm, on_step=True)
+            self._grad_norm = norm
+            return
         if not torch.isfinite(norm) and getattr(self.trainer.precision_plugin, "scaler", None) is None:
             for p in params:  # fp16's GradScaler skips overflowing steps itself and must still see them
                 p.grad = None
@@ -323,6 +377,10 @@ class LMStage(L.LightningModule):
         to clip for fused optimizers even under bf16, where there is nothing to unscale. fp16 keeps Lightning's path."""
         norm, self._grad_norm = getattr(self, "_grad_norm", None), None
         if self.engine_owns_gradients():  # DeepSpeed clips inside its step (trainer.gradient_clip_val is in its config)
+            return
+        if self.step_checks is not None:  # inside the fused optimizer's kernel (stages/step_checks.py)
+            if gradient_clip_val and norm is not None:
+                DeviceStepChecks.clip(unwrap(optimizer), norm, gradient_clip_val)
             return
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if gradient_clip_val and scaler is None and (gradient_clip_algorithm or "norm") == "norm":
@@ -390,6 +448,7 @@ class LMStage(L.LightningModule):
         """Everything eval/generate need besides weights: resolved config, tokenizer, W&B run id."""
         checkpoint["lmforge"] = {"schema_version": SCHEMA_VERSION, **self.metadata, "peft": self.peft_cfg, "stage": type(self).__name__}
         # counters that must survive a resume: max_skipped_steps counts across it, spike statistics carry on
+        self.settle_steps()  # the counters below must include every step taken so far
         checkpoint["lmforge_train_state"] = {"skipped_steps": self.skipped_steps, "loss_spikes": self.spike_state()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
