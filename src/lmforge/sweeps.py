@@ -49,7 +49,9 @@ class DivergenceGuard(L.Callback):
     """Stops a run whose training loss diverged, so a sweep trial ends with a bad score instead of burning its
     budget or raising (`stage.max_skipped_steps`) and taking the whole sweep down.
 
-    Non-finite loss: stop now if `stop_on_nan`. Finite spike: the loss above `max_loss` or `max_ratio` x the
+    Checked on logging steps by default (`every_n_steps: null` = trainer.log_every_n_steps): reading the loss makes
+    the host wait for the GPU, and there Lightning reads it anyway; between them non-finite steps are skipped by the
+    stage (`stage.max_skipped_steps`). Non-finite loss: stop now if `stop_on_nan`. Finite spike: the loss above `max_loss` or `max_ratio` x the
     first checked loss for `patience` consecutive checks: stop if `stop_on_spike`. Both null (default): stop
     inside a Hydra multirun, only warn in a single run (a long run may recover; the stage bounds NaN steps).
     """
@@ -62,9 +64,9 @@ class DivergenceGuard(L.Callback):
         patience: int = 10,
         stop_on_spike: bool | None = None,
         stop_on_nan: bool | None = None,
-        every_n_steps: int = 1,
+        every_n_steps: int | None = None,
     ) -> None:
-        if patience < 1 or every_n_steps < 1:
+        if patience < 1 or (every_n_steps is not None and every_n_steps < 1):
             raise ValueError("DivergenceGuard: patience and every_n_steps must be >= 1")
         self.monitor, self.max_loss, self.max_ratio, self.patience = monitor, max_loss, max_ratio, patience
         self.stop_on_spike, self.stop_on_nan, self.every_n_steps = stop_on_spike, stop_on_nan, every_n_steps
@@ -109,7 +111,8 @@ class DivergenceGuard(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.diverged or trainer.global_step % self.every_n_steps:
+        every = self.every_n_steps or max(1, trainer.log_every_n_steps)  # None: logging steps, where the loss is read anyway
+        if self.diverged or trainer.global_step % every:
             return
         value = trainer.callback_metrics.get(self.monitor)
         reason = self.check(float(value)) if value is not None else ""

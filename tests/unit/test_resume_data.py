@@ -186,3 +186,25 @@ def test_datamodule_shards_the_train_order_across_ranks(tmp_path) -> None:
         assert next(iter(loader))["input_ids"].shape == (4, 8)
     assert not set(seen[0]) & set(seen[1])
     assert len(seen[0]) + len(seen[1]) == 2 * (len(dm.train_set) // 2)
+
+
+def test_train_loaders_pin_their_batches_for_cuda_trainers_only(tmp_path) -> None:
+    """Pinned batches are copied to the GPU without the host waiting for its queue; on CPU pinning is skipped."""
+    from types import SimpleNamespace
+
+    from lmforge.data.corpus import Corpus, Document
+    from lmforge.data.datamodule import PackedTextDataModule
+    from lmforge.data.sampler import pin_for
+    from lmforge.data.tokenizer import BPETokenizerSpec
+
+    def trainer(device: str) -> SimpleNamespace:
+        return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), distributed_sampler_kwargs=None)
+
+    assert pin_for(trainer("cuda")) and not pin_for(trainer("cpu")) and not pin_for(None)
+    text = "the quick brown fox jumps over the lazy dog. " * 50
+    corpus = Corpus({"train": [Document("t", text)], "val": [Document("v", text[:300])]})
+    dm = PackedTextDataModule(corpus, BPETokenizerSpec(vocab_size=300).train([text]), block_size=8, batch_size=4, cache_dir=tmp_path)
+    dm.setup("fit")
+    for device, pinned in (("cpu", False), ("cuda", True)):
+        dm.trainer = trainer(device)
+        assert dm.train_dataloader().pin_memory is pinned

@@ -32,9 +32,10 @@ class _Logger:
         self.logged.append((metrics, step))
 
 
-def _trainer(**callbacks: object) -> SimpleNamespace:
+def _trainer(log_every_n_steps: int = 1, **callbacks: object) -> SimpleNamespace:
     return SimpleNamespace(
         callback_metrics={}, global_step=0, should_stop=False, loggers=[_Logger()], callbacks=list(callbacks.values()),
+        log_every_n_steps=log_every_n_steps,
         strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all=True: decision),
     )
 
@@ -58,6 +59,29 @@ def test_guard_stops_at_once_on_non_finite_loss(bad):
     assert guard.diverged and trainer.callback_metrics[DIVERGED_KEY].item() == 1.0
     assert trainer.loggers[0].logged == [({DIVERGED_KEY: 1.0}, 3)]
     assert trainer.callbacks == [other]  # sampling from NaN logits would raise in the stop's validation
+
+
+def test_guard_reads_the_loss_on_logging_steps_only_unless_told() -> None:
+    """Reading train/loss waits for the GPU: by default the guard checks where Lightning logs (and reads) it anyway."""
+    class Loss:  # counts the host reads
+        reads = 0
+
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def __float__(self) -> float:
+            Loss.reads += 1
+            return self.value
+
+    trainer = _trainer(log_every_n_steps=5)
+    guard = DivergenceGuard(stop_on_nan=True)
+    for step in range(1, 11):
+        trainer.global_step = step
+        trainer.callback_metrics["train/loss"] = Loss(float("nan") if step == 3 else 2.0)
+        guard.on_train_batch_end(trainer, None, None, None, step - 1)
+    assert Loss.reads == 2 and not trainer.should_stop  # steps 5 and 10; the NaN of step 3 was never logged
+    every_step, trainer = DivergenceGuard(stop_on_nan=True, every_n_steps=1), _trainer(log_every_n_steps=5)
+    assert _feed(every_step, trainer, [2.0, 2.0, float("nan")]) == 3
 
 
 def test_guard_stops_on_a_sustained_spike_only():

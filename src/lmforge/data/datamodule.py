@@ -19,7 +19,7 @@ from lmforge.data.clean import CleanConfig, CleanedCorpus
 from lmforge.data.corpus import Corpus
 from lmforge.data.mixture import MixtureCorpus
 from lmforge.data.packed import PackedBlocks, collate_document_blocks
-from lmforge.data.sampler import ResumableLoader, ResumableSampler
+from lmforge.data.sampler import ResumableLoader, ResumableSampler, pin_for
 from lmforge.data.shards import DEFAULT_SHARD_TOKENS, TokenShards, cache_folder, load_or_build
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import ConfigError, DataError
@@ -160,7 +160,7 @@ class PackedTextDataModule(L.LightningDataModule):
         sampler = ResumableSampler(len(self.train_set), seed=self.seed, shuffle=self.shuffle, rank=rank, world_size=world)
         return ResumableLoader(
             self.train_set, sampler, self.batch_size, fingerprint=self.data_fingerprint(), collate_fn=self._collate(),
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=False,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=pin_for(trainer),
         )
 
     def val_dataloader(self) -> DataLoader:

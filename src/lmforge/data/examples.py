@@ -33,7 +33,7 @@ from lmforge.data.chat import CHATML_SPECIALS, IM_END, IM_START, render_chatml
 from lmforge.data.corpus import Corpus, Document
 from lmforge.data.packed import IGNORE_INDEX, collate_document_blocks
 from lmforge.data.records import load_source, prompt_text, record_text
-from lmforge.data.sampler import ResumableLoader, ResumableSampler
+from lmforge.data.sampler import ResumableLoader, ResumableSampler, pin_for
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import ConfigError, DataError
 
@@ -330,6 +330,7 @@ class RecordsDataModule(L.LightningDataModule, ABC):
             collate_fn=self._collate(),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=pin_for(trainer),
         )
 
     def val_dataloader(self) -> DataLoader:

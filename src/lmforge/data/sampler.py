@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lmforge.errors import DataError
@@ -60,6 +61,14 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples  # a full epoch: Lightning counts resumed batches against this length
+
+
+def pin_for(trainer: Any) -> bool:
+    """Page-locked batches when the trainer runs on CUDA: Lightning then copies them with non_blocking=True, which
+    from pinned memory is queued behind the GPU's work like a kernel; from pageable memory the copy is staged by the
+    host and may wait for the queue (a per-step pause in the GPU's work). Elsewhere pinning buys nothing."""
+    device = getattr(getattr(trainer, "strategy", None), "root_device", None)
+    return isinstance(device, torch.device) and device.type == "cuda"
 
 
 class ResumableLoader(DataLoader):
