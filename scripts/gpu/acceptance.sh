@@ -20,10 +20,14 @@ python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightnin
 timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests/integration/test_deepspeed.py tests/unit/test_attention_backends.py \
     2>&1 | tail -30 | tee "$OUT/pytest.txt"
 
-# 2. MFU targets (issue 6): GPT-2 124M, bf16, seq 1024, and llama-1b (TinyLlama shape), seq 2048: >= 50% each.
+# 2. MFU targets (issue 6): GPT-2 124M, bf16, seq 1024, and llama-1b (TinyLlama shape) under FSDP, seq 2048: >= 50% each.
 bench() { timeout 120 python3 scripts/benchmark.py --precision bf16-mixed --compile --steps 20 "$@" 2>&1 | tail -8; }
 { bench --models gpt2 --block 1024 --batch 16 --vocab 50304
-  bench --models llama-1b --block 2048 --batch 4 --vocab 32000; } | tee "$OUT/mfu.txt"
+  bench --models llama-1b --block 2048 --batch 4 --vocab 32000
+  # the FSDP target through train.py: experiment=llama1b_h100's settings (16 x 2048, no reshard on one GPU)
+  timeout 200 python3 scripts/benchmark.py matrix --models llama-1b --strategies fsdp:1 --precisions bf16-mixed --compile true \
+      --block 2048 --batch 16 --steps 30 --out /tmp/mfu_fsdp -- tokenizer.vocab_size=32000 model.vocab_size=32000 \
+      strategy.reshard_after_forward=false 2>&1 | grep -E "^\[1\]"; } | tee "$OUT/mfu.txt"
 # 3. Chunked head + loss vs full logits on CUDA (peak allocated memory, fwd+bwd ms), vocab 32000 and 128256.
 timeout 300 python3 scripts/benchmark.py head-loss --device cuda --out "$OUT/head-loss" 2>&1 | tail -12 | tee "$OUT/head-loss.txt"
 # 4. DPO/RL per-token log-probs through the chunked head vs full logits on CUDA.

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Where FSDP on one GPU loses to strategy=auto (2026-11-24, H100: llama-1b through train.py, 34.7% against 42.2% MFU),
+# Where FSDP on one GPU loses to strategy=auto. 2026-11-24, H100, llama-1b through train.py at 4 x 2048: first 34.7% against 42.2% MFU;
+# in the third session reshard_after_forward=false closed most of it (39.7% vs 33.6%, auto 41.3%, vocab 32000), and per-block
+# compile was slower than whole-model compile (31.4% vs 33.7%, vocab 4096).
 # in one command on a lent GPU, after acceptance.sh has installed .whl/ (or with .whl carried again):
 #   run(command="OUT=$OUT bash scripts/gpu/fsdp_gap.sh", carry=[".whl"], timeout_s=600)
 # Cells: auto vs fsdp:1, each with a whole-model compile (`true`: under FSDP2 dynamo breaks its graph at every
