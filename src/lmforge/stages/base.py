@@ -324,8 +324,10 @@ class LMStage(L.LightningModule):
 
     def log_train_loss(self, loss: torch.Tensor) -> None:
         """`train/loss`, averaged over ranks (one scalar all-reduce), so a multi-process run's curve is the
-        single-process one with the same global batch rather than rank 0's share."""
-        self.log("train/loss", loss.detach(), on_step=True, prog_bar=True, sync_dist=True)
+        single-process one with the same global batch rather than rank 0's share. Not a progress-bar metric: Lightning
+        turns those into Python numbers at every step (a wait for the GPU); `callbacks/progress.py` shows it instead,
+        read on logging steps."""
+        self.log("train/loss", loss.detach(), on_step=True, sync_dist=True)
 
     def log_lr(self) -> None:
         if self._trainer is not None and self.trainer.optimizers:
