@@ -61,7 +61,7 @@ class DivergenceGuard(L.Callback):
         monitor: str = "train/loss",
         max_loss: float | None = None,
         max_ratio: float | None = 3.0,
-        patience: int = 10,
+        patience: int = 3,
         stop_on_spike: bool | None = None,
         stop_on_nan: bool | None = None,
         every_n_steps: int | None = None,
