@@ -99,3 +99,17 @@ def clm_step_with_kernels(cfg: dict, kernels: str, bf16: bool = False, context=N
     finally:
         cpu_kernels.set_cpu_kernels(before)
     return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+
+
+class CountedLoss:
+    """A loss value that counts how often the host reads it (`float()`): checks that a callback reads train/loss
+    on logging steps only, where a GPU run's read is a wait for the device."""
+
+    reads = 0
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+
+    def __float__(self) -> float:
+        type(self).reads += 1
+        return self.value

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import lightning as L
 import torch
+from conftest import CountedLoss
 from lightning.pytorch.callbacks import RichProgressBar
 from torch.utils.data import DataLoader
 
@@ -16,17 +17,8 @@ from lmforge.objectives.clm import CausalLM
 from lmforge.stages.base import LMStage
 
 
-class CountedLoss:
-    """A loss value that counts how often the host reads it."""
-
+class Loss(CountedLoss):  # its own count
     reads = 0
-
-    def __init__(self, value: float) -> None:
-        self.value = value
-
-    def __float__(self) -> float:
-        CountedLoss.reads += 1
-        return self.value
 
 
 def test_bar_reads_the_loss_on_logging_steps_and_shows_the_last_value_between(monkeypatch) -> None:
@@ -36,9 +28,9 @@ def test_bar_reads_the_loss_on_logging_steps_and_shows_the_last_value_between(mo
     shown = {}
     for step in range(1, 11):
         trainer.global_step = step
-        trainer.callback_metrics["train/loss"] = CountedLoss(float(step))
+        trainer.callback_metrics["train/loss"] = Loss(float(step))
         shown[step] = bar.get_metrics(trainer, None)
-    assert CountedLoss.reads == 2  # steps 5 and 10
+    assert Loss.reads == 2  # steps 5 and 10
     assert "train/loss" not in shown[4] and shown[7] == {"train/loss": 5.0, "at_step": 5} and shown[10]["train/loss"] == 10.0
 
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import CountedLoss
 from omegaconf import OmegaConf
 
 from lmforge.callbacks.samples import SampleGeneration
@@ -63,15 +64,8 @@ def test_guard_stops_at_once_on_non_finite_loss(bad):
 
 def test_guard_reads_the_loss_on_logging_steps_only_unless_told() -> None:
     """Reading train/loss waits for the GPU: by default the guard checks where Lightning logs (and reads) it anyway."""
-    class Loss:  # counts the host reads
+    class Loss(CountedLoss):  # its own count
         reads = 0
-
-        def __init__(self, value: float) -> None:
-            self.value = value
-
-        def __float__(self) -> float:
-            Loss.reads += 1
-            return self.value
 
     trainer = _trainer(log_every_n_steps=5)
     guard = DivergenceGuard(stop_on_nan=True)
