@@ -5,7 +5,9 @@ CUDA kernels by total time, grouped (GEMM, attention, Triton-fused, optimizer, o
     python scripts/gpu/profile_step.py llama-1b:b=4,t=2048,v=32000 --out $OUT/profile.json
 
 A variant is `preset:key=value,...` with keys b (batch), t (block), v (vocab), compile (1/0, default 1),
-full (1: loss from full logits), prof (1/0: run the kernel profiler, default 1). Same step as
+full (1: loss from full logits), prof (1/0: run the kernel profiler, default 1), mode (torch.compile mode, e.g.
+max-autotune-no-cudagraphs or reduce-overhead; default: torch's), attn (SDPA backend forced for the step: cudnn,
+flash, efficient or math; default: torch's choice). Same step as
 `scripts/benchmark.py` (bf16 autocast, fused AdamW), so its numbers are comparable; this is a diagnostic for a
 lent GPU, the benchmark is the record.
 """
@@ -13,6 +15,7 @@ lent GPU, the benchmark is the record.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -60,11 +63,23 @@ CATEGORIES = [  # first match wins
 ]
 
 
+def attention_backend(name: str | None) -> contextlib.AbstractContextManager:
+    """SDPA restricted to one backend (`sdpa_kernel`), or torch's own choice for None."""
+    if name is None:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel(backends[name])
+
+
 def parse(spec: str) -> dict:
     name, _, rest = spec.partition(":")
     kv = dict(item.split("=", 1) for item in rest.split(",") if item)
     return {"model": name, "b": int(kv.get("b", 16)), "t": int(kv.get("t", 1024)), "v": int(kv.get("v", 50304)),
-            "compile": kv.get("compile", "1") == "1", "full": kv.get("full", "0") == "1", "prof": kv.get("prof", "1") == "1"}
+            "compile": kv.get("compile", "1") == "1", "full": kv.get("full", "0") == "1", "prof": kv.get("prof", "1") == "1",
+            "mode": kv.get("mode"), "attn": kv.get("attn")}
 
 
 def run(var: dict, steps: int, top: int) -> dict:
@@ -75,7 +90,7 @@ def run(var: dict, steps: int, top: int) -> dict:
     torch.manual_seed(0)
     model = build(cfg, vocab_size=var["v"]).to(DEV)
     if var["compile"]:
-        model.compile()
+        model.compile(mode=var["mode"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     objective = CausalLM(fused_loss=not var["full"])
     x = torch.randint(0, var["v"], (var["b"], var["t"] + 1), device=DEV)
@@ -84,7 +99,7 @@ def run(var: dict, steps: int, top: int) -> dict:
 
     def step(timed: bool = False) -> tuple[float, float, float]:
         ev[0].record()
-        with torch.autocast(DEV, dtype=torch.bfloat16):
+        with torch.autocast(DEV, dtype=torch.bfloat16), attention_backend(var["attn"]):
             loss = objective(model, batch).loss
         ev[1].record()
         loss.backward()
