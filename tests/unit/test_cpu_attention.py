@@ -212,3 +212,17 @@ def test_the_packed_entry_point_equals_splitting_q_k_v_first(autocast, monkeypat
         layer.dropout = 0.1
         layer(x)
     assert len(packed) == 1
+
+
+def test_bf16_as_the_default_dtype_leaves_the_float32_causal_bias_alone():
+    """`trainer.precision=bf16-true` makes bf16 torch's default dtype during the step: the causal bias must still be
+    float32 (the scores' dtype), or the fused scores GEMM refuses mixed dtypes. Same result as under float32."""
+    q, k, v, g = _inputs(1, 2, 2, 48, 16, seed=3)  # a length no earlier test cached a bias for
+    cpu_attention._CAUSAL_BIAS.pop(48, None)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        out = cpu_attention.gemm_attention(q, k, v)
+    finally:
+        torch.set_default_dtype(default)
+    torch.testing.assert_close(out, cpu_attention.gemm_attention(q, k, v), rtol=0, atol=0)

@@ -103,7 +103,7 @@ def _causal_bias(T: int) -> torch.Tensor:
     """Kept per T up to `workspace.MAX_KEPT_BYTES` (T = 4096), built per call beyond."""
     bias = _CAUSAL_BIAS.get(T)
     if bias is None:
-        bias = torch.full((T, T), float("-inf")).triu_(1)
+        bias = torch.full((T, T), float("-inf"), dtype=torch.float32).triu_(1)  # bf16-true makes bf16 the default dtype
         if T * T * 4 <= workspace.MAX_KEPT_BYTES:
             _CAUSAL_BIAS[T] = bias
     return bias
@@ -142,7 +142,7 @@ def _attention_backward(q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, ou
     grad_p = workspace.scratch("scores", probs.shape, torch.float32)
     with _bf16_products():
         torch.bmm(_f32(do3, rows, "do32"), _f32(v3, rows, "v32").transpose(1, 2), out=grad_p)
-    grad_s = _SOFTMAX_GRAD(grad_p, probs, do3, out, torch.tensor(scale))  # bf16 d(scores), FlashAttention-2's rounding
+    grad_s = _SOFTMAX_GRAD(grad_p, probs, do3, out, torch.tensor(scale, dtype=torch.float32))  # bf16 d(scores), FlashAttention-2's rounding
     return torch.bmm(grad_s, k3), torch.bmm(grad_s.transpose(1, 2), q3), grad_v  # dS·K, dSᵀ·Q, Pᵀ·dO
 
 
