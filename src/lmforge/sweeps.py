@@ -28,6 +28,8 @@ import torch
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 
+from lmforge.utils.logging_steps import logging_step
+
 log = logging.getLogger(__name__)
 
 DIVERGED_KEY = "train/diverged"
@@ -111,8 +113,7 @@ class DivergenceGuard(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        every = self.every_n_steps or max(1, trainer.log_every_n_steps)  # None: logging steps, where the loss is read anyway
-        if self.diverged or trainer.global_step % every:
+        if self.diverged or not logging_step(trainer, self.every_n_steps):  # None: logging steps, where the loss is read anyway
             return
         value = trainer.callback_metrics.get(self.monitor)
         reason = self.check(float(value)) if value is not None else ""

@@ -14,6 +14,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
 
+from lmforge.utils.logging_steps import logging_step
+
 
 class LossProgressBar(RichProgressBar):
     """Lightning's RichProgressBar plus `train/loss` (and its step) as of the last logging step."""
@@ -25,7 +27,7 @@ class LossProgressBar(RichProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
-        if trainer.training and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        if trainer.training and logging_step(trainer):
             value = trainer.callback_metrics.get(self.monitor)
             if value is not None:
                 self._shown = (trainer.global_step, float(value))

@@ -27,6 +27,7 @@ from lightning.fabric.utilities.throughput import Throughput
 
 from lmforge.flops import device_peak_flops, model_flops_per_token
 from lmforge.models.counting import build_on_meta
+from lmforge.utils.logging_steps import logging_step
 from lmforge.utils.memory import peak_rss_gb
 
 
@@ -108,8 +109,8 @@ class PerfMonitor(L.Callback):
         self._prev_end = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        logging_step = trainer.global_step % self._log_every == 0
-        if logging_step:  # the only wait for the GPU: the window's host time then covers every step queued in it
+        on_log = logging_step(trainer, self._log_every)
+        if on_log:  # the only wait for the GPU: the window's host time then covers every step queued in it
             self._sync(pl_module)
         now = time.perf_counter()
         self._elapsed += now - self._t0
@@ -119,7 +120,7 @@ class PerfMonitor(L.Callback):
         self._batches += 1
         self._samples += int(batch[id_keys[0]].size(0)) if id_keys else 0
         self._tokens += sum(int(batch[k].numel()) for k in id_keys)
-        if not logging_step:
+        if not on_log:
             return
         assert self._throughput is not None
         self._throughput.update(

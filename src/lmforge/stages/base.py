@@ -26,6 +26,7 @@ from lmforge.objectives.base import LossOutput
 from lmforge.optim.grad_norm import clip_grads_, total_grad_norm
 from lmforge.optim.param_groups import decay_param_groups, muon_param_groups, true_numel
 from lmforge.stages.step_checks import DeviceStepChecks, takes_device_checks, unwrap
+from lmforge.utils.logging_steps import logging_step
 
 SCHEMA_VERSION = 1
 
@@ -241,7 +242,7 @@ class LMStage(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.log_engine_grad_norm()
         if self.step_checks is not None:
-            if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:  # Lightning reads the logs now anyway
+            if logging_step(self.trainer):  # Lightning reads the logs now anyway
                 self.settle_steps()
         else:
             pending, self.pending_loss = self.pending_loss, None
