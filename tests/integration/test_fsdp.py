@@ -64,6 +64,7 @@ def runs(cli, cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     made = [p for p in (logs / "debug" / "runs").iterdir() if p.name not in ("single", "fsdp")]
     assert len(made) == 1, made  # one run dir for both ranks
     ddp = made[0]
+    (ddp / "stderr.txt").write_text(proc.stderr)
     tp = logs / "debug" / "runs" / "tp_sp"  # 2-D with sequence parallelism: TP 2 x DP 1, both ranks see the same batch
     proc = cli("train.py", *base, "strategy=fsdp_tp", "strategy.sequence_parallel=true", "trainer.devices=2", "trainer.accelerator=cpu",
                f"data.batch_size={2 * MICRO_BATCH}", "callbacks.periodic.save_top_k=0", f"hydra.run.dir={tp}", timeout=300)
@@ -128,6 +129,8 @@ def test_two_process_ddp_writes_one_run_dir_and_logs_from_rank_zero(runs: dict[s
         steps = [int(r["step"]) for r in csv.DictReader(fh) if r.get("train/loss")]
     assert steps == list(range(STEPS))  # each step logged once, by rank 0
     assert "val/loss" in json.loads((runs["ddp"] / "metrics.json").read_text())
+    # val metrics are torchmetrics sums over both ranks already: no hint to re-average them with sync_dist
+    assert "sync_dist=True" not in (runs["ddp"] / "stderr.txt").read_text()
 
 
 def test_checkpoint_is_sharded_across_both_ranks(runs: dict[str, Path]) -> None:

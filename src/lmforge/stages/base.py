@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
+from lightning.fabric.utilities.warnings import PossibleUserWarning
 from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
@@ -31,6 +34,7 @@ from lmforge.utils.logging_steps import logging_step
 SCHEMA_VERSION = 1
 
 log = logging.getLogger("lmforge")
+_REDUCED_NAMES: set[str] = set()  # names log_reduced logs: Lightning's sync_dist hint is silenced for exactly these
 
 
 class LMStage(L.LightningModule):
@@ -411,10 +415,20 @@ class LMStage(L.LightningModule):
             metrics["val/bpb"] = bits_per_byte(nll, self.val_bytes.compute())
         if self.val_has_correct:  # token-weighted over the masked positions of all batches (and ranks)
             metrics["val/mlm_accuracy"] = self.val_correct.compute() / n.clamp(min=1)
-        self.log_dict(metrics, prog_bar=True, sync_dist=False)
+        self.log_reduced(metrics, prog_bar=True)
         for m in (self.val_nll, self.val_tokens, self.val_bytes, self.val_correct):
             m.reset()
         self.val_has_correct = False
+
+    def log_reduced(self, metrics: dict[str, torch.Tensor], **kwargs: Any) -> None:
+        """Log epoch-level values that are already global (torchmetrics' `compute()` sums over ranks) as they are.
+        Lightning cannot tell and, in a distributed run, advises `sync_dist=True` for each: advice that would
+        average them again. The hint is silenced for these names only; a tensor logged elsewhere keeps it."""
+        for name in metrics.keys() - _REDUCED_NAMES:
+            hint = re.escape(f"It is recommended to use `self.log({name!r}, ..., sync_dist=True)`")
+            warnings.filterwarnings("ignore", message=hint, category=PossibleUserWarning)
+            _REDUCED_NAMES.add(name)
+        self.log_dict(metrics, sync_dist=False, **kwargs)
 
     # --- optimisation --------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -132,6 +132,6 @@ class DPOStage(LMStage):
 
     def on_validation_epoch_end(self) -> None:
         values = {name: metric.compute() for name, metric in self.val_metrics.items()}
-        self.log_dict({"val/loss": values.pop("loss"), **{f"val/dpo/{k}": v for k, v in values.items()}}, prog_bar=True)
+        self.log_reduced({"val/loss": values.pop("loss"), **{f"val/dpo/{k}": v for k, v in values.items()}}, prog_bar=True)
         for metric in self.val_metrics.values():
             metric.reset()

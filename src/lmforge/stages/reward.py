@@ -59,6 +59,6 @@ class RewardStage(LMStage):
 
     def on_validation_epoch_end(self) -> None:
         values = {name: metric.compute() for name, metric in self.val_metrics.items()}
-        self.log_dict({"val/loss": values["loss"], "val/reward/accuracy": values["accuracy"], "val/reward/margin": values["margin"]}, prog_bar=True)
+        self.log_reduced({"val/loss": values["loss"], "val/reward/accuracy": values["accuracy"], "val/reward/margin": values["margin"]}, prog_bar=True)
         for metric in self.val_metrics.values():
             metric.reset()

@@ -211,7 +211,7 @@ class RLStage(LMStage):
             self.val_stop.update(rollout.stopped.float())
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({"val/reward_mean": self.val_reward.compute(), "val/completion_len": self.val_length.compute(),
+        self.log_reduced({"val/reward_mean": self.val_reward.compute(), "val/completion_len": self.val_length.compute(),
                        "val/stop_rate": self.val_stop.compute()}, prog_bar=True)
         for metric in (self.val_reward, self.val_length, self.val_stop):
             metric.reset()
