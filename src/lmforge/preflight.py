@@ -8,6 +8,7 @@ replaced the model, so they hold for the architecture that actually trains.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from hydra.utils import instantiate
@@ -150,6 +151,16 @@ def check_sequence_parallel(cfg: DictConfig, tp: int) -> None:
                           "of the TP size)", "set callbacks.samples=null, or strategy.sequence_parallel=false")
 
 
+def check_efficiency(cfg: DictConfig) -> None:
+    """The activation-checkpointing policy and an optional attention package: refused here, not once the model builds."""
+    from lmforge.models.activation_checkpointing import checkpoint_policy
+
+    checkpoint_policy((cfg.get("stage") or {}).get("activation_checkpointing"))
+    if str((cfg.get("model") or {}).get("attn_backend")) == "flash_attn" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_backend", "flash_attn needs the flash-attn package, which is not installed",
+                          "pip install flash-attn --no-build-isolation on a CUDA machine, or use model.attn_backend=sdpa")
+
+
 def preflight(cfg: DictConfig) -> None:
     """Every check that needs no data: called by train.py before Lightning is even imported. First the typed
     schema of every group (`lmforge.config_schema`: misspelled keys, wrong types; read from the targets'
@@ -158,5 +169,6 @@ def preflight(cfg: DictConfig) -> None:
     check_sharding(cfg)  # before the machine check: its answer holds on a GPU machine too
     check_machine(cfg)
     check_stage_data(cfg)
+    check_efficiency(cfg)
     if not cfg.get("init_from"):  # with init_from the checkpoint decides the model: run.train checks it after loading
         check_config(cfg)

@@ -7,7 +7,7 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.models import build
-from lmforge.models.activation_checkpointing import apply_activation_checkpointing, transformer_blocks
+from lmforge.models.activation_checkpointing import apply_activation_checkpointing, checkpoint_policy, transformer_blocks
 
 CONFIGS = {
     "gpt": {"family": "gpt", "n_layer": 3, "n_head": 2, "n_embd": 32, "vocab_size": 50, "max_seq_len": 32},
@@ -49,8 +49,17 @@ def test_checkpointed_gradients_equal_the_plain_ones(family: str, every_n: int |
 def test_off_and_bad_values():
     model = build(CONFIGS["gpt"])
     assert apply_activation_checkpointing(model, 0) == 0
-    with pytest.raises(ConfigError, match="stage.activation_checkpointing"):
-        apply_activation_checkpointing(model, -1)
+    assert apply_activation_checkpointing(model, "none") == 0
+    for bad in (-1, "everything", 1.5, True):
+        with pytest.raises(ConfigError, match="stage.activation_checkpointing"):
+            apply_activation_checkpointing(model, bad)
+
+
+def test_policies_by_name_are_their_numbers():
+    """The issue's vocabulary (none / full / every n-th / selective) spells the same policies as 0 / 1 / n."""
+    assert [checkpoint_policy(v) for v in ("none", "off", None, "full", "FULL", "selective", 3)] == [0, 0, 0, 1, 1, "selective", 3]
+    model = build(CONFIGS["gpt"])
+    assert apply_activation_checkpointing(model, "full") == len(transformer_blocks(model))
 
 
 def test_checkpointed_blocks_run_forward_again_in_backward():

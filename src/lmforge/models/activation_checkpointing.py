@@ -1,6 +1,6 @@
 """Activation checkpointing as a policy: recompute a block's activations in backward instead of storing them.
 
-`every_n` = 1 checkpoints every transformer block ("full"), 2 every other block, … (torchtitan's selective
+`every_n` = 1 (or `full`) checkpoints every transformer block, 2 every other block, … (torchtitan's selective
 per-layer policy): memory falls roughly by the share of blocks checkpointed, at the cost of one more forward of
 those blocks. `"selective"` (torchtitan's selective *op* policy) checkpoints every block but keeps the outputs
 of the matmuls and of attention, recomputing only the cheap element-wise ops (norms, activations, RoPE,
@@ -42,13 +42,27 @@ def _selective_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+POLICY_NAMES = {"none": 0, "off": 0, "full": 1, "selective": "selective"}  # the policies by name: none / full / selective
+
+
+def checkpoint_policy(value: int | str | None) -> int | str:
+    """`stage.activation_checkpointing` as 0 (off), n (every n-th block) or "selective"; names `none`/`off` and
+    `full` are 0 and 1. Anything else is a ConfigError naming the key (preflight calls this before any work)."""
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.lower() in POLICY_NAMES:
+        return POLICY_NAMES[value.lower()]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError("stage.activation_checkpointing", f"must be none, full, selective or an integer >= 0, got {value!r}",
+                          "use none (off), full (every block), n (every n-th block) or selective (every block, keeping matmul outputs)")
+    return value
+
+
 def apply_activation_checkpointing(model: nn.Module, every_n: int | str) -> int:
     """Checkpoint blocks 0, n, 2n, … of each stack (or every block, selectively); returns how many were wrapped.
-    `every_n` 0 = off."""
+    `every_n` 0 / none = off, full = 1 (see `checkpoint_policy`)."""
+    every_n = checkpoint_policy(every_n)
     selective = every_n == "selective"
-    if not selective and (isinstance(every_n, bool) or not isinstance(every_n, int) or every_n < 0):
-        raise ConfigError("stage.activation_checkpointing", f"must be an integer >= 0 or 'selective', got {every_n!r}",
-                          "use 0 (off), 1 (every block), n (every n-th block) or selective (keep matmul outputs)")
     if every_n == 0:
         return 0
     step = 1 if selective else int(every_n)

@@ -16,8 +16,8 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
 from lightning.fabric.utilities.warnings import PossibleUserWarning
+from torch import nn
 from torch.optim import Optimizer
 from torchmetrics import SumMetric
 
@@ -25,6 +25,7 @@ from lmforge.errors import TrainingDivergedError
 from lmforge.loss_spikes import LossSpikeDetector
 from lmforge.metrics import bits_per_byte, mean_loss, perplexity
 from lmforge.models import build
+from lmforge.models.activation_checkpointing import checkpoint_policy
 from lmforge.objectives.base import LossOutput
 from lmforge.optim.grad_norm import clip_grads_, total_grad_norm
 from lmforge.optim.param_groups import decay_param_groups, muon_param_groups, true_numel
@@ -48,7 +49,7 @@ class LMStage(L.LightningModule):
         compile: bool | str = False,
         metadata: dict[str, Any] | None = None,
         peft: dict[str, Any] | None = None,
-        activation_checkpointing: int | str = 0,
+        activation_checkpointing: int | str | None = 0,
         max_skipped_steps: int | None = 10,
         loss_spike_threshold: float | None = 6.0,
         loss_spike_warmup: int = 20,
@@ -56,7 +57,7 @@ class LMStage(L.LightningModule):
         super().__init__()
         self.model_cfg = model_cfg
         self.peft_cfg = peft if peft and peft.get("method", "none") != "none" else None
-        self.activation_checkpointing = activation_checkpointing
+        self.activation_checkpointing = checkpoint_policy(activation_checkpointing)  # 0, n or "selective"
         self.peft_report: Any = None
         self.tokenizer: Any = None  # set by run.py: stages that decode (RL rewards) or stop on special ids need it
         self.objective = objective
