@@ -8,7 +8,7 @@ A cell that fails is recorded with its last error line instead of stopping the g
 matrix.md (the README's performance table is pasted from it) under --out.
 
     python scripts/benchmark.py matrix --models gpt-nano llama-tiny --strategies auto fsdp:2 \\
-        --precisions 32-true bf16-mixed --act-ckpt 0 1 --steps 40
+        --precisions 32-true bf16-mixed --act-ckpt none full selective --steps 40
     python scripts/benchmark.py matrix --models llama-1b --strategies fsdp:1 --precisions bf16-mixed \\
         --compile true --block 2048 --batch 4                                    # one H100: the MFU target
 """
@@ -34,7 +34,7 @@ from lmforge.utils.bench_report import markdown_table  # noqa: E402
 METRICS = ("perf/tokens_per_sec", "perf/tflops", "perf/mfu", "perf/max_memory_gb", "perf/data_wait_frac")
 
 
-def cell_overrides(model: str, strategy: str, precision: str, backend: str, compile_: str, act_ckpt: int,
+def cell_overrides(model: str, strategy: str, precision: str, backend: str, compile_: str, act_ckpt: str,
                    args: argparse.Namespace, run_dir: Path) -> list[str]:
     name, _, devices = strategy.partition(":")
     return [
@@ -71,7 +71,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--precisions", nargs="+", default=["bf16-mixed"])
     p.add_argument("--backends", nargs="+", default=["sdpa"], help="sdpa eager flex flash_attn")
     p.add_argument("--compile", nargs="+", default=["false"], help="false true per_block")
-    p.add_argument("--act-ckpt", nargs="+", type=int, default=[0], help="0 off, 1 every block, n every n-th")
+    p.add_argument("--act-ckpt", nargs="+", default=["0"],
+                   help="stage.activation_checkpointing policies: none/0, full/1, n (every n-th block), selective")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--window", type=int, default=10, help="steps per throughput window")
     p.add_argument("--batch", type=int, default=16)

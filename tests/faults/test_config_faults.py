@@ -7,7 +7,6 @@ train.py runs before importing Lightning or reading data), so the whole table ru
 from __future__ import annotations
 
 import importlib.util
-
 import subprocess
 import sys
 

@@ -7,7 +7,11 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.models import build
-from lmforge.models.activation_checkpointing import apply_activation_checkpointing, checkpoint_policy, transformer_blocks
+from lmforge.models.activation_checkpointing import (
+    apply_activation_checkpointing,
+    checkpoint_policy,
+    transformer_blocks,
+)
 
 CONFIGS = {
     "gpt": {"family": "gpt", "n_layer": 3, "n_head": 2, "n_embd": 32, "vocab_size": 50, "max_seq_len": 32},

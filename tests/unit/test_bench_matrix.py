@@ -19,14 +19,15 @@ from lmforge.preflight import preflight  # noqa: E402
 def test_cell_overrides_compose_and_pass_preflight(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     args = argparse.Namespace(steps=10, batch=4, block=64, window=5, peak_flops=None, extra=["tokenizer=byte"])
-    cells = [("gpt-nano", "fsdp:2", "bf16-mixed", "sdpa", "per_block", 1), ("llama-tiny", "fsdp_tp:2", "32-true", "flex", "false", 0),
-             ("llama-tiny", "ddp:2", "bf16-mixed", "eager", "true", 2)]
+    cells = [("gpt-nano", "fsdp:2", "bf16-mixed", "sdpa", "per_block", "full"), ("llama-tiny", "fsdp_tp:2", "32-true", "flex", "false", "0"),
+             ("llama-tiny", "ddp:2", "bf16-mixed", "eager", "true", "2"), ("gpt-nano", "ddp:2", "32-true", "sdpa", "false", "selective")]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         for cell in cells:
             overrides = [o for o in cell_overrides(*cell, args, tmp_path / "run") if not o.startswith("hydra.")]
             cfg = compose(config_name="train", overrides=overrides)
             preflight(cfg)
             assert cfg.trainer.devices == 2 and cfg.callbacks.checkpoint is None and cfg.model.attn_backend == cell[3]
+            assert str(cfg.stage.activation_checkpointing) == cell[5]
 
 
 def test_read_perf_drops_the_warmup_window_and_takes_the_median(tmp_path: Path) -> None:
