@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import clm_step_with_kernels
 
-from lmforge.kernels import cpu_attention, cpu_kernels, workspace
+from lmforge.kernels import cpu_attention, cpu_kernels, dropout_mask, workspace
 from lmforge.models.layers import attention_backends
 
 
@@ -61,6 +61,62 @@ def test_output_and_gradients_are_as_accurate_as_sdpa(B, H, H_kv, T, D):
         assert _rel(got, ref) < 1e-2, name
 
 
+def _reference_with_mask(q, k, v, g, keep, p):
+    """float64 causal attention whose probabilities are dropped by `keep` and scaled by 1 / (1 - p_effective)."""
+    leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    qd, kd, vd = leaves
+    group = qd.size(1) // kd.size(1)
+    kd, vd = kd.repeat_interleave(group, dim=1), vd.repeat_interleave(group, dim=1)
+    T = qd.size(-2)
+    scores = (qd @ kd.transpose(-1, -2) * qd.size(-1) ** -0.5).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    out = scores.softmax(-1) * keep / (1 - dropout_mask.drop_probability(p)) @ vd
+    out.backward(g.double())
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize(("B", "H", "H_kv", "T", "D", "p"), [(2, 4, 4, 64, 32, 0.1), (3, 4, 2, 33, 16, 0.5)])
+def test_attention_dropout_equals_a_float64_reference_with_the_same_mask(B, H, H_kv, T, D, p):
+    """Output and gradients within bf16 rounding of float64 attention dropped by the very mask the kernel drew (the
+    first draw after seeding); a wrong mask, scale or d(scores) term would be off by O(1)."""
+    q, k, v, g = _inputs(B, H, H_kv, T, D)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    torch.manual_seed(11)
+    out = cpu_attention.gemm_attention(*leaves, dropout_p=p)
+    out.backward(g)
+    torch.manual_seed(11)
+    keep = dropout_mask.keep_mask((B * H, T, T), p).view(B, H, T, T)
+    ref = _reference_with_mask(q, k, v, g, keep, p)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), [out.detach()] + [t.grad for t in leaves], ref, strict=True):
+        assert _rel(got.double(), want) < 1e-2, (name, _rel(got.double(), want))
+
+
+def test_packed_attention_dropout_equals_the_split_entry_point():
+    B, H, T, D = 2, 3, 32, 8
+    qkv = torch.randn(B, T, 3 * H * D, generator=torch.Generator().manual_seed(5)).bfloat16().requires_grad_(True)
+    torch.manual_seed(2)
+    packed = cpu_attention.packed_gemm_attention(qkv, H, 0.2)
+    q, k, v = (t.contiguous() for t in qkv.detach().view(B, T, 3, H, D).permute(2, 0, 3, 1, 4))
+    torch.manual_seed(2)
+    split = cpu_attention.gemm_attention(q, k, v, dropout_p=0.2)
+    assert torch.equal(packed, split.transpose(1, 2).reshape(B, T, H * D))
+
+
+def test_dropout_masks_drop_p_are_seeded_and_new_each_call():
+    assert dropout_mask.drop_probability(0.1) == 6554 / 65536 and dropout_mask.drop_probability(0.0) == 0.0
+    with pytest.raises(ValueError, match="dropout probability"):
+        dropout_mask.drop_threshold(1.0)
+    torch.manual_seed(0)
+    first, second = dropout_mask.keep_mask((64, 128, 128), 0.1), dropout_mask.keep_mask((64, 128, 128), 0.1)
+    n = first.numel()
+    dropped = 1 - first.float().mean().item()
+    assert abs(dropped - 0.1) < 4 * (0.1 * 0.9 / n) ** 0.5  # 4 sigma
+    assert (first != second).any()
+    torch.manual_seed(0)
+    assert torch.equal(dropout_mask.keep_mask((64, 128, 128), 0.1), first)
+    bits = dropout_mask.random_bits((1 << 20,))  # all 16 bits uniform: the sign bit too
+    assert abs((bits < 0).float().mean().item() - 0.5) < 0.005 and abs((bits & 1).float().mean().item() - 0.5) < 0.005
+
+
 def test_scores_use_float32_accumulation_not_bf16_outputs():
     """With scores rounded to bf16 (a plain bf16 bmm) the error is ~10x SDPA's; here it must not be."""
     q, k, v, g = _inputs(2, 2, 2, 128, 64, seed=3)
@@ -89,7 +145,7 @@ def test_attend_routes_plain_causal_bf16_cpu_calls_and_nothing_else(monkeypatch)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 q/k (Llama's RoPE) that autocast casts for SDPA
         assert routed("sdpa", q.float(), k.float(), v, None)
     assert not routed("sdpa", q, k, v, torch.ones(1, 1, 16, 16, dtype=torch.bool).tril())  # an explicit mask tensor
-    assert not routed("sdpa", q, k, v, None, dropout_p=0.1)
+    assert routed("sdpa", q, k, v, None, dropout_p=0.1)  # attention dropout inside the kernel
     assert not routed("sdpa", q.float(), k.float(), v.float(), None)  # float32, no autocast
     assert not routed("sdpa", q[:, :, -1:], k, v, None)  # one decode step over a cache
     monkeypatch.setattr(cpu_attention, "MAX_SAVED_BYTES", 2 * 4 * 16 * 16 * 2 - 1)  # P over the memory cap
@@ -209,9 +265,10 @@ def test_the_packed_entry_point_equals_splitting_q_k_v_first(autocast, monkeypat
         layer.capture_weights = True
         layer(x)
         layer.capture_weights = False
+        assert len(packed) == 1  # neither an explicit mask nor captured weights take the packed kernel
         layer.dropout = 0.1
         layer(x)
-    assert len(packed) == 1
+    assert len(packed) == 2  # attention dropout does: it runs inside the kernel
 
 
 def test_bf16_as_the_default_dtype_leaves_the_float32_causal_bias_alone():

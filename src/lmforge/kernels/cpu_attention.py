@@ -15,8 +15,13 @@ SDPA's math kernel — so above `MAX_SAVED_BYTES` per call SDPA's O(T) kernel ru
 temporaries (up to 64 MB each) live in per-thread buffers reused across layers and steps
 (kernels/workspace.py). d(scores) is one compiled loop (kernels/compiled.py) rather than four eager passes.
 
+Attention dropout (training with `model.dropout` > 0) is applied to P inside the kernel: a keep-mask from
+kernels/dropout_mask.py (16 random bits per element, ~6x faster to draw than `bernoulli_`; drop probability p
+rounded to a multiple of 2⁻¹⁶) scales the bf16 P into P·V's operand, and is kept for backward as one byte per
+score (B·H·T²·3 bytes saved per layer with P). SDPA's CPU path for dropout is its float32 math kernel.
+
 Used by `attn_backend=sdpa` (models/layers/attention_backends.py) for plain causal self-attention (no mask tensor,
-no dropout, query length = key length, GQA allowed) on CPU in bf16 (or under bf16 autocast, which would
+query length = key length, GQA allowed) on CPU in bf16 (or under bf16 autocast, which would
 cast SDPA's inputs to bf16) while `cpu_kernels=lmforge`;
 anything else is torch's SDPA. GPT's attention hands over its fused q|k|v projection output whole
 (`packed_gemm_attention`), which saves the copies of splitting it into per-head views first.
@@ -31,9 +36,9 @@ from typing import Any
 
 import torch
 
-from lmforge.kernels import compiled, cpu_kernels, workspace
+from lmforge.kernels import compiled, cpu_kernels, dropout_mask, workspace
 
-MAX_SAVED_BYTES = 256 << 20  # bf16 probabilities kept for backward, per layer call (B·H·T²·2 bytes)
+MAX_SAVED_BYTES = 256 << 20  # bf16 probabilities (+ the dropout keep-mask) kept for backward, per layer call (B·H·T²·2 or ·3 bytes)
 
 _CAUSAL_BIAS: dict[int, torch.Tensor] = {}  # T -> (T, T) float32: 0 on and below the diagonal, -inf above
 
@@ -51,13 +56,14 @@ def packed_usable(qkv: torch.Tensor, n_head: int, dropout_p: float) -> bool:
 
 
 def _runnable(tensors: tuple[torch.Tensor, ...], rows: int, T: int, dropout_p: float) -> bool:
-    """What both entry points need: lmforge's CPU kernels on, plain CPU tensors computed in bf16, no dropout, more
-    than one query, P (rows · T² bf16) within `MAX_SAVED_BYTES`, and no enclosing torch.compile."""
+    """What both entry points need: lmforge's CPU kernels on, plain CPU tensors computed in bf16, more than one
+    query, P (rows · T² bf16, + a one-byte keep-mask under dropout) within `MAX_SAVED_BYTES`, and no enclosing
+    torch.compile."""
     return (
         cpu_kernels.enabled()
-        and dropout_p == 0.0 and T > 1
+        and 0.0 <= dropout_p < 1.0 and T > 1
         and all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors) and _runs_in_bf16(*tensors)
-        and rows * T * T * 2 <= MAX_SAVED_BYTES
+        and rows * T * T * (3 if dropout_p else 2) <= MAX_SAVED_BYTES
         and not torch.compiler.is_compiling()
     )
 
@@ -121,50 +127,94 @@ def _softmax_grad(grad_p: torch.Tensor, probs: torch.Tensor, grad_out: torch.Ten
 _SOFTMAX_GRAD = compiled.CompiledKernel(_softmax_grad)
 
 
+# The keep-mask enters these kernels as uint8 (0/1), multiplied in: inductor vectorises byte loads, not bool ones
+# (a bool mask made each kernel 2-5x slower on (48, 512, 512) scores).
+def _dropped_probs(probs: torch.Tensor, keep: torch.Tensor, keep_scale: torch.Tensor) -> torch.Tensor:
+    """P·V's operand under dropout: bf16 P where kept, scaled by 1 / (1 - p), else 0. Forward makes it from the bf16
+    P that backward keeps, so backward remakes the very same tensor for Pᵀ·dO."""
+    return (probs.float() * (keep.to(torch.float32) * keep_scale)).to(torch.bfloat16)
+
+
+def _dropout_probs(probs32: torch.Tensor, keep: torch.Tensor, keep_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 P -> bf16 P (kept for backward) and the dropped bf16 P, in one pass."""
+    probs = probs32.to(torch.bfloat16)
+    return probs, _dropped_probs(probs, keep, keep_scale)
+
+
+def _softmax_grad_dropout(grad_dropped: torch.Tensor, probs: torch.Tensor, keep: torch.Tensor, grad_out: torch.Tensor,
+                          out: torch.Tensor, scale: torch.Tensor, keep_scale: torch.Tensor) -> torch.Tensor:
+    """`_softmax_grad` behind dropout: d(P) = d(dropped P) ∘ keep / (1 - p); rowsum(dO ∘ O) is still rowsum(P ∘ d(P))."""
+    delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
+    grad_p = grad_dropped * (keep.to(torch.float32) * keep_scale)
+    return ((grad_p - delta) * probs.float() * scale).to(torch.bfloat16)
+
+
+_DROPOUT_PROBS = compiled.CompiledKernel(_dropout_probs)
+_DROPPED_PROBS = compiled.CompiledKernel(_dropped_probs)
+_SOFTMAX_GRAD_DROPOUT = compiled.CompiledKernel(_softmax_grad_dropout)
+
+
+def _keep_scale(dropout_p: float) -> torch.Tensor:
+    """1 / (1 - p) for the p the mask really drops with (0-dim: one compiled variant for every p)."""
+    return torch.tensor(1.0 / (1.0 - dropout_mask.drop_probability(dropout_p)), dtype=torch.float32)
+
+
 def _attention_forward(q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, q32: torch.Tensor, k32: torch.Tensor,
-                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B·H, T, D) bf16 q3/k3/v3 (and float32 copies of q and k) -> bf16 output and probabilities (kept for backward)."""
+                       scale: float, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(B·H, T, D) bf16 q3/k3/v3 (and float32 copies of q and k) -> bf16 output, probabilities and the dropout
+    keep-mask (None without dropout), the last two kept for backward."""
     rows, T, _ = q3.shape
     square = torch.Size((rows, T, T))
     scores, probs32 = workspace.scratch("scores", square, torch.float32), workspace.scratch("probs", square, torch.float32)
     with _bf16_products():
         torch.baddbmm(_causal_bias(T), q32, k32.transpose(1, 2), alpha=scale, out=scores)
     torch.ops.aten._softmax.out(scores, -1, False, out=probs32)  # (torch's kernel beats an inductor-made one here)
+    if dropout_p:
+        keep = dropout_mask.keep_mask(probs32.shape, dropout_p).view(torch.uint8)  # 1 = kept
+        probs, dropped = _DROPOUT_PROBS(probs32, keep, _keep_scale(dropout_p))
+        return torch.bmm(dropped, v3), probs, keep
     probs = probs32.to(torch.bfloat16)  # kept for backward: P·V's and Pᵀ·dO's operand, as in FlashAttention-2
-    return torch.bmm(probs, v3), probs  # bf16 GEMM, float32 accumulation inside
+    return torch.bmm(probs, v3), probs, None  # bf16 GEMM, float32 accumulation inside
 
 
 def _attention_backward(q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, out: torch.Tensor, probs: torch.Tensor,
-                        do3: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        keep: torch.Tensor | None, do3: torch.Tensor, scale: float,
+                        dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d(q), d(k), d(v) as (B·H, T, D) bf16 from the contiguous bf16 d(output) `do3`."""
     rows = q3.size(0)
-    grad_v = torch.bmm(probs.transpose(1, 2), do3)  # Pᵀ·dO
+    keep_scale = _keep_scale(dropout_p) if keep is not None else None
+    used = probs if keep is None else _DROPPED_PROBS(probs, keep, keep_scale)  # P·V's operand in forward
+    grad_v = torch.bmm(used.transpose(1, 2), do3)  # Pᵀ·dO
     grad_p = workspace.scratch("scores", probs.shape, torch.float32)
     with _bf16_products():
         torch.bmm(_f32(do3, rows, "do32"), _f32(v3, rows, "v32").transpose(1, 2), out=grad_p)
-    grad_s = _SOFTMAX_GRAD(grad_p, probs, do3, out, torch.tensor(scale, dtype=torch.float32))  # bf16 d(scores), FlashAttention-2's rounding
+    scale_t = torch.tensor(scale, dtype=torch.float32)
+    if keep is None:
+        grad_s = _SOFTMAX_GRAD(grad_p, probs, do3, out, scale_t)  # bf16 d(scores), FlashAttention-2's rounding
+    else:
+        grad_s = _SOFTMAX_GRAD_DROPOUT(grad_p, probs, keep, do3, out, scale_t, keep_scale)
     return torch.bmm(grad_s, k3), torch.bmm(grad_s.transpose(1, 2), q3), grad_v  # dS·K, dSᵀ·Q, Pᵀ·dO
 
 
 class _GemmAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float) -> torch.Tensor:
         B, H, T, D = q.shape
         rows = B * H
         q3, k3, v3 = (t.reshape(rows, T, D) for t in (q, k, v))
-        out, probs = _attention_forward(q3, k3, v3, _f32(q, rows, "q32"), _f32(k, rows, "k32"), scale)
-        ctx.save_for_backward(q3, k3, v3, out, probs)
-        ctx.scale = scale
+        out, probs, keep = _attention_forward(q3, k3, v3, _f32(q, rows, "q32"), _f32(k, rows, "k32"), scale, dropout_p)
+        ctx.save_for_backward(q3, k3, v3, out, probs, keep)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
         return out.view(B, H, T, D)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q3, k3, v3, out, probs = ctx.saved_tensors
+        q3, k3, v3, out, probs, keep = ctx.saved_tensors
         shape = grad_out.shape
         do3 = grad_out.reshape(out.shape).to(torch.bfloat16)
-        grad_q, grad_k, grad_v = _attention_backward(q3, k3, v3, out, probs, do3, ctx.scale)
-        return grad_q.view(shape), grad_k.view(shape), grad_v.view(shape), None
+        grad_q, grad_k, grad_v = _attention_backward(q3, k3, v3, out, probs, keep, do3, ctx.scale, ctx.dropout_p)
+        return grad_q.view(shape), grad_k.view(shape), grad_v.view(shape), None, None
 
 
 class _PackedGemmAttention(torch.autograd.Function):
@@ -174,7 +224,7 @@ class _PackedGemmAttention(torch.autograd.Function):
     otherwise)."""
 
     @staticmethod
-    def forward(ctx: Any, qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+    def forward(ctx: Any, qkv: torch.Tensor, n_head: int, dropout_p: float) -> torch.Tensor:
         B, T, width = qkv.shape
         D = width // (3 * n_head)
         rows = B * n_head
@@ -184,34 +234,35 @@ class _PackedGemmAttention(torch.autograd.Function):
             heads[i].copy_(parts[:, :, i].transpose(1, 2))
         q3, k3, v3 = heads.view(3, rows, T, D).unbind(0)
         scale = D**-0.5
-        out, probs = _attention_forward(q3, k3, v3, _f32(q3, rows, "q32"), _f32(k3, rows, "k32"), scale)
-        ctx.save_for_backward(heads, out, probs)
-        ctx.scale = scale
+        out, probs, keep = _attention_forward(q3, k3, v3, _f32(q3, rows, "q32"), _f32(k3, rows, "k32"), scale, dropout_p)
+        ctx.save_for_backward(heads, out, probs, keep)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
         return out.view(B, n_head, T, D).transpose(1, 2).reshape(B, T, n_head * D)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        heads, out, probs = ctx.saved_tensors
+        heads, out, probs, keep = ctx.saved_tensors
         _, B, H, T, D = heads.shape
         q3, k3, v3 = heads.view(3, B * H, T, D).unbind(0)
         do3 = torch.empty(B, H, T, D, dtype=torch.bfloat16)
         do3.copy_(grad_y.view(B, T, H, D).transpose(1, 2))  # head-major and bf16 in one pass
-        grads = _attention_backward(q3, k3, v3, out, probs, do3.view(B * H, T, D), ctx.scale)
+        grads = _attention_backward(q3, k3, v3, out, probs, keep, do3.view(B * H, T, D), ctx.scale, ctx.dropout_p)
         # (B, T, 3, H, D): the fused projection's output layout, written once
-        return torch.stack([g.view(B, H, T, D).transpose(1, 2) for g in grads], dim=2).view(B, T, 3 * H * D), None
+        return torch.stack([g.view(B, H, T, D).transpose(1, 2) for g in grads], dim=2).view(B, T, 3 * H * D), None, None
 
 
-def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """softmax(Q·Kᵀ·scale + causal mask)·V for q (B, H, T, D), k/v (B, H_kv, T, D) with H % H_kv == 0."""
+def gemm_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                   dropout_p: float = 0.0) -> torch.Tensor:
+    """dropout(softmax(Q·Kᵀ·scale + causal mask))·V for q (B, H, T, D), k/v (B, H_kv, T, D) with H % H_kv == 0."""
     q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))  # what autocast does to SDPA's inputs (no-op for bf16)
     group = q.size(1) // k.size(1)
     if group > 1:  # GQA: head h reads key/value head h // group (SDPA's enable_gqa); grads sum back via autograd
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return _GemmAttention.apply(q, k, v, q.size(-1) ** -0.5 if scale is None else scale)
+    return _GemmAttention.apply(q, k, v, q.size(-1) ** -0.5 if scale is None else scale, dropout_p)
 
 
-def packed_gemm_attention(qkv: torch.Tensor, n_head: int) -> torch.Tensor:
+def packed_gemm_attention(qkv: torch.Tensor, n_head: int, dropout_p: float = 0.0) -> torch.Tensor:
     """Causal softmax(Q·Kᵀ/√D)·V of a fused (B, T, 3·C) q|k|v projection output (GPT's layout: q, k, v each head
     by head), as (B, T, C) ready for the output projection."""
-    return _PackedGemmAttention.apply(qkv, n_head)
+    return _PackedGemmAttention.apply(qkv, n_head, dropout_p)

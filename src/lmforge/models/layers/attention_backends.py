@@ -47,7 +47,7 @@ def attend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     elif backend == "flash_attn":
         _import_flash()  # a missing package fails loudly even on the SDPA fallback (CPU, fp32)
     elif backend == "sdpa" and cpu_attention.usable(q, k, v, mask, dropout_p):
-        return cpu_attention.gemm_attention(q, k, v)
+        return cpu_attention.gemm_attention(q, k, v, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal_query(mask, q.size(-2)),
                                           enable_gqa=enable_gqa)
 
@@ -56,7 +56,7 @@ def attend_packed(backend: str, qkv: torch.Tensor, n_head: int, mask: torch.Tens
     """Causal self-attention straight from a fused (B, T, 3·C) q|k|v projection output, as (B, T, C), where a kernel
     takes that layout (`cpu_attention.packed_gemm_attention`: CPU, bf16, no mask); None: split q, k, v and `attend`."""
     if backend == "sdpa" and mask is None and cpu_attention.packed_usable(qkv, n_head, dropout_p):
-        return cpu_attention.packed_gemm_attention(qkv, n_head)
+        return cpu_attention.packed_gemm_attention(qkv, n_head, dropout_p)
     return None
 
 
