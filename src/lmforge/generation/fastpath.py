@@ -94,10 +94,11 @@ def _supported(model: nn.Module) -> str | None:
             return None
     else:
         return None
+    from lmforge.kernels.dropout import Dropout
     from lmforge.kernels.gelu import GeluTanh
     from lmforge.kernels.linear import Linear
 
-    allowed = {block_t, attn_t, mlp_t, norm_t, nn.Linear, Linear, nn.Embedding, nn.Dropout, nn.GELU, GeluTanh, nn.ModuleList,
+    allowed = {block_t, attn_t, mlp_t, norm_t, nn.Linear, Linear, nn.Embedding, nn.Dropout, Dropout, nn.GELU, GeluTanh, nn.ModuleList,
                type(model)}
     if kind == "llama":
         from lmforge.models.layers.rope import RotaryEmbedding

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.kernels.dropout import Dropout
 from lmforge.kernels.linear import Linear
 from lmforge.models.config import ATTN_BACKENDS, FamilyConfig, require_choice, require_positive_ints
 from lmforge.models.layers.masks import build_attention_mask
@@ -123,7 +124,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.mlp = ErfGeluMLP(cfg.n_embd, cfg.intermediate_size)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.ln_1(x + self.drop(self.attn(x, mask)))
@@ -158,7 +159,7 @@ class Bert(nn.Module):
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.n_embd)  # position
         self.wtt = nn.Embedding(cfg.type_vocab_size, cfg.n_embd)  # token type (segment)
         self.ln_emb = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.head = MLMTransform(cfg)
         # named lm_head like GPT's so optimiser grouping (e.g. Muon's) treats it as the output layer

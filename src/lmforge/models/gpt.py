@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.kernels.dropout import Dropout
 from lmforge.kernels.linear import Linear
 from lmforge.models.config import GPTConfig
 from lmforge.models.decoder_lm import DecoderLM
@@ -57,7 +58,7 @@ class GPT(DecoderLM):
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.max_seq_len, cfg.n_embd) if cfg.position == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
         self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import ConfigError
+from lmforge.kernels.dropout import Dropout
 from lmforge.kernels.linear import Linear
 from lmforge.models.config import ATTN_BACKENDS, FamilyConfig, require_choice, require_positive_ints
 from lmforge.models.layers.kv_cache import KVCache
@@ -203,7 +204,7 @@ class T5FeedForward(nn.Module):
         else:
             self.wi = Linear(n_embd, hidden, bias=False)
         self.wo = Linear(hidden, n_embd, bias=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = gelu_new(self.wi_0(x)) * self.wi_1(x) if self.gated else F.relu(self.wi(x))
@@ -225,7 +226,7 @@ class T5Block(nn.Module):
         self.mlp = T5FeedForward(
             cfg.n_embd, cfg.intermediate_size, cfg.dropout, cfg.feed_forward == "gated-gelu"
         )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(
         self,
@@ -254,7 +255,7 @@ class T5Stack(nn.Module):
             cfg.relative_attention_max_distance,
             bidirectional=not decoder,
         )
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(T5Block(cfg, cross=decoder) for _ in range(n_layer))
         self.ln_f = RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.kernels.dropout import Dropout
 from lmforge.kernels.linear import Linear
 from lmforge.models.layers.attention_backends import attend, attend_packed
 from lmforge.models.layers.kv_cache import KVCache
@@ -58,7 +59,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = dropout
         self.qkv = Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = Linear(n_embd, n_embd, bias=bias)
-        self.resid_dropout = nn.Dropout(dropout)
+        self.resid_dropout = Dropout(dropout)
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None, layer: int = 0

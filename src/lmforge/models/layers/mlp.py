@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.kernels.dropout import Dropout
 from lmforge.kernels.gelu import GeluTanh
 from lmforge.kernels.linear import Linear
 
@@ -18,7 +19,7 @@ class GeluMLP(nn.Module):
         self.fc = Linear(n_embd, hidden, bias=bias)
         self.act = GeluTanh()  # nn.GELU(approximate="tanh"), one compiled loop on CPU
         self.proj = Linear(hidden, n_embd, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.proj(self.act(self.fc(x)))
