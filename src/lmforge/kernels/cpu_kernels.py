@@ -3,6 +3,8 @@
 `lmforge` (root config key `cpu_kernels`):
 * float32 Linears (models, chunked head + loss) on oneDNN instead of MKL: kernels/linear.py;
 * bf16 causal self-attention as batched GEMMs instead of SDPA's CPU flash kernel: kernels/cpu_attention.py;
+* dropout masks from 16 random bits per element instead of `bernoulli_`'s serial 32-bit draws, applied in one
+  compiled pass (attention dropout inside the kernel above; `Dropout` for hidden states): kernels/dropout.py;
 * elementwise chains (tanh-GELU, the chunked loss's softmax gradient, attention's d(scores)) as single loops
   that inductor compiles per function: kernels/compiled.py, kernels/gelu.py.
 Each keeps float32-level (resp. flash-attention-level) accuracy and only applies where it is faster; all are
