@@ -8,12 +8,13 @@ Lightning and DeepSpeed do the sharding, the engine, the fp32 master weights and
   goes to `<name>.partial` and is swapped in (`lmforge.parallel.atomic_save`).
 * resuming reads with `weights_only` semantics: DeepSpeed's loader asks for full unpickling; it runs under
   `zero_checkpoint.weights_only_loads()` (safe loading, three DeepSpeed classes allow-listed).
-* ZeRO-3 builds the model whole on each process (CPU) and DeepSpeed partitions it in `deepspeed.initialize`,
-  instead of Lightning's default of building under `deepspeed.zero.Init`: there every parameter is partitioned
-  the moment its module is constructed, so the model's own initialisation (scaled normal draws, zeroed biases,
-  tied tables) writes into empty placeholders and training starts from PyTorch's default init (measured: a loss
-  of 57.7 instead of 5.5 at step 0). The cost is one full fp32 copy in CPU memory per process at start-up;
-  models too large for that train with `strategy=fsdp`, whose meta-device init is exact.
+* ZeRO-3 builds the model under `deepspeed.zero.Init` (every module partitioned the moment it is constructed, so
+  no process holds the whole model), with the model's own initialisation kept exact: `partitioned_build`
+  (parallel/zero_init.py) runs each init op on the gathered parameter. Plain `zero.Init`, Lightning's default,
+  lets that init write into empty placeholders, and training starts from PyTorch's default init (measured: a loss
+  of 57.7 instead of 5.5 at step 0). Stages that build around the model (PEFT, `init_from` weights, a DPO/RL
+  reference or reward model, a scalar head) build it whole on each process instead, and DeepSpeed partitions it
+  in `deepspeed.initialize` (`LMStage.builds_partitioned`).
 * ZeRO-Offload's optimizer: DeepSpeed refuses a torch optimizer whose states it keeps on the CPU
   (`zero_force_ds_cpu_optimizer`); `adapt_optimizer` swaps AdamW/Adam for DeepSpeedCPUAdam with the same
   parameter groups and hyperparameters (the same update, run by DeepSpeed's vectorised CPU kernel).
@@ -55,8 +56,18 @@ class ZeroStrategy(DeepSpeedStrategy):
 
     @contextmanager
     def model_sharded_context(self) -> Iterator[None]:
-        """No `deepspeed.zero.Init`: see the module doc (the model's init must run on whole tensors)."""
+        """No `deepspeed.zero.Init` around all of `configure_model`: the stage opens `partitioned_build` itself where
+        its model can be built that way (see the module doc)."""
         yield
+
+    @contextmanager
+    def partitioned_build(self) -> Iterator[None]:
+        """ZeRO-3: modules built inside are partitioned as they are constructed, with exact init (parallel/zero_init.py)."""
+        from lmforge.parallel.zero_init import partitioned_build
+
+        self._init_config_if_needed()
+        with partitioned_build(self.config, self.remote_device):
+            yield
 
     @property
     def offloads_optimizer(self) -> bool:

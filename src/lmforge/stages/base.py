@@ -96,6 +96,10 @@ class LMStage(L.LightningModule):
         meta_rng = None
         if sharded and getattr(strategy, "meta_init", False) and self.can_build_on_meta():
             self.model, meta_rng = self.build_model_on_meta()  # no rank ever holds the whole model
+        elif self.builds_partitioned(strategy):
+            with strategy.partitioned_build():  # ZeRO-3: no process ever holds the whole model either
+                self.model = self.build_model()
+            log.info("deepspeed: ZeRO-3 model partitioned module by module as it was built (deepspeed.zero.Init, exact init)")
         else:
             self.model = self.build_model()
         self.build_frozen_models()
@@ -142,6 +146,14 @@ class LMStage(L.LightningModule):
         Built as usual (whole on each rank, then sharded): stages that override `build_model` or
         `build_frozen_models` without saying how their modules build on meta."""
         return type(self).build_model is LMStage.build_model and self.frozen_models_build_on_meta()
+
+    def builds_partitioned(self, strategy: Any) -> bool:
+        """ZeRO-3 (`ZeroStrategy.partitioned_build`) for a plain family model: no `init_from` weights to load into it,
+        no PEFT or `wrap_model` around it, no frozen companions copied from it (each would need the whole tensors)."""
+        return (bool(getattr(strategy, "zero_stage_3", False)) and hasattr(strategy, "partitioned_build")
+                and self.init_weights is None and self.peft_cfg is None
+                and type(self).build_model is LMStage.build_model and type(self).wrap_model is LMStage.wrap_model
+                and type(self).build_frozen_models is LMStage.build_frozen_models)
 
     def frozen_models_build_on_meta(self) -> bool:
         """Whether `build_frozen_models` can build on a meta model: deep copies of it (the same init or `init_from`
