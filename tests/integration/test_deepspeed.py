@@ -188,6 +188,18 @@ def test_partitioned_build_gives_the_weights_of_a_whole_build(runs: dict[str, Pa
             assert torch.equal(shard.data.to(device), param.data.to(shard.dtype)), name
 
 
+def test_zero3_fine_tune_from_a_checkpoint_trains_as_the_plain_one(runs: dict[str, Path], cache_dir: Path, tmp_path: Path) -> None:
+    """init_from under ZeRO-3: the partitioned model filled from rank 0's read, one gathered parameter at a time."""
+    base = [*overrides(cache_dir, tmp_path), f"init_from={runs['plain'] / 'checkpoints' / 'last.ckpt'}"]
+    with environment_restored():
+        train_in_process(base, tmp_path / "plain_ft")
+        train_in_process([*base, "strategy=deepspeed_zero3", *ZERO_RUN], tmp_path / "zero3_ft")
+    plain, zero = metric(tmp_path / "plain_ft", "train/loss"), metric(tmp_path / "zero3_ft", "train/loss")
+    assert sorted(zero) == sorted(plain) == list(range(STEPS))
+    assert [zero[s] for s in range(STEPS)] == pytest.approx([plain[s] for s in range(STEPS)], abs=ATOL)
+    assert plain[0] < metric(runs["plain"], "train/loss")[0] - 0.5  # it did start from the trained weights
+
+
 def test_resume_from_a_zero3_checkpoint_is_exact(runs: dict[str, Path]) -> None:
     full, resumed = metric(runs["zero3"], "train/loss"), metric(runs["resumed"], "train/loss")
     assert sorted(resumed) == list(range(3, STEPS))

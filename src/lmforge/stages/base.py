@@ -98,8 +98,12 @@ class LMStage(L.LightningModule):
             self.model, meta_rng = self.build_model_on_meta()  # no rank ever holds the whole model
         elif self.builds_partitioned(strategy):
             with strategy.partitioned_build():  # ZeRO-3: no process ever holds the whole model either
-                self.model = self.build_model()
+                self.model = build(self.model_cfg)
             log.info("deepspeed: ZeRO-3 model partitioned module by module as it was built (deepspeed.zero.Init, exact init)")
+            if self.init_weights is not None:  # rank 0 reads the file; parameters filled one at a time
+                from lmforge.parallel.zero_init import load_partitioned
+
+                log.info("init_from: %d tensors loaded into the partitioned model", load_partitioned(self.model, self.init_weights))
         else:
             self.model = self.build_model()
         self.build_frozen_models()
@@ -148,10 +152,11 @@ class LMStage(L.LightningModule):
         return type(self).build_model is LMStage.build_model and self.frozen_models_build_on_meta()
 
     def builds_partitioned(self, strategy: Any) -> bool:
-        """ZeRO-3 (`ZeroStrategy.partitioned_build`) for a plain family model: no `init_from` weights to load into it,
-        no PEFT or `wrap_model` around it, no frozen companions copied from it (each would need the whole tensors)."""
+        """ZeRO-3 (`ZeroStrategy.partitioned_build`) for a plain family model, its `init_from` weights loaded after
+        (`load_partitioned`): no PEFT or `wrap_model` around it, no frozen companions copied from it (each would
+        need whole tensors)."""
         return (bool(getattr(strategy, "zero_stage_3", False)) and hasattr(strategy, "partitioned_build")
-                and self.init_weights is None and self.peft_cfg is None
+                and self.peft_cfg is None
                 and type(self).build_model is LMStage.build_model and type(self).wrap_model is LMStage.wrap_model
                 and type(self).build_frozen_models is LMStage.build_frozen_models)
 
