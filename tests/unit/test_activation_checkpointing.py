@@ -50,7 +50,8 @@ def test_checkpointed_gradients_equal_the_plain_ones(family: str, every_n: int |
         torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_recomputed_blocks_redraw_the_same_dropout_masks():
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_recomputed_blocks_redraw_the_same_dropout_masks(policy: str):
     """bf16 on CPU: attention dropout inside lmforge's GEMM attention kernel (and residual dropout) redrawn in the
     recompute from the restored generator, so checkpointed gradients equal the plain ones bit for bit."""
     cfg = {**CONFIGS["gpt"], "dropout": 0.2}
@@ -58,7 +59,7 @@ def test_recomputed_blocks_redraw_the_same_dropout_masks():
     plain = build(cfg).train()
     ckpt = build(cfg).train()
     ckpt.load_state_dict(plain.state_dict())
-    apply_activation_checkpointing(ckpt, 1)
+    apply_activation_checkpointing(ckpt, policy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want, got = grads(plain, "gpt"), grads(ckpt, "gpt")
     assert want.keys() == got.keys()

@@ -101,6 +101,18 @@ def test_packed_attention_dropout_equals_the_split_entry_point():
     assert torch.equal(packed, split.transpose(1, 2).reshape(B, T, H * D))
 
 
+def test_backward_remakes_forward_dropped_probabilities_exactly():
+    """Forward's dropped P (P·V's operand) is rounded from the bf16 P backward keeps, so backward's Pᵀ·dO operand is the
+    same tensor, compiled or eager (inductor would otherwise skip the bf16 round trip: ~20% of entries one unit off)."""
+    probs32 = torch.softmax(torch.randn(8, 64, 64, generator=torch.Generator().manual_seed(4)) * 3, -1)
+    keep = dropout_mask.keep_mask(probs32.shape, 0.2).view(torch.uint8)
+    keep_scale = cpu_attention._keep_scale(0.2)
+    probs, dropped = cpu_attention._DROPOUT_PROBS(probs32, keep, keep_scale)
+    assert torch.equal(cpu_attention._DROPPED_PROBS(probs, keep, keep_scale), dropped)
+    eager_probs, eager_dropped = cpu_attention._dropout_probs(probs32, keep, keep_scale)
+    assert torch.equal(probs, eager_probs) and torch.equal(dropped, eager_dropped)
+
+
 def test_dropout_masks_drop_p_are_seeded_and_new_each_call():
     assert dropout_mask.drop_probability(0.1) == 6554 / 65536 and dropout_mask.drop_probability(0.0) == 0.0
     with pytest.raises(ValueError, match="dropout probability"):

@@ -48,8 +48,9 @@ class CompiledKernel:
     twice). A detached tensor is not a view, so dynamo guards on its own layout rather than on a view's base
     (whose layout differs from call site to call site and would cost a recompile each)."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
+    def __init__(self, fn: Callable[..., Any], options: dict[str, Any] | None = None) -> None:
         self.fn = fn
+        self.options = options  # inductor options for this kernel (emulate_precision_casts: round where fn rounds)
         self.compiled: Callable[..., Any] | None = None
         self.failed = False
         self.resets = 0  # times its compiled variants were dropped at dynamo's recompile limit
@@ -62,7 +63,7 @@ class CompiledKernel:
         if self.compiled is None:
             with self._lock:
                 if self.compiled is None:
-                    self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                    self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True, options=self.options)
         try:
             with torch.no_grad(), torch.autocast("cpu", enabled=False):  # one grad mode: one variant; own dtypes
                 return self.compiled(*args)

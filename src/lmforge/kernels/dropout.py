@@ -6,9 +6,10 @@ backward. Here the keep-mask comes from kernels/dropout_mask.py (~1 ms for the s
 backward as one byte per element, and input and gradient are scaled in one compiled loop each.
 
 Same semantics as `nn.Dropout` except that p is rounded to a multiple of 2⁻¹⁶ (0.1 drops with probability
-0.1000061) and kept values are scaled by 1 / (1 − that), so each output's expectation is its input. In eval
-mode, with p = 0, off CPU, under torch.compile or a dispatch mode, in place, for other dtypes, or with
-`cpu_kernels=torch` it is `nn.Dropout` exactly (and `isinstance` of it).
+0.1000061) and kept values are scaled by 1 / (1 − that), so each output's expectation is its input. Under a
+dispatch mode (selective activation checkpointing) the scaling runs as eager ops. In eval mode, with p = 0, off
+CPU, under torch.compile, in place, for other dtypes, or with `cpu_kernels=torch` it is `nn.Dropout` exactly (and
+`isinstance` of it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.kernels import compiled, dropout_mask
+from lmforge.kernels import compiled, cpu_kernels, dropout_mask
 
 
 def _scaled(x: torch.Tensor, keep: torch.Tensor, keep_scale: torch.Tensor) -> torch.Tensor:
@@ -52,6 +53,8 @@ class Dropout(nn.Dropout):
         if not self.training or self.p == 0.0:
             return x
         if (0.0 < self.p < 1.0 and not self.inplace and not _SCALED.failed and x.dtype in (torch.float32, torch.bfloat16)
-                and compiled.usable(x)):
+                and cpu_kernels.enabled() and type(x) is torch.Tensor and x.device.type == "cpu"
+                and not torch.compiler.is_compiling()):
+            # under a dispatch mode (selective activation checkpointing) the scaling runs eagerly, the mask stays fast
             return _MaskedDropout.apply(x, self.p)
         return F.dropout(x, self.p, True, self.inplace)
