@@ -188,6 +188,20 @@ def test_partitioned_build_gives_the_weights_of_a_whole_build(runs: dict[str, Pa
             assert torch.equal(shard.data.to(device), param.data.to(shard.dtype)), name
 
 
+def test_weights_that_do_not_fit_a_partitioned_model_are_a_clear_error(runs: dict[str, Path], monkeypatch) -> None:
+    from lmforge.models import build
+    from lmforge.parallel.zero_init import load_partitioned, partitioned_build
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with partitioned_build({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}):
+        model = build(FAMILIES["gpt"])
+    state = {k: torch.zeros(1) for k in model.state_dict()}  # every key, every shape wrong (placeholders hide none)
+    with pytest.raises(CheckpointError, match=r"init_from weights do not fit the model: shapes \['blocks.0"):
+        load_partitioned(model, lambda: state)
+    with pytest.raises(CheckpointError, match=r"missing \['blocks.0.attn.proj.weight'"):
+        load_partitioned(model, lambda: {k: v for k, v in state.items() if k != "blocks.0.attn.proj.weight"})
+
+
 def test_zero3_fine_tune_from_a_checkpoint_trains_as_the_plain_one(runs: dict[str, Path], cache_dir: Path, tmp_path: Path) -> None:
     """init_from under ZeRO-3: the partitioned model filled from rank 0's read, one gathered parameter at a time."""
     base = [*overrides(cache_dir, tmp_path), f"init_from={runs['plain'] / 'checkpoints' / 'last.ckpt'}"]

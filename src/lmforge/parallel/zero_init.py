@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lmforge.errors import CheckpointError, LmforgeError
+from lmforge.parallel.load_weights import mismatch, read_on_rank0
 from lmforge.parallel.meta_init import INIT_INPLACE, NN_INIT, RANDOM_INPLACE, _call_on, _target
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -83,8 +83,8 @@ def partitioned_build(config: dict[str, Any], remote_device: str | None = None) 
 def load_partitioned(model: nn.Module, read: Callable[[], dict[str, torch.Tensor]], what: str = "init_from") -> int:
     """Load the whole state dict `read()` returns on rank 0 into a model built by `partitioned_build`: one parameter
     gathered at a time, rank 0's copy kept (`GatheredParameters(modifier_rank=0)` re-partitions it to every rank),
-    persistent buffers broadcast. Rank 0 alone holds the state dict. It checks keys and (unpartitioned) shapes first
-    and shares its verdict, so a mismatch is the same clear error on every rank. Collective; returns the tensor count."""
+    persistent buffers broadcast. Only rank 0 holds the state dict; it checks keys and whole shapes first and
+    shares its verdict (`read_on_rank0`). Collective; returns the tensor count."""
     import deepspeed
     import torch.distributed as dist
 
@@ -92,24 +92,8 @@ def load_partitioned(model: nn.Module, read: Callable[[], dict[str, torch.Tensor
     buffers = dict(model.named_buffers(remove_duplicate=False))
     keys = list(model.state_dict().keys())  # the parameters' placeholders still name every key (tied ones too)
     expected = {k: tuple(params[k].ds_shape) if k in params else tuple(buffers[k].shape) for k in keys}
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    state: dict[str, torch.Tensor] = {}
-    verdict: list[str | int | None] = [None]
-    if rank == 0:
-        try:
-            state = read()
-            missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-            shapes = [f"{k}: {tuple(state[k].shape)} for {expected[k]}" for k in keys if k in state and tuple(state[k].shape) != expected[k]]
-            problems = [f"missing {missing[:5]}" if missing else "", f"unexpected {unexpected[:5]}" if unexpected else "",
-                        f"shapes {shapes[:5]}" if shapes else ""]
-            problem = "; ".join(p for p in problems if p)
-            verdict[0] = f"{what} weights do not fit the model: {problem}" if problem else len(state)
-        except (LmforgeError, OSError, RuntimeError, KeyError, ValueError) as err:  # shared, so no rank is left waiting
-            verdict[0] = f"{what} weights could not be read on rank 0: {err}"
-    if dist.is_initialized():
-        dist.broadcast_object_list(verdict, src=0)
-    if isinstance(verdict[0], str):
-        raise CheckpointError(f"{verdict[0]}. Fix: pass a checkpoint of this architecture ({what} sets the model from it)")
+    state, count = read_on_rank0(read, lambda s: mismatch(expected, s), what)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
     done: set[int] = set()
     with torch.no_grad():
         for key, param in params.items():
@@ -117,12 +101,12 @@ def load_partitioned(model: nn.Module, read: Callable[[], dict[str, torch.Tensor
                 continue
             done.add(id(param))
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                if rank == 0:
+                if rank0:
                     param.data.copy_(state[key])
         for key in keys:
             if key in buffers:
-                if rank == 0:
+                if rank0:
                     buffers[key].copy_(state[key])
                 if dist.is_initialized():
                     dist.broadcast(buffers[key], src=0)
-    return int(verdict[0])
+    return count

@@ -97,13 +97,7 @@ class LMStage(L.LightningModule):
         if sharded and getattr(strategy, "meta_init", False) and self.can_build_on_meta():
             self.model, meta_rng = self.build_model_on_meta()  # no rank ever holds the whole model
         elif self.builds_partitioned(strategy):
-            with strategy.partitioned_build():  # ZeRO-3: no process ever holds the whole model either
-                self.model = build(self.model_cfg)
-            log.info("deepspeed: ZeRO-3 model partitioned module by module as it was built (deepspeed.zero.Init, exact init)")
-            if self.init_weights is not None:  # rank 0 reads the file; parameters filled one at a time
-                from lmforge.parallel.zero_init import load_partitioned
-
-                log.info("init_from: %d tensors loaded into the partitioned model", load_partitioned(self.model, self.init_weights))
+            self.model = self.build_model_partitioned(strategy)  # ZeRO-3: no process ever holds the whole model either
         else:
             self.model = self.build_model()
         self.build_frozen_models()
@@ -159,6 +153,18 @@ class LMStage(L.LightningModule):
                 and self.peft_cfg is None
                 and type(self).build_model is LMStage.build_model and type(self).wrap_model is LMStage.wrap_model
                 and type(self).build_frozen_models is LMStage.build_frozen_models)
+
+    def build_model_partitioned(self, strategy: Any) -> nn.Module:
+        """The family model built under ZeRO-3's `partitioned_build` (exact init), `init_from` weights loaded into it
+        from rank 0's read one gathered parameter at a time."""
+        with strategy.partitioned_build():
+            model = build(self.model_cfg)
+        log.info("deepspeed: ZeRO-3 model partitioned module by module as it was built (deepspeed.zero.Init, exact init)")
+        if self.init_weights is not None:
+            from lmforge.parallel.zero_init import load_partitioned
+
+            log.info("init_from: %d tensors loaded into the partitioned model", load_partitioned(model, self.init_weights))
+        return model
 
     def frozen_models_build_on_meta(self) -> bool:
         """Whether `build_frozen_models` can build on a meta model: deep copies of it (the same init or `init_from`
