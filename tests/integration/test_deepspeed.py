@@ -73,24 +73,31 @@ def one_process_group() -> Iterator[None]:
 ZERO3_LOG: list[str] = []  # lmforge's log lines during the ZeRO-3 run (the `runs` fixture fills it)
 
 
+@contextmanager
+def lmforge_log(lines: list[str]) -> Iterator[None]:
+    """Collect lmforge's INFO lines (in-process runs have no train.log)."""
+    logger, level = logging.getLogger("lmforge"), logging.getLogger("lmforge").level
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @pytest.fixture(scope="module")
 def runs(cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     logs = tmp_path_factory.mktemp("zero_logs")
     base, out = overrides(cache_dir, logs), logs / "debug" / "runs"
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: ZERO3_LOG.append(record.getMessage())  # type: ignore[method-assign]
     with environment_restored():
         train_in_process(base, out / "plain")
-        for stage in (1, 2, 3):
-            lmforge_log, level = logging.getLogger("lmforge"), logging.getLogger("lmforge").level
-            if stage == 3:
-                lmforge_log.addHandler(handler)
-                lmforge_log.setLevel(logging.INFO)
-            try:
-                train_in_process([*base, f"strategy=deepspeed_zero{stage}", *ZERO_RUN], out / f"zero{stage}")
-            finally:
-                lmforge_log.removeHandler(handler)
-                lmforge_log.setLevel(level)
+        for stage in (1, 2):
+            train_in_process([*base, f"strategy=deepspeed_zero{stage}", *ZERO_RUN], out / f"zero{stage}")
+        with lmforge_log(ZERO3_LOG):
+            train_in_process([*base, "strategy=deepspeed_zero3", *ZERO_RUN], out / "zero3")
         step3 = out / "zero3" / "checkpoints" / "step-000003.ckpt"
         train_in_process([*base, "strategy=deepspeed_zero3", *ZERO_RUN, f"ckpt_path={step3}"], out / "resumed")
     return {name: out / name for name in ("plain", "zero1", "zero2", "zero3", "resumed")}
@@ -212,6 +219,22 @@ def test_zero3_fine_tune_from_a_checkpoint_trains_as_the_plain_one(runs: dict[st
     assert sorted(zero) == sorted(plain) == list(range(STEPS))
     assert [zero[s] for s in range(STEPS)] == pytest.approx([plain[s] for s in range(STEPS)], abs=ATOL)
     assert plain[0] < metric(runs["plain"], "train/loss")[0] - 0.5  # it did start from the trained weights
+
+
+def test_dpo_under_zero3_builds_its_reference_partitioned_and_matches_a_plain_run(runs: dict[str, Path], cache_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """The reference (a deep copy elsewhere) is a second partitioned build filled from the same init_from weights."""
+    dpo = ["stage=dpo", "data=pref_shakespeare", "data.max_examples=16", "data.batch_size=4", "trainer.max_steps=3",
+           f"init_from={runs['plain'] / 'checkpoints' / 'last.ckpt'}"]
+    base, lines = [*overrides(cache_dir, tmp_path), *dpo], []
+    with environment_restored():
+        plain = train_in_process(base, tmp_path / "plain")
+        with lmforge_log(lines):
+            zero = train_in_process([*base, "strategy=deepspeed_zero3", *ZERO_RUN], tmp_path / "zero")
+    assert sum("partitioned module by module" in line for line in lines) == 2, lines  # the policy and its reference
+    assert sum("tensors loaded into the partitioned model" in line for line in lines) == 2, lines
+    for key in ("train/loss", "dpo/margin", "train/grad_norm"):
+        assert zero[key] == pytest.approx(plain[key], abs=ATOL), key
 
 
 def test_resume_from_a_zero3_checkpoint_is_exact(runs: dict[str, Path]) -> None:

@@ -13,9 +13,9 @@ Lightning and DeepSpeed do the sharding, the engine, the fp32 master weights and
   (parallel/zero_init.py) runs each init op on the gathered parameter. Plain `zero.Init`, Lightning's default,
   lets that init write into empty placeholders, and training starts from PyTorch's default init (measured: a loss
   of 57.7 instead of 5.5 at step 0). `init_from` weights are read on rank 0 and loaded one gathered parameter
-  at a time (`load_partitioned`). Stages that build around the model (PEFT, a DPO/RL reference or reward model, a
-  scalar head) build it whole on each process instead, and DeepSpeed partitions it in `deepspeed.initialize`
-  (`LMStage.builds_partitioned`).
+  at a time (`load_partitioned`); a DPO/GRPO reference is a second partitioned build (`LMStage.frozen_copy`).
+  Stages that build more around the model (PEFT, a reward model file, PPO's critic, a scalar head) build it whole
+  on each process instead, and DeepSpeed partitions it in `deepspeed.initialize` (`LMStage.builds_partitioned`).
 * ZeRO-Offload's optimizer: DeepSpeed refuses a torch optimizer whose states it keeps on the CPU
   (`zero_force_ds_cpu_optimizer`); `adapt_optimizer` swaps AdamW/Adam for DeepSpeedCPUAdam with the same
   parameter groups and hyperparameters (the same update, run by DeepSpeed's vectorised CPU kernel).

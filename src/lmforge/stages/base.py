@@ -72,6 +72,8 @@ class LMStage(L.LightningModule):
         self.meta_sources: dict[str, Any] | None = None  # a meta build: child name -> MetaSource (parallel/meta_shadow.py)
         # run.py: the weights come from ckpt_path (a resume), so a meta build only allocates: the checkpoint fills every tensor
         self.resuming = False
+        # a ZeRO-3 partitioned build: (strategy, CPU generator state before it) for `frozen_copy`; None otherwise
+        self.partitioned_from: tuple[Any, torch.Tensor] | None = None
         # bytes per token id (0 for specials): bits-per-byte denominator, comparable across tokenizers
         self.register_buffer("token_bytes", token_bytes if token_bytes is not None else torch.zeros(0, dtype=torch.long), persistent=False)
         self.val_nll, self.val_tokens, self.val_bytes = SumMetric(), SumMetric(), SumMetric()
@@ -152,11 +154,31 @@ class LMStage(L.LightningModule):
         return (bool(getattr(strategy, "zero_stage_3", False)) and hasattr(strategy, "partitioned_build")
                 and self.peft_cfg is None
                 and type(self).build_model is LMStage.build_model and type(self).wrap_model is LMStage.wrap_model
-                and type(self).build_frozen_models is LMStage.build_frozen_models)
+                and self.frozen_models_build_partitioned())
+
+    def frozen_models_build_partitioned(self) -> bool:
+        """Whether `build_frozen_models` works on a ZeRO-3 partitioned model: it adds nothing, or only `frozen_copy`s."""
+        return type(self).build_frozen_models is LMStage.build_frozen_models
+
+    def frozen_copy(self) -> nn.Module:
+        """A frozen copy of the model just built (a DPO/RL reference): a deep copy, or under ZeRO-3's partitioned
+        build (which cannot be deep-copied) a second partitioned build from the same generator state with the same
+        `init_from` weights; the generator is left where the first build left it."""
+        if self.partitioned_from is None:
+            return copy.deepcopy(self.model).requires_grad_(False).eval()
+        strategy, before = self.partitioned_from
+        after = torch.get_rng_state()
+        torch.set_rng_state(before)
+        try:
+            copied = self.build_model_partitioned(strategy)
+        finally:
+            torch.set_rng_state(after)
+        return copied.requires_grad_(False).eval()
 
     def build_model_partitioned(self, strategy: Any) -> nn.Module:
         """The family model built under ZeRO-3's `partitioned_build` (exact init), `init_from` weights loaded into it
         from rank 0's read one gathered parameter at a time."""
+        self.partitioned_from = (strategy, torch.get_rng_state())
         with strategy.partitioned_build():
             model = build(self.model_cfg)
         log.info("deepspeed: ZeRO-3 model partitioned module by module as it was built (deepspeed.zero.Init, exact init)")

@@ -13,7 +13,6 @@ comparing against the same weights.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -44,13 +43,16 @@ class DPOStage(LMStage):
     def frozen_models_build_on_meta(self) -> bool:
         return True  # the reference is a deep copy of the model (none with precompute_reference or PEFT)
 
+    def frozen_models_build_partitioned(self) -> bool:
+        return True  # the reference is a `frozen_copy`
+
     def build_frozen_models(self) -> None:
         if self.precompute_reference:  # (N, 2) chosen/rejected log-probs per split, filled in on_fit_start
             sizes = {split: len(self.trainer.datamodule.datasets[split]) for split in ("train", "val")}
             for split, n in sizes.items():
                 self.register_buffer(f"reference_{split}", torch.full((n, 2), float("nan")))
         elif self.peft_cfg is None:  # under PEFT the reference is the base model with adapters disabled
-            self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
+            self.reference = self.frozen_copy()
 
     def reference_sequence_logps(self, ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         average = dpo_uses_average_logps(self.loss_type)

@@ -57,6 +57,9 @@ class PPOStage(RLStage):
     def frozen_models_build_on_meta(self) -> bool:
         return True  # the critic: a copy of the reward model, or the policy's base + a head drawn on a shadow
 
+    def frozen_models_build_partitioned(self) -> bool:
+        return False  # the critic is a deep copy of the policy with a head: whole tensors
+
     def build_frozen_models(self) -> None:
         super().build_frozen_models()
         if self.reward_model is not None:  # TRL: the value model starts as the reward model

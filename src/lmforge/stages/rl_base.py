@@ -9,7 +9,6 @@ better). `max_steps` counts optimizer steps: `updates_per_batch` of them per bat
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -116,9 +115,12 @@ class RLStage(LMStage):
     def frozen_models_build_on_meta(self) -> bool:
         return True  # the reference is a deep copy; a reward model has its own file, read on rank 0
 
+    def frozen_models_build_partitioned(self) -> bool:
+        return self.reward_model_path is None  # the reference is a `frozen_copy`; a reward model builds whole
+
     def build_frozen_models(self) -> None:
         if self.needs_reference() and self.peft_cfg is None:
-            self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
+            self.reference = self.frozen_copy()
         if self.reward_model_path is not None and self.meta_sources is not None:  # a meta build: filled once sharded
             from lmforge.parallel.meta_shadow import MetaSource
 
