@@ -117,6 +117,30 @@ def test_plan_is_cached_and_rebuilt_after_an_in_place_update() -> None:
     assert torch.equal(fast, ref) and not torch.equal(fast, before)
 
 
+@pytest.mark.parametrize("lmforge_adamw", [False, True])
+def test_plan_is_rebuilt_after_a_fused_optimizer_step(lmforge_adamw: bool) -> None:
+    """torch's fused AdamW updates weights in place without bumping version counters: the plan must still follow
+    (it decoded RL rollouts and samples with the first weights it saw), through torch's optimizer or lmforge's."""
+    from lmforge.optim.adamw import AdamW
+
+    clear()
+    model = ours(GPT)
+    ids = prompt()
+    before = generate(model, ids, max_new_tokens=15)
+    plan = DecodePlan.get(model)
+    opt = AdamW(model.parameters(), lr=0.5) if lmforge_adamw else torch.optim.AdamW(model.parameters(), lr=0.5, fused=True)
+    assert opt.defaults["fused"]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    versions = [p._version for p in model.parameters()]
+    opt.step()
+    if lmforge_adamw:  # lmforge's bumps the versions as the unfused implementations do
+        assert all(p._version > v for p, v in zip(model.parameters(), versions, strict=True))
+    assert DecodePlan.get(model) is not plan
+    fast, ref = both(model, ids, max_new_tokens=15)
+    assert torch.equal(fast, ref) and not torch.equal(fast, before)
+
+
 def test_plan_stays_out_where_it_does_not_apply() -> None:
     assert DecodePlan.get(ours({**GPT, "position": "alibi"})) is None
     assert DecodePlan.get(ours({**LLAMA, "position": "alibi"})) is None

@@ -10,8 +10,9 @@ module calls, mask building, SDPA's dispatch for a single query, logits of every
 matrices — Q/K/V (Llama: q/k/v_proj, gate/up_proj) fused into one matrix each — and `plan.step` runs one new
 token per row through them, writing its keys/values into the model's own `KVCache` exactly as the forward
 would. Everything else (prefill, several tokens at once, speculative verification) keeps using the model.
-The plan is cached per model and rebuilt when any of its parameters changes (storage or in-place version),
-so it can sit under a training loop's sample callback; it holds one extra copy of the weights while the
+The plan is cached per model and rebuilt when any of its parameters changes (storage or in-place version) and
+after any torch optimizer step (fused optimizers change weights without bumping versions), so it can sit under
+a training loop's sample callback or an RL stage's rollouts; it holds one extra copy of the weights while the
 model lives (`clear()` drops them; models over `MAX_COPY_BYTES` get no plan). `tests/unit/test_generate.py` checks it gives the same tokens as the
 forward, for every supported configuration.
 
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lmforge.models.layers.kv_cache import KVCache
 from lmforge.models.layers.rope import apply_rotary
@@ -41,6 +43,18 @@ _enabled = True
 MAX_COPY_BYTES = 4 << 30  # models with more weight bytes than this decode through the forward (no second copy)
 _plans: weakref.WeakKeyDictionary[nn.Module, DecodePlan] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
+_optimizer_steps = 0  # every torch optimizer step in this process: part of each plan's signature
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Weights may have changed: torch's fused AdamW/Adam update parameters in place without bumping their version
+    counters (torch 2.13), so a plan keyed on versions alone decoded RL rollouts and sample generations with the
+    weights it was first built from, whatever training did since."""
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 @contextmanager
@@ -120,9 +134,10 @@ def _supported(model: nn.Module) -> str | None:
 
 
 def _signature(model: nn.Module) -> tuple[Any, ...] | None:
-    """What the plan's copies were made from: every parameter's storage and in-place version (None when a
-    parameter is an inference tensor, whose version is not tracked: then the plan is not cached)."""
-    sig = []
+    """What the plan's copies were made from: every parameter's storage and in-place version, and the count of
+    optimizer steps so far (None when a parameter is an inference tensor, whose version is not tracked: then the
+    plan is not cached)."""
+    sig: list[Any] = [_optimizer_steps]
     for p in model.parameters():
         if p.is_inference():
             return None

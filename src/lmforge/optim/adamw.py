@@ -74,3 +74,13 @@ class AdamW(torch.optim.AdamW):
             params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
             foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
         )
+
+    def step(self, closure: Any = None) -> Any:
+        """torch's step; then, for the fused kernel, the parameters' version counters bumped as the foreach and
+        per-tensor implementations bump them (torch 2.13's fused kernel updates in place without doing so, which
+        hides the update from anything that caches on versions)."""
+        loss = super().step(closure)
+        if self.defaults.get("fused"):
+            torch.autograd.graph.increment_version(
+                [p for group in self.param_groups for p in group["params"] if p.grad is not None and type(p.data) is torch.Tensor])
+        return loss
