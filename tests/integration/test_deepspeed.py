@@ -221,18 +221,20 @@ def test_zero3_fine_tune_from_a_checkpoint_trains_as_the_plain_one(runs: dict[st
     assert plain[0] < metric(runs["plain"], "train/loss")[0] - 0.5  # it did start from the trained weights
 
 
+@pytest.mark.parametrize("init_from", [True, False])
 def test_dpo_under_zero3_builds_its_reference_partitioned_and_matches_a_plain_run(runs: dict[str, Path], cache_dir: Path,
-                                                                                  tmp_path: Path) -> None:
-    """The reference (a deep copy elsewhere) is a second partitioned build filled from the same init_from weights."""
+                                                                                  tmp_path: Path, init_from: bool) -> None:
+    """The reference (a deep copy elsewhere) is a second partitioned build filled from the same init_from weights,
+    or drawn from the same generator state as the policy (a fresh model: the reference is its initial weights)."""
     dpo = ["stage=dpo", "data=pref_shakespeare", "data.max_examples=16", "data.batch_size=4", "trainer.max_steps=3",
-           f"init_from={runs['plain'] / 'checkpoints' / 'last.ckpt'}"]
+           *([f"init_from={runs['plain'] / 'checkpoints' / 'last.ckpt'}"] if init_from else [])]
     base, lines = [*overrides(cache_dir, tmp_path), *dpo], []
     with environment_restored():
         plain = train_in_process(base, tmp_path / "plain")
         with lmforge_log(lines):
             zero = train_in_process([*base, "strategy=deepspeed_zero3", *ZERO_RUN], tmp_path / "zero")
     assert sum("partitioned module by module" in line for line in lines) == 2, lines  # the policy and its reference
-    assert sum("tensors loaded into the partitioned model" in line for line in lines) == 2, lines
+    assert sum("tensors loaded into the partitioned model" in line for line in lines) == (2 if init_from else 0), lines
     for key in ("train/loss", "dpo/margin", "train/grad_norm"):
         assert zero[key] == pytest.approx(plain[key], abs=ATOL), key
 

@@ -38,6 +38,17 @@ log = logging.getLogger("lmforge")
 _REDUCED_NAMES: set[str] = set()  # names log_reduced logs: Lightning's sync_dist hint is silenced for exactly these
 
 
+def _generator_states() -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The CPU generator's state and the current CUDA device's (zero.Init draws an init there on a GPU)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+
+
+def _set_generator_states(states: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1])
+
+
 class LMStage(L.LightningModule):
     def __init__(
         self,
@@ -72,8 +83,8 @@ class LMStage(L.LightningModule):
         self.meta_sources: dict[str, Any] | None = None  # a meta build: child name -> MetaSource (parallel/meta_shadow.py)
         # run.py: the weights come from ckpt_path (a resume), so a meta build only allocates: the checkpoint fills every tensor
         self.resuming = False
-        # a ZeRO-3 partitioned build: (strategy, CPU generator state before it) for `frozen_copy`; None otherwise
-        self.partitioned_from: tuple[Any, torch.Tensor] | None = None
+        # a ZeRO-3 partitioned build: (strategy, generator states before it) for `frozen_copy`; None otherwise
+        self.partitioned_from: tuple[Any, tuple[torch.Tensor, torch.Tensor | None]] | None = None
         # bytes per token id (0 for specials): bits-per-byte denominator, comparable across tokenizers
         self.register_buffer("token_bytes", token_bytes if token_bytes is not None else torch.zeros(0, dtype=torch.long), persistent=False)
         self.val_nll, self.val_tokens, self.val_bytes = SumMetric(), SumMetric(), SumMetric()
@@ -167,18 +178,18 @@ class LMStage(L.LightningModule):
         if self.partitioned_from is None:
             return copy.deepcopy(self.model).requires_grad_(False).eval()
         strategy, before = self.partitioned_from
-        after = torch.get_rng_state()
-        torch.set_rng_state(before)
+        after = _generator_states()
+        _set_generator_states(before)
         try:
             copied = self.build_model_partitioned(strategy)
         finally:
-            torch.set_rng_state(after)
+            _set_generator_states(after)
         return copied.requires_grad_(False).eval()
 
     def build_model_partitioned(self, strategy: Any) -> nn.Module:
         """The family model built under ZeRO-3's `partitioned_build` (exact init), `init_from` weights loaded into it
         from rank 0's read one gathered parameter at a time."""
-        self.partitioned_from = (strategy, torch.get_rng_state())
+        self.partitioned_from = (strategy, _generator_states())
         with strategy.partitioned_build():
             model = build(self.model_cfg)
         log.info("deepspeed: ZeRO-3 model partitioned module by module as it was built (deepspeed.zero.Init, exact init)")
