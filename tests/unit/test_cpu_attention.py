@@ -106,7 +106,7 @@ def test_backward_remakes_forward_dropped_probabilities_exactly():
     same tensor, compiled or eager (inductor would otherwise skip the bf16 round trip: ~20% of entries one unit off)."""
     probs32 = torch.softmax(torch.randn(8, 64, 64, generator=torch.Generator().manual_seed(4)) * 3, -1)
     keep = dropout_mask.keep_mask(probs32.shape, 0.2).view(torch.uint8)
-    keep_scale = cpu_attention._keep_scale(0.2)
+    keep_scale = dropout_mask.keep_scale(0.2)
     probs, dropped = cpu_attention._DROPOUT_PROBS(probs32, keep, keep_scale)
     assert torch.equal(cpu_attention._DROPPED_PROBS(probs, keep, keep_scale), dropped)
     eager_probs, eager_dropped = cpu_attention._dropout_probs(probs32, keep, keep_scale)

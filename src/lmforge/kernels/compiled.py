@@ -28,14 +28,15 @@ from lmforge.kernels import cpu_kernels
 MAX_RESETS = 32  # recompile-limit resets per kernel before it stays eager (a process cycling through states)
 
 
-def usable(*tensors: torch.Tensor) -> bool:
+def usable(*tensors: torch.Tensor, under_dispatch_mode: bool = False) -> bool:
     """Whether a compiled CPU kernel may run on these tensors here: plain CPU tensors, lmforge's CPU kernels on,
-    no enclosing compile and no active dispatch mode (whose op-level view the fused kernel would hide)."""
+    no enclosing compile and no active dispatch mode (whose op-level view the fused kernel would hide), unless the
+    caller accepts one (`under_dispatch_mode`: there `CompiledKernel` runs its function as eager ops)."""
     return (
         cpu_kernels.enabled()
         and all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
         and not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
+        and (under_dispatch_mode or torch._C._len_torch_dispatch_stack() == 0)
     )
 
 

@@ -127,25 +127,18 @@ def _softmax_grad(grad_p: torch.Tensor, probs: torch.Tensor, grad_out: torch.Ten
 _SOFTMAX_GRAD = compiled.CompiledKernel(_softmax_grad)
 
 
-# The keep-mask enters these kernels as uint8 (0/1), multiplied in: inductor vectorises byte loads, not bool ones
-# (a bool mask made each kernel 2-5x slower on (48, 512, 512) scores).
-def _dropped_probs(probs: torch.Tensor, keep: torch.Tensor, keep_scale: torch.Tensor) -> torch.Tensor:
-    """P·V's operand under dropout: bf16 P where kept, scaled by 1 / (1 - p), else 0. Forward makes it from the bf16
-    P that backward keeps, so backward remakes the very same tensor for Pᵀ·dO."""
-    return (probs.float() * (keep.to(torch.float32) * keep_scale)).to(torch.bfloat16)
-
-
 def _dropout_probs(probs32: torch.Tensor, keep: torch.Tensor, keep_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 P -> bf16 P (kept for backward) and the dropped bf16 P, in one pass."""
+    """float32 P -> bf16 P (kept for backward) and P·V's operand, the dropped bf16 P (uint8 `keep`), in one pass. The
+    dropped P is made from the bf16 P, so backward remakes the very same tensor from what it keeps for Pᵀ·dO."""
     probs = probs32.to(torch.bfloat16)
-    return probs, _dropped_probs(probs, keep, keep_scale)
+    return probs, dropout_mask.masked_scale(probs, keep, keep_scale)
 
 
 def _softmax_grad_dropout(grad_dropped: torch.Tensor, probs: torch.Tensor, keep: torch.Tensor, grad_out: torch.Tensor,
                           out: torch.Tensor, scale: torch.Tensor, keep_scale: torch.Tensor) -> torch.Tensor:
     """`_softmax_grad` behind dropout: d(P) = d(dropped P) ∘ keep / (1 - p); rowsum(dO ∘ O) is still rowsum(P ∘ d(P))."""
     delta = (grad_out.float() * out.float()).sum(-1, keepdim=True)
-    grad_p = grad_dropped * (keep.to(torch.float32) * keep_scale)
+    grad_p = dropout_mask.masked_scale(grad_dropped, keep, keep_scale)  # float32 in, float32 out
     return ((grad_p - delta) * probs.float() * scale).to(torch.bfloat16)
 
 
@@ -153,13 +146,8 @@ def _softmax_grad_dropout(grad_dropped: torch.Tensor, probs: torch.Tensor, keep:
 # be rounded from float32 P, backward's remade one from bf16 P, one bf16 unit apart on ~20% of the scores
 _ROUNDED = {"emulate_precision_casts": True}
 _DROPOUT_PROBS = compiled.CompiledKernel(_dropout_probs, _ROUNDED)
-_DROPPED_PROBS = compiled.CompiledKernel(_dropped_probs, _ROUNDED)
+_DROPPED_PROBS = compiled.CompiledKernel(dropout_mask.masked_scale, _ROUNDED)
 _SOFTMAX_GRAD_DROPOUT = compiled.CompiledKernel(_softmax_grad_dropout, _ROUNDED)
-
-
-def _keep_scale(dropout_p: float) -> torch.Tensor:
-    """1 / (1 - p) for the p the mask really drops with (0-dim: one compiled variant for every p)."""
-    return torch.tensor(1.0 / (1.0 - dropout_mask.drop_probability(dropout_p)), dtype=torch.float32)
 
 
 def _attention_forward(q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, q32: torch.Tensor, k32: torch.Tensor,
@@ -174,7 +162,7 @@ def _attention_forward(q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, q32
     torch.ops.aten._softmax.out(scores, -1, False, out=probs32)  # (torch's kernel beats an inductor-made one here)
     if dropout_p:
         keep = dropout_mask.keep_mask(probs32.shape, dropout_p).view(torch.uint8)  # 1 = kept
-        probs, dropped = _DROPOUT_PROBS(probs32, keep, _keep_scale(dropout_p))
+        probs, dropped = _DROPOUT_PROBS(probs32, keep, dropout_mask.keep_scale(dropout_p))
         return torch.bmm(dropped, v3), probs, keep
     probs = probs32.to(torch.bfloat16)  # kept for backward: P·V's and Pᵀ·dO's operand, as in FlashAttention-2
     return torch.bmm(probs, v3), probs, None  # bf16 GEMM, float32 accumulation inside
@@ -185,7 +173,7 @@ def _attention_backward(q3: torch.Tensor, k3: torch.Tensor, v3: torch.Tensor, ou
                         dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """d(q), d(k), d(v) as (B·H, T, D) bf16 from the contiguous bf16 d(output) `do3`."""
     rows = q3.size(0)
-    keep_scale = _keep_scale(dropout_p) if keep is not None else None
+    keep_scale = dropout_mask.keep_scale(dropout_p) if keep is not None else None
     used = probs if keep is None else _DROPPED_PROBS(probs, keep, keep_scale)  # P·V's operand in forward
     grad_v = torch.bmm(used.transpose(1, 2), do3)  # Pᵀ·dO
     grad_p = workspace.scratch("scores", probs.shape, torch.float32)

@@ -20,22 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.kernels import compiled, cpu_kernels, dropout_mask
+from lmforge.kernels import compiled, dropout_mask
 
-
-def _scaled(x: torch.Tensor, keep: torch.Tensor, keep_scale: torch.Tensor) -> torch.Tensor:
-    """x · keep / (1 − p) in float32, rounded once to x's dtype (keep: uint8 0/1; inductor vectorises byte loads)."""
-    return (x.float() * (keep.to(torch.float32) * keep_scale)).to(x.dtype)
-
-
-_SCALED = compiled.CompiledKernel(_scaled)
+_SCALED = compiled.CompiledKernel(dropout_mask.masked_scale)
 
 
 class _MaskedDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, p: float) -> torch.Tensor:
         keep = dropout_mask.keep_mask(x.shape, p).view(torch.uint8)
-        keep_scale = torch.tensor(1.0 / (1.0 - dropout_mask.drop_probability(p)), dtype=torch.float32)
+        keep_scale = dropout_mask.keep_scale(p)
         ctx.save_for_backward(keep, keep_scale)
         return _SCALED(x.contiguous(), keep, keep_scale)
 
@@ -53,8 +47,7 @@ class Dropout(nn.Dropout):
         if not self.training or self.p == 0.0:
             return x
         if (0.0 < self.p < 1.0 and not self.inplace and not _SCALED.failed and x.dtype in (torch.float32, torch.bfloat16)
-                and cpu_kernels.enabled() and type(x) is torch.Tensor and x.device.type == "cpu"
-                and not torch.compiler.is_compiling()):
+                and compiled.usable(x, under_dispatch_mode=True)):
             # under a dispatch mode (selective activation checkpointing) the scaling runs eagerly, the mask stays fast
             return _MaskedDropout.apply(x, self.p)
         return F.dropout(x, self.p, True, self.inplace)
