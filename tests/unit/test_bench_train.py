@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import mmap
 import sys
 
-import torch
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -14,9 +14,12 @@ import bench_train  # noqa: E402
 def test_timed_rounds_counts_each_steps_fresh_pages_and_alternates() -> None:
     calls: list[str] = []
 
-    def touch_fresh_memory() -> None:  # 64 MB: above glibc's largest dynamic mmap threshold, so freshly mapped each call
+    def touch_fresh_memory() -> None:
+        """64 MB of fresh pages each call: an anonymous mapping of its own, one byte written per 4-KiB page (a
+        malloc'd tensor was not always fresh: in a long test process glibc sometimes served it from memory it kept)."""
         calls.append("fresh")
-        torch.ones(16 << 20)
+        with mmap.mmap(-1, 64 << 20) as region:
+            region[::4096] = b"\1" * ((64 << 20) // 4096)
 
     def nothing() -> None:
         calls.append("idle")
