@@ -13,9 +13,9 @@ Lightning and DeepSpeed do the sharding, the engine, the fp32 master weights and
   (parallel/zero_init.py) runs each init op on the gathered parameter. Plain `zero.Init`, Lightning's default,
   lets that init write into empty placeholders, and training starts from PyTorch's default init (measured: a loss
   of 57.7 instead of 5.5 at step 0). `init_from` weights are read on rank 0 and loaded one gathered parameter
-  at a time (`load_partitioned`); a DPO/GRPO reference is a second partitioned build (`LMStage.frozen_copy`).
-  Stages that build more around the model (PEFT, a reward model file, PPO's critic, a scalar head) build it whole
-  on each process instead, and DeepSpeed partitions it in `deepspeed.initialize` (`LMStage.builds_partitioned`).
+  at a time (`load_partitioned`); a DPO/GRPO reference is a second partitioned build (`LMStage.frozen_copy`), as
+  are an RL reward model read from its file and PPO's critic (`zero_init.replayed`). PEFT's parameters and scalar
+  heads are added whole around the partitioned base; `deepspeed.initialize` partitions them.
 * ZeRO-Offload's optimizer: DeepSpeed refuses a torch optimizer whose states it keeps on the CPU
   (`zero_force_ds_cpu_optimizer`); `adapt_optimizer` swaps AdamW/Adam for DeepSpeedCPUAdam with the same
   parameter groups and hyperparameters (the same update, run by DeepSpeed's vectorised CPU kernel).
@@ -40,7 +40,21 @@ from lmforge.parallel.zero_checkpoint import weights_only_loads
 
 
 class ZeroStrategy(DeepSpeedStrategy):
-    """Arguments are DeepSpeedStrategy's (`stage`, `offload_optimizer`, `offload_parameters`, ...)."""
+    """Arguments are DeepSpeedStrategy's (`stage`, `offload_optimizer`, `offload_parameters`, ...), plus
+    `param_persistence_threshold`: ZeRO-3 keeps parameters with fewer elements than this whole on every rank
+    instead of gathering them at each use (DeepSpeed's `stage3_param_persistence_threshold`, 100000 unless set;
+    Lightning has no argument for it). 0 partitions every parameter: the least memory, the most gathers."""
+
+    def __init__(self, *args: Any, param_persistence_threshold: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if param_persistence_threshold is not None:
+            if isinstance(param_persistence_threshold, bool) or not isinstance(param_persistence_threshold, int) or param_persistence_threshold < 0:
+                raise ConfigError("strategy.param_persistence_threshold", f"must be a whole number >= 0, got {param_persistence_threshold!r}",
+                                  "e.g. strategy.param_persistence_threshold=100000 (DeepSpeed's default), or 0 to partition every parameter")
+            if self.config is None or "zero_optimization" not in self.config:
+                raise ConfigError("strategy.param_persistence_threshold", "needs a zero_optimization section in the DeepSpeed config",
+                                  "add one to your strategy.config file, or leave strategy.config unset")
+            self.config["zero_optimization"]["stage3_param_persistence_threshold"] = param_persistence_threshold
 
     def teardown(self) -> None:
         super().teardown()

@@ -110,3 +110,43 @@ def load_partitioned(model: nn.Module, read: Callable[[], dict[str, torch.Tensor
                 if dist.is_initialized():
                     dist.broadcast(buffers[key], src=0)
     return count
+
+
+@contextmanager
+def gathered(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """Inside, every ZeRO-3 partitioned tensor among `tensors` holds its whole value (read-only: changes are not
+    re-partitioned); others are left as they are. Collective where any is partitioned: every rank must enter."""
+    parted = [t for t in tensors if _partitioned(t)]
+    if not parted:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parted):
+        yield
+
+
+GeneratorStates = tuple[torch.Tensor, torch.Tensor | None]
+
+
+def generator_states() -> GeneratorStates:
+    """The CPU generator's state and the current CUDA device's (zero.Init draws an init there on a GPU)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+
+
+def _set_generator_states(states: GeneratorStates) -> None:
+    torch.set_rng_state(states[0])
+    if states[1] is not None:
+        torch.cuda.set_rng_state(states[1])
+
+
+def replayed(before: GeneratorStates, build_fn: Callable[[], nn.Module]) -> nn.Module:
+    """`build_fn()` run from the generator states `before` (those an earlier partitioned build started from), the
+    generators left where they are: a second partitioned build of the same model, in place of a deep copy, which
+    a partitioned model cannot have and which draws nothing."""
+    after = generator_states()
+    _set_generator_states(before)
+    try:
+        return build_fn()
+    finally:
+        _set_generator_states(after)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import CheckpointError, ConfigError
+from lmforge.parallel.zero_init import gathered
 from lmforge.peft.adapter import AdapterSettings, apply_adapters, remove_adapters, set_adapters_enabled
 from lmforge.peft.lora import (
     LoraSettings,
@@ -250,7 +251,8 @@ def save_adapter(
 ) -> Path:
     """Write the PEFT parameters (safetensors) and their config (json, also in the safetensors metadata);
     returns the weights' path. Each file appears whole or not at all (temp file, then os.replace). A sharded
-    model's parameters are gathered first: every rank calls this, and only the one with `write` writes."""
+    model's parameters (FSDP/TP DTensors, ZeRO-3 partitions) are gathered first: every rank calls this, and only
+    the one with `write` writes."""
     from safetensors.torch import save_file
 
     state = peft_state(model)
@@ -258,7 +260,10 @@ def save_adapter(
         raise ValueError("the model has no PEFT applied: save its full checkpoint instead")
     cfg = normalize_cfg(peft_cfg) if peft_cfg is not None else state.config
     weights, config = _files(path)
-    tensors = {n: _whole(t) for n, t in trainable_state_dict(model).items()}
+    params = dict(model.named_parameters())
+    chosen = [params[n] for n in _peft_names(model)]
+    with gathered(chosen):  # ZeRO-3 partitions them too (above its persistence threshold): read whole, not placeholders
+        tensors = {n: _whole(t.detach()) for n, t in zip(_peft_names(model), chosen, strict=True)}
     if not write:
         return weights
     meta = json.dumps({"format": FORMAT, "peft": cfg}, sort_keys=True)

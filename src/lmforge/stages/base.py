@@ -29,6 +29,7 @@ from lmforge.models.activation_checkpointing import checkpoint_policy
 from lmforge.objectives.base import LossOutput
 from lmforge.optim.grad_norm import clip_grads_, total_grad_norm
 from lmforge.optim.param_groups import decay_param_groups, muon_param_groups, true_numel
+from lmforge.parallel.zero_init import generator_states, replayed
 from lmforge.stages.step_checks import DeviceStepChecks, takes_device_checks, unwrap
 from lmforge.utils.logging_steps import logging_step
 
@@ -36,17 +37,6 @@ SCHEMA_VERSION = 1
 
 log = logging.getLogger("lmforge")
 _REDUCED_NAMES: set[str] = set()  # names log_reduced logs: Lightning's sync_dist hint is silenced for exactly these
-
-
-def _generator_states() -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The CPU generator's state and the current CUDA device's (zero.Init draws an init there on a GPU)."""
-    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
-
-
-def _set_generator_states(states: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-    torch.set_rng_state(states[0])
-    if states[1] is not None:
-        torch.cuda.set_rng_state(states[1])
 
 
 class LMStage(L.LightningModule):
@@ -159,13 +149,13 @@ class LMStage(L.LightningModule):
         return type(self).build_model is LMStage.build_model and self.frozen_models_build_on_meta()
 
     def builds_partitioned(self, strategy: Any) -> bool:
-        """ZeRO-3 (`ZeroStrategy.partitioned_build`) for a plain family model, its `init_from` weights loaded after
-        (`load_partitioned`): no PEFT or `wrap_model` around it, no frozen companions copied from it (each would
-        need whole tensors)."""
+        """ZeRO-3 (`ZeroStrategy.partitioned_build`) for the family model, its `init_from` weights loaded after
+        (`load_partitioned`). What goes around it is added after, as whole small tensors DeepSpeed partitions in
+        `deepspeed.initialize`: PEFT's parameters, `wrap_model`'s (a reward model's scalar head). Not for frozen
+        companions copied from it (PPO's critic) or read from their own file (an RL reward model): each would
+        need whole tensors."""
         return (bool(getattr(strategy, "zero_stage_3", False)) and hasattr(strategy, "partitioned_build")
-                and self.peft_cfg is None
-                and type(self).build_model is LMStage.build_model and type(self).wrap_model is LMStage.wrap_model
-                and self.frozen_models_build_partitioned())
+                and type(self).build_model is LMStage.build_model and self.frozen_models_build_partitioned())
 
     def frozen_models_build_partitioned(self) -> bool:
         """Whether `build_frozen_models` works on a ZeRO-3 partitioned model: it adds nothing, or only `frozen_copy`s."""
@@ -178,18 +168,13 @@ class LMStage(L.LightningModule):
         if self.partitioned_from is None:
             return copy.deepcopy(self.model).requires_grad_(False).eval()
         strategy, before = self.partitioned_from
-        after = _generator_states()
-        _set_generator_states(before)
-        try:
-            copied = self.build_model_partitioned(strategy)
-        finally:
-            _set_generator_states(after)
-        return copied.requires_grad_(False).eval()
+        return replayed(before, lambda: self.build_model_partitioned(strategy, record=False)).requires_grad_(False).eval()
 
-    def build_model_partitioned(self, strategy: Any) -> nn.Module:
-        """The family model built under ZeRO-3's `partitioned_build` (exact init), `init_from` weights loaded into it
-        from rank 0's read one gathered parameter at a time."""
-        self.partitioned_from = (strategy, _generator_states())
+    def build_model_partitioned(self, strategy: Any, record: bool = True) -> nn.Module:
+        """The trained module with its family model built under ZeRO-3's `partitioned_build` (exact init), `init_from`
+        weights loaded into it from rank 0's read one gathered parameter at a time, then `wrap_model` around it."""
+        if record:
+            self.partitioned_from = (strategy, generator_states())
         with strategy.partitioned_build():
             model = build(self.model_cfg)
         log.info("deepspeed: ZeRO-3 model partitioned module by module as it was built (deepspeed.zero.Init, exact init)")
@@ -197,7 +182,7 @@ class LMStage(L.LightningModule):
             from lmforge.parallel.zero_init import load_partitioned
 
             log.info("init_from: %d tensors loaded into the partitioned model", load_partitioned(model, self.init_weights))
-        return model
+        return self.wrap_model(model)
 
     def frozen_models_build_on_meta(self) -> bool:
         """Whether `build_frozen_models` can build on a meta model: deep copies of it (the same init or `init_from`

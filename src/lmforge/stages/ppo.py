@@ -20,7 +20,8 @@ from lmforge.errors import ConfigError
 from lmforge.losses import gae, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from lmforge.models.heads import ScalarHeadModel
 from lmforge.optim.param_groups import decay_param_groups
-from lmforge.stages.rl_base import RLStage
+from lmforge.parallel.zero_init import replayed
+from lmforge.stages.rl_base import RLStage, reward_model_partitioned
 from lmforge.stages.rollout import Rollout, rollout_logprobs
 
 
@@ -58,11 +59,13 @@ class PPOStage(RLStage):
         return True  # the critic: a copy of the reward model, or the policy's base + a head drawn on a shadow
 
     def frozen_models_build_partitioned(self) -> bool:
-        return False  # the critic is a deep copy of the policy with a head: whole tensors
+        return True  # the critic: a replay of the reward model's or the policy's partitioned build (+ a head)
 
     def build_frozen_models(self) -> None:
         super().build_frozen_models()
-        if self.reward_model is not None:  # TRL: the value model starts as the reward model
+        if self.partitioned_from is not None:  # ZeRO-3: no deep copies of partitioned models; rebuilt the same
+            self.critic = self.critic_partitioned()
+        elif self.reward_model is not None:  # TRL: the value model starts as the reward model
             self.critic = copy.deepcopy(self.reward_model).requires_grad_(True).train()
             if self.meta_sources is not None:
                 self.meta_sources["critic"] = self.meta_sources["reward_model"]  # the same file, read once
@@ -74,6 +77,18 @@ class PPOStage(RLStage):
             self.meta_sources["critic"] = MetaSource(self.meta_sources["model"].read, "backbone.", head)
         else:
             self.critic = ScalarHeadModel(copy.deepcopy(self.model)).requires_grad_(True)
+
+    def critic_partitioned(self) -> ScalarHeadModel:
+        """The critic the branches of `build_frozen_models` make, under ZeRO-3's partitioned build: the reward
+        model's build replayed (its file read again), or the policy's (its `init_from` weights) with the scalar
+        head drawn where a whole build draws it, after."""
+        strategy, policy_from = self.partitioned_from
+        if self.reward_model is not None:
+            path, vocab = self.reward_model_path, self.model.config.vocab_size
+            critic = replayed(self.reward_model_from, lambda: reward_model_partitioned(path, vocab, strategy))
+            return critic.requires_grad_(True).train()
+        backbone = replayed(policy_from, lambda: self.build_model_partitioned(strategy, record=False))
+        return ScalarHeadModel(backbone).requires_grad_(True)
 
     def configure_optimizers(self) -> Any:
         """One optimizer over policy and critic (the critic's parameters are not under `self.model`)."""

@@ -9,6 +9,7 @@ better). `max_steps` counts optimizer steps: `updates_per_batch` of them per bat
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -20,8 +21,11 @@ from torchmetrics import MeanMetric
 from lmforge.checkpoint import load_checkpoint, model_state_dict
 from lmforge.errors import ConfigError
 from lmforge.models.heads import ScalarHeadModel, scalar_model_from_state
+from lmforge.parallel.zero_init import GeneratorStates, generator_states
 from lmforge.stages.base import LMStage
 from lmforge.stages.rollout import Rollout, rollout_logprobs, sample_rollout
+
+log = logging.getLogger("lmforge")
 
 
 def reward_model_cfg(ckpt: dict[str, Any], path: str, vocab_size: int) -> dict[str, Any]:
@@ -41,6 +45,20 @@ def load_reward_model(path: str, vocab_size: int) -> ScalarHeadModel:
     ckpt = load_checkpoint(path)
     model_cfg = reward_model_cfg(ckpt, path, vocab_size)
     return scalar_model_from_state(model_cfg, model_state_dict(ckpt, scalar_head=True)).requires_grad_(False).eval()
+
+
+def reward_model_partitioned(path: str, vocab_size: int, strategy: Any) -> ScalarHeadModel:
+    """`load_reward_model` under ZeRO-3's partitioned build: built partitioned with the init draws a whole build
+    makes, then filled from the file, read on rank 0 only (`load_partitioned`)."""
+    from lmforge.models import build
+    from lmforge.parallel.zero_init import load_partitioned
+
+    model_cfg = reward_model_cfg(load_checkpoint(path, weights=False), path, vocab_size)
+    with strategy.partitioned_build():
+        model = ScalarHeadModel(build(model_cfg))
+    count = load_partitioned(model, lambda: model_state_dict(load_checkpoint(path), scalar_head=True), what="stage.reward_model")
+    log.info("deepspeed: ZeRO-3 reward model partitioned as it was built, %d tensors loaded from %s", count, path)
+    return model.requires_grad_(False).eval()
 
 
 def reward_model_on_meta(path: str, vocab_size: int) -> tuple[ScalarHeadModel, Callable[[], dict[str, torch.Tensor]]]:
@@ -99,6 +117,7 @@ class RLStage(LMStage):
         self.max_grad_norm: float | None = None  # run.py moves trainer.gradient_clip_val here (manual optimisation)
         self.reference: nn.Module | None = None
         self.reward_model: ScalarHeadModel | None = None
+        self.reward_model_from: GeneratorStates | None = None  # ZeRO-3: the generator states its partitioned build began at
         self.val_reward, self.val_length, self.val_stop = MeanMetric(), MeanMetric(), MeanMetric()
 
     def setup(self, stage: str) -> None:
@@ -116,12 +135,16 @@ class RLStage(LMStage):
         return True  # the reference is a deep copy; a reward model has its own file, read on rank 0
 
     def frozen_models_build_partitioned(self) -> bool:
-        return self.reward_model_path is None  # the reference is a `frozen_copy`; a reward model builds whole
+        return True  # the reference is a `frozen_copy`; a reward model file is read into a partitioned build
 
     def build_frozen_models(self) -> None:
         if self.needs_reference() and self.peft_cfg is None:
             self.reference = self.frozen_copy()
-        if self.reward_model_path is not None and self.meta_sources is not None:  # a meta build: filled once sharded
+        if self.reward_model_path is not None and self.partitioned_from is not None:  # ZeRO-3: partitioned as well
+            strategy = self.partitioned_from[0]
+            self.reward_model_from = generator_states()  # a PPO critic copied from it replays this build
+            self.reward_model = reward_model_partitioned(self.reward_model_path, self.model.config.vocab_size, strategy)
+        elif self.reward_model_path is not None and self.meta_sources is not None:  # a meta build: filled once sharded
             from lmforge.parallel.meta_shadow import MetaSource
 
             self.reward_model, read = reward_model_on_meta(self.reward_model_path, self.model.config.vocab_size)
