@@ -41,7 +41,7 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).norm() / ref.norm())
 
 
-@pytest.mark.parametrize(("B", "H", "H_kv", "T", "D"), [(2, 4, 4, 64, 32), (3, 4, 2, 33, 16), (1, 2, 1, 130, 64)])
+@pytest.mark.parametrize(("B", "H", "H_kv", "T", "D"), [(2, 4, 4, 64, 32), (3, 4, 2, 33, 16), (1, 2, 1, 130, 64), (1, 2, 2, 300, 16)])
 def test_output_and_gradients_are_as_accurate_as_sdpa(B, H, H_kv, T, D):
     """MHA, GQA and odd lengths: relative errors against float64 within 1.5x of SDPA's bf16 kernel's (~2e-3 to
     5e-3: bf16 rounding; the output's is ~1.3x, as P is rounded to bf16 before P·V, which FlashAttention-2 does
@@ -74,7 +74,7 @@ def _reference_with_mask(q, k, v, g, keep, p):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize(("B", "H", "H_kv", "T", "D", "p"), [(2, 4, 4, 64, 32, 0.1), (3, 4, 2, 33, 16, 0.5)])
+@pytest.mark.parametrize(("B", "H", "H_kv", "T", "D", "p"), [(2, 4, 4, 64, 32, 0.1), (3, 4, 2, 33, 16, 0.5), (1, 2, 1, 260, 16, 0.1)])
 def test_attention_dropout_equals_a_float64_reference_with_the_same_mask(B, H, H_kv, T, D, p):
     """Output and gradients within bf16 rounding of float64 attention dropped by the very mask the kernel drew (the
     first draw after seeding); a wrong mask, scale or d(scores) term would be off by O(1)."""
@@ -88,6 +88,32 @@ def test_attention_dropout_equals_a_float64_reference_with_the_same_mask(B, H, H
     ref = _reference_with_mask(q, k, v, g, keep, p)
     for name, got, want in zip(("out", "dq", "dk", "dv"), [out.detach()] + [t.grad for t in leaves], ref, strict=True):
         assert _rel(got.double(), want) < 1e-2, (name, _rel(got.double(), want))
+
+
+def test_query_blocks_cover_every_row_once_and_stop_the_keys_at_their_last_row():
+    assert cpu_attention.query_blocks(1) == [(0, 1)] and cpu_attention.query_blocks(128) == [(0, 128)]
+    assert cpu_attention.query_blocks(256) == [(0, 128), (128, 256)]
+    for T in (129, 300, 1000, 1024):
+        blocks = cpu_attention.query_blocks(T)
+        assert blocks[0][0] == 0 and blocks[-1][1] == T and all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        assert max(r1 - r0 for r0, r1 in blocks) - min(r1 - r0 for r0, r1 in blocks) <= 1  # even
+        assert all(r1 - r0 <= cpu_attention.BLOCK_ROWS for r0, r1 in blocks) and len(blocks) == -(-T // cpu_attention.BLOCK_ROWS)
+
+
+@pytest.mark.parametrize("T", [40, 300])
+def test_blocks_give_the_one_block_result(T, monkeypatch):
+    """Query blocks (T = 300: three) against one block over all keys (the masked scores computed, then zeroed by
+    softmax): within bf16 rounding of each other (the GEMMs sum over other key counts, so in another order, and the
+    earlier blocks' parts of d(k) and d(v) are added to the last block's: ~2e-3 relative in norm); one block is
+    the same computation bit for bit."""
+    q, k, v, g = _inputs(2, 3, 3, T, 16, seed=7)
+    one_block = len(cpu_attention.query_blocks(T)) == 1
+    blocked = _run(cpu_attention.gemm_attention, q, k, v, g, torch.bfloat16)
+    monkeypatch.setattr(cpu_attention, "BLOCK_ROWS", 1 << 20)
+    whole = _run(cpu_attention.gemm_attention, q, k, v, g, torch.bfloat16)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), [blocked[0], *blocked[1]], [whole[0], *whole[1]], strict=True):
+        assert _rel(got, want) < 2**-8, (name, _rel(got, want))
+        assert torch.equal(got, want) or not one_block, name
 
 
 def test_packed_attention_dropout_equals_the_split_entry_point():
@@ -231,11 +257,11 @@ def test_scratch_buffers_over_the_cap_are_not_kept(monkeypatch):
     q, k, v, _ = _inputs(1, 2, 2, 64, 8)
     cpu_attention.gemm_attention(q, k, v)
     kept = workspace._LOCAL.buffers
-    assert {"scores", "probs"} <= kept.keys()
+    assert {"scores0", "probs0"} <= kept.keys()
     monkeypatch.setattr(workspace, "MAX_KEPT_BYTES", 2 * 64 * 64 * 4)  # a (2, 96, 96) fp32 buffer is over it
     longer = _inputs(1, 2, 2, 96, 8, seed=1)[:3]
     out = cpu_attention.gemm_attention(*longer)
-    assert not ({"scores", "probs"} & kept.keys())
+    assert not ({"scores0", "probs0"} & kept.keys())
     torch.testing.assert_close(out.float(), _sdpa(*longer).float(), rtol=0, atol=2e-2)
 
 
@@ -250,8 +276,8 @@ def test_the_packed_entry_point_equals_splitting_q_k_v_first(autocast, monkeypat
     layer = CausalSelfAttention(48, 4, 0.0, True).train()
     if not autocast:
         layer = layer.bfloat16()
-    x = torch.randn(2, 20, 48, dtype=torch.float32 if autocast else torch.bfloat16)
-    g = torch.randn(2, 20, 48).bfloat16()
+    x = torch.randn(2, 140, 48, dtype=torch.float32 if autocast else torch.bfloat16)  # two query blocks
+    g = torch.randn(2, 140, 48).bfloat16()
     packed, split = [], []
     for name, record in (("packed_gemm_attention", packed), ("gemm_attention", split)):
         real = getattr(cpu_attention, name)
@@ -273,7 +299,7 @@ def test_the_packed_entry_point_equals_splitting_q_k_v_first(autocast, monkeypat
         assert torch.equal(a, b)
     monkeypatch.setattr(cpu_attention, "packed_usable", real_usable)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        layer(x, mask=torch.ones(1, 1, 20, 20, dtype=torch.bool).tril())
+        layer(x, mask=torch.ones(1, 1, 140, 140, dtype=torch.bool).tril())
         layer.capture_weights = True
         layer(x)
         layer.capture_weights = False
