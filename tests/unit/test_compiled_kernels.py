@@ -90,9 +90,6 @@ def test_gelu_uses_torch_where_the_compiled_kernel_does_not_apply(monkeypatch):
     gelu.gelu_tanh(torch.randn(4, 16))  # a decoding step's few rows: the same kernel, so no batch-size-dependent rounding
     assert len(calls) == 2
     gelu.gelu_tanh(big.double())
-    with _OpNames() as mode:  # selective activation checkpointing, FLOP counters
-        gelu.gelu_tanh(big)
-    assert "gelu.default" in mode.names
     cpu_kernels.set_cpu_kernels("torch")
     gelu.gelu_tanh(big)
     assert len(calls) == 2
@@ -122,12 +119,39 @@ def test_a_failed_compile_warns_once_and_computes_eagerly(monkeypatch):
         assert torch.equal(kernel(torch.ones(2)), torch.full((2,), 2.0))
 
 
-def test_a_kernel_under_a_dispatch_mode_runs_its_eager_ops(monkeypatch):
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: pytest.fail("compiled under a dispatch mode"))
+@needs_cxx
+def test_a_kernel_under_a_dispatch_mode_is_one_custom_op_running_the_compiled_function(monkeypatch):
+    """Selective activation checkpointing and FLOP counters run the model under a dispatch mode, where dynamo cannot
+    trace: the mode sees one `lmforge::cpu_kernel_*` op (saved or recomputed whole), whose implementation runs
+    below the mode and calls the compiled function; tuple results come back as tuples."""
+    compiled_calls = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled_calls.append(fn) or real_compile(fn, **kw))
     kernel = compiled.CompiledKernel(lambda x: torch.sigmoid(x) * x)
+    pair = compiled.CompiledKernel(lambda x, y: (x + y, x * y))
+    x, y = torch.randn(8), torch.randn(8)
     with _OpNames() as mode:
-        kernel(torch.randn(8))
-    assert {"sigmoid.default", "mul.Tensor"} <= mode.names
+        out, (total, product) = kernel(x), pair(x, y)
+    assert not {"sigmoid.default", "mul.Tensor", "add.Tensor"} & mode.names, mode.names
+    assert sum(name.startswith("cpu_kernel_") for name in mode.names) == 2, mode.names
+    assert len(compiled_calls) == 2
+    assert torch.equal(out, kernel(x))  # the same compiled function with no mode active
+    torch.testing.assert_close(out, torch.sigmoid(x) * x)  # inductor's sigmoid rounds its own way
+    assert torch.equal(total, x + y) and torch.equal(product, x * y)
+
+
+@needs_cxx
+def test_gelu_under_a_dispatch_mode_is_the_compiled_kernel_bit_for_bit():
+    x = torch.randn(64, 1024, generator=torch.Generator().manual_seed(3)).bfloat16().requires_grad_(True)
+    g = torch.randn(64, 1024, generator=torch.Generator().manual_seed(4)).bfloat16()
+    plain = gelu.gelu_tanh(x)
+    plain.backward(g)
+    plain_grad, x.grad = x.grad, None
+    with _OpNames() as mode:
+        under = gelu.gelu_tanh(x)
+        under.backward(g)
+    assert "gelu.default" not in mode.names and any(n.startswith("cpu_kernel_") for n in mode.names), mode.names
+    assert torch.equal(under, plain) and torch.equal(x.grad, plain_grad)
 
 
 @needs_cxx

@@ -9,13 +9,21 @@ backward (kernels/gelu.py). Only small tensor functions are compiled, never a mo
 The first call of each function compiles it (seconds; inductor caches the result on disk for later
 processes), with dynamic shapes so that new batch or sequence sizes reuse it. Where compiling fails (no C++
 compiler, an unsupported torch), one warning is printed and the eager function, which computes the same
-values, is used from then on. Inside a model that is itself being compiled, under a dispatch mode (selective
-activation checkpointing, FLOP counters) or with `cpu_kernels=torch`, callers use their eager op instead
-(`usable`).
+values, is used from then on. Inside a model that is itself being compiled or with `cpu_kernels=torch`, callers
+use their eager op instead (`usable`).
+
+Under a dispatch mode (selective activation checkpointing's, a FLOP counter) a compiled function cannot run:
+dynamo refuses to trace below an active mode. There each kernel is called as a custom op of its own
+(`lmforge::cpu_kernel_<n>_<name>`, `torch.library.custom_op`): the mode sees one op, which its policy saves or
+recomputes as a whole, and the op's implementation, which runs below the mode, calls the compiled function.
+Before, the kernels ran as their eager ops there, and selective checkpointing was slower on CPU than full
+checkpointing (which recomputes more).
 """
 
 from __future__ import annotations
 
+import itertools
+import re
 import threading
 import warnings
 from collections.abc import Callable
@@ -28,15 +36,16 @@ from lmforge.kernels import cpu_kernels
 MAX_RESETS = 32  # recompile-limit resets per kernel before it stays eager (a process cycling through states)
 
 
-def usable(*tensors: torch.Tensor, under_dispatch_mode: bool = False) -> bool:
-    """Whether a compiled CPU kernel may run on these tensors here: plain CPU tensors, lmforge's CPU kernels on,
-    no enclosing compile and no active dispatch mode (whose op-level view the fused kernel would hide), unless the
-    caller accepts one (`under_dispatch_mode`: there `CompiledKernel` runs its function as eager ops)."""
+_OP_NUMBERS = itertools.count()
+
+
+def usable(*tensors: torch.Tensor) -> bool:
+    """Whether a compiled CPU kernel may run on these tensors here: plain CPU tensors (not DTensors or fake
+    tensors), lmforge's CPU kernels on, no enclosing compile (inductor fuses the eager ops itself there)."""
     return (
         cpu_kernels.enabled()
         and all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
         and not torch.compiler.is_compiling()
-        and (under_dispatch_mode or torch._C._len_torch_dispatch_stack() == 0)
     )
 
 
@@ -56,11 +65,44 @@ class CompiledKernel:
         self.failed = False
         self.resets = 0  # times its compiled variants were dropped at dynamo's recompile limit
         self._lock = threading.Lock()
+        self._op: Any = None  # the custom op that runs it under a dispatch mode (made on first need)
+        self._returns_tuple = False
 
     def __call__(self, *args: Any) -> Any:
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        if self.failed or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        if self.failed or torch.compiler.is_compiling():
             return self.fn(*args)  # inside a compiled model inductor fuses the eager ops itself
+        if torch._C._len_torch_dispatch_stack():
+            outs = self._custom_op()(list(args))  # one op to the mode; it runs `_run` below the mode
+            return tuple(outs) if self._returns_tuple else outs[0]
+        return self._run(args)
+
+    def _custom_op(self) -> Any:
+        """`lmforge::cpu_kernel_<n>_<name>(Tensor[] args) -> Tensor[]`, running this kernel (every argument a tensor)."""
+        with self._lock:
+            if self._op is None:
+                label = re.sub(r"\W", "", self.fn.__name__).strip("_") or "fn"  # a lambda's name is "<lambda>"
+                name = f"lmforge::cpu_kernel_{next(_OP_NUMBERS)}_{label}"
+
+                def as_list(out: Any) -> list[torch.Tensor]:
+                    self._returns_tuple = not isinstance(out, torch.Tensor)
+                    return list(out) if self._returns_tuple else [out]
+
+                @torch.library.custom_op(name, mutates_args=())
+                def op(args: list[torch.Tensor]) -> list[torch.Tensor]:
+                    return as_list(self._run(tuple(args)))
+
+                @op.register_fake
+                def _(args: list[torch.Tensor]) -> list[torch.Tensor]:
+                    return as_list(self.fn(*args))
+
+                self._op = op
+        return self._op
+
+    def _run(self, args: tuple[Any, ...]) -> Any:
+        """The compiled function on `args` (no dispatch mode active), compiling it on first use."""
+        if self.failed:
+            return self.fn(*args)
         if self.compiled is None:
             with self._lock:
                 if self.compiled is None:
@@ -75,7 +117,7 @@ class CompiledKernel:
                 # old ones and compile this call's (~0.15 s from inductor's disk cache).
                 self.resets += 1
                 torch._dynamo.reset_code(self.fn.__code__)
-                return self(*args)
+                return self._run(args)
             self.failed = True
             why = " ".join(line.strip() for line in str(err).strip().splitlines()[:2])[:300]
             hint = "a C++ compiler on PATH (e.g. `apt install g++`) enables it; " if "compiler" in f"{type(err).__name__} {why}".lower() else ""

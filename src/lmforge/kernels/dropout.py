@@ -6,8 +6,7 @@ backward. Here the keep-mask comes from kernels/dropout_mask.py (~1 ms for the s
 backward as one byte per element, and input and gradient are scaled in one compiled loop each.
 
 Same semantics as `nn.Dropout` except that p is rounded to a multiple of 2⁻¹⁶ (0.1 drops with probability
-0.1000061) and kept values are scaled by 1 / (1 − that), so each output's expectation is its input. Under a
-dispatch mode (selective activation checkpointing) the scaling runs as eager ops. In eval mode, with p = 0, off
+0.1000061) and kept values are scaled by 1 / (1 − that), so each output's expectation is its input. In eval mode, with p = 0, off
 CPU, under torch.compile, in place, for other dtypes, or with `cpu_kernels=torch` it is `nn.Dropout` exactly (and
 `isinstance` of it).
 """
@@ -47,7 +46,6 @@ class Dropout(nn.Dropout):
         if not self.training or self.p == 0.0:
             return x
         if (0.0 < self.p < 1.0 and not self.inplace and not _SCALED.failed and x.dtype in (torch.float32, torch.bfloat16)
-                and compiled.usable(x, under_dispatch_mode=True)):
-            # under a dispatch mode (selective activation checkpointing) the scaling runs eagerly, the mask stays fast
+                and compiled.usable(x)):
             return _MaskedDropout.apply(x, self.p)
         return F.dropout(x, self.p, True, self.inplace)
