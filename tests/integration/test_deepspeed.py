@@ -359,6 +359,11 @@ def test_post_training_under_zero_matches_a_plain_run(name: str, stage: int, cac
         assert plain_adapter.keys() == zero_adapter.keys() and len(plain_adapter) == 16  # q, k, v, o: A and B, 2 layers
         for key, value in plain_adapter.items():
             torch.testing.assert_close(zero_adapter[key], value, atol=ATOL, rtol=0, msg=key)
+        # the ZeRO checkpoint merges as the plain one does: LoRA folded into the base weights, original keys
+        plain_merged, zero_merged = (model_state_dict(load_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt")) for run in ("plain", "zero"))
+        assert zero_merged.keys() == plain_merged.keys() and not any("lora" in key for key in zero_merged)
+        for key, value in plain_merged.items():
+            torch.testing.assert_close(zero_merged[key], value, atol=ATOL, rtol=0, msg=key)
 
 
 PPO = ["stage=ppo", "data=prompts_shakespeare", "data.max_examples=16", "data.batch_size=2", "data.val_batch_size=8",
