@@ -260,10 +260,10 @@ def save_adapter(
         raise ValueError("the model has no PEFT applied: save its full checkpoint instead")
     cfg = normalize_cfg(peft_cfg) if peft_cfg is not None else state.config
     weights, config = _files(path)
-    params = dict(model.named_parameters())
-    chosen = [params[n] for n in _peft_names(model)]
+    params, names = dict(model.named_parameters()), _peft_names(model)
+    chosen = [params[n] for n in names]
     with gathered(chosen):  # ZeRO-3 partitions them too (above its persistence threshold): read whole, not placeholders
-        tensors = {n: _whole(t.detach()) for n, t in zip(_peft_names(model), chosen, strict=True)}
+        tensors = {n: _whole(t.detach()) for n, t in zip(names, chosen, strict=True)}
     if not write:
         return weights
     meta = json.dumps({"format": FORMAT, "peft": cfg}, sort_keys=True)
