@@ -10,7 +10,7 @@ mode on bf16-exact float32 copies: the inputs lose nothing, the products are sum
 and d(scores) = P ∘ (dP - rowsum(dO ∘ O)) are float32; P and d(scores) are rounded to bf16 as the operands
 of the P·V, Pᵀ·dO, dS·K and dSᵀ·Q GEMMs, where FlashAttention-2 rounds them too. Against a float64
 reference its gradient errors are SDPA's, its output's ~1.3x (torch's CPU kernel keeps P in float32 for P·V):
-tests/unit/test_cpu_attention.py. P is kept for backward in bf16 — B·H·T²·2 bytes per layer, O(T²) like
+tests/unit/test_cpu_attention.py. P is kept for backward in bf16 — up to B·H·T²·2 bytes per layer, O(T²) like
 SDPA's math kernel — so above `MAX_SAVED_BYTES` per call SDPA's O(T) kernel runs instead. Score-sized
 temporaries (up to 64 MB each) live in per-thread buffers reused across layers and steps
 (kernels/workspace.py). d(scores) is one compiled loop (kernels/compiled.py) rather than four eager passes.
@@ -105,23 +105,16 @@ def _bf16_products() -> Iterator[None]:
             flags.fp32_precision = before
 
 
-def _f32(t: torch.Tensor, rows: int, name: str) -> torch.Tensor:
-    """(B, H, T, D) or (B·H, T, D) bf16 (a view is fine) -> contiguous (B·H, T, D) float32 in the scratch buffer
-    `name`, one copy: a GEMM operand used at once, so a reused buffer spares a fresh allocation's page faults."""
-    buf = workspace.scratch(name, (rows, t.size(-2), t.size(-1)), torch.float32)
-    buf.view(t.shape).copy_(t)
-    return buf
-
-
-def _rows(t: torch.Tensor, r0: int, r1: int, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Rows [r0, r1) of every (T, D) matrix of a contiguous (N, T, D) `t`, contiguous (a GEMM would copy a strided
-    view itself, into a fresh allocation): `t` itself when that is all of it, else a copy into the scratch buffer
-    `name`, in `dtype` if given. A GEMM operand used at once."""
-    dtype = dtype or t.dtype
-    if r0 == 0 and r1 == t.size(1) and dtype == t.dtype:
+def _operand(t: torch.Tensor, name: str, rows: int | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The first `rows` rows (default all) of every (T, D) matrix of a contiguous (N, T, D) `t`, contiguous and in
+    `dtype` (default t's): `t` itself when that is all of it as it is, else one copy into the scratch buffer
+    `name`. A GEMM operand used at once: a GEMM would copy a strided view itself, and a reused buffer spares a
+    fresh allocation's page faults."""
+    rows, dtype = t.size(1) if rows is None else rows, dtype or t.dtype
+    if rows == t.size(1) and dtype == t.dtype:
         return t
-    buf = workspace.scratch(name, (t.size(0), r1 - r0, t.size(2)), dtype)
-    buf.copy_(t[:, r0:r1])
+    buf = workspace.scratch(name, (t.size(0), rows, t.size(2)), dtype)
+    buf.copy_(t[:, :rows])
     return buf
 
 
@@ -190,13 +183,13 @@ def _attention_forward(q_blocks: list[torch.Tensor], k3: torch.Tensor, v3: torch
     rows, T, _ = k3.shape
     bias = _causal_bias(T)
     keep = dropout_mask.keep_mask((rows, T, T), dropout_p).view(torch.uint8) if dropout_p else None  # 1 = kept
-    k32 = _f32(k3, rows, "k32")
+    k32 = _operand(k3, "k32", dtype=torch.float32)
     outs, probs_kept = [], []
     for i, ((r0, r1), q_b) in enumerate(zip(query_blocks(T), q_blocks, strict=True)):
         square = torch.Size((rows, r1 - r0, r1))
         scores, probs32 = workspace.scratch(f"scores{i}", square, torch.float32), workspace.scratch(f"probs{i}", square, torch.float32)
         with _bf16_products():
-            torch.baddbmm(bias[r0:r1, :r1], _rows(q_b, 0, r1 - r0, "q32", torch.float32), _rows(k32, 0, r1, "k32_prefix").transpose(1, 2),
+            torch.baddbmm(bias[r0:r1, :r1], _operand(q_b, "q32", dtype=torch.float32), _operand(k32, "k32_prefix", r1).transpose(1, 2),
                           alpha=scale, out=scores)
         torch.ops.aten._softmax.out(scores, -1, False, out=probs32)  # (torch's kernel beats an inductor-made one here)
         if keep is not None:
@@ -204,7 +197,7 @@ def _attention_forward(q_blocks: list[torch.Tensor], k3: torch.Tensor, v3: torch
         else:
             probs = used = probs32.to(torch.bfloat16)  # kept for backward: P·V's and Pᵀ·dO's operand, as in FlashAttention-2
         probs_kept.append(probs)
-        outs.append(torch.bmm(used, _rows(v3, 0, r1, "v_prefix")))  # bf16 GEMM, float32 accumulation inside
+        outs.append(torch.bmm(used, _operand(v3, "v_prefix", r1)))  # bf16 GEMM, float32 accumulation inside
     return outs, probs_kept, keep
 
 
@@ -214,11 +207,11 @@ def _attention_backward(q_blocks: list[torch.Tensor], k3: torch.Tensor, v3: torc
     """Each query block's d(q) and the whole d(k), d(v) (B·H, T, D), bf16, from the blocks' contiguous bf16
     d(output). The last block's keys are all of them, so it writes d(k) and d(v); each earlier block adds its
     part to their first rows (one more bf16 rounding there: FlashAttention-2 sums in float32)."""
-    rows, T, _ = k3.shape
+    T = k3.size(1)
     keep_scale = dropout_mask.keep_scale(dropout_p) if keep is not None else None
     scale_t = torch.tensor(scale, dtype=torch.float32)
     blocks = query_blocks(T)
-    v32 = _f32(v3, rows, "v32")
+    v32 = _operand(v3, "v32", dtype=torch.float32)
     grad_qs: list[torch.Tensor] = [torch.empty(0)] * len(blocks)
     grad_k = grad_v = torch.empty(0)
     for i in reversed(range(len(blocks))):
@@ -228,12 +221,12 @@ def _attention_backward(q_blocks: list[torch.Tensor], k3: torch.Tensor, v3: torc
         part_v = torch.bmm(used.transpose(1, 2), do_b)  # Pᵀ·dO
         grad_p = workspace.scratch(f"scores{i}", probs.shape, torch.float32)
         with _bf16_products():
-            torch.bmm(_rows(do_b, 0, r1 - r0, "do32", torch.float32), _rows(v32, 0, r1, "v32_prefix").transpose(1, 2), out=grad_p)
+            torch.bmm(_operand(do_b, "do32", dtype=torch.float32), _operand(v32, "v32_prefix", r1).transpose(1, 2), out=grad_p)
         if keep_b is None:
             grad_s = _SOFTMAX_GRAD(grad_p, probs, do_b, outs[i], scale_t)  # bf16 d(scores), FlashAttention-2's rounding
         else:
             grad_s = _SOFTMAX_GRAD_DROPOUT(grad_p, probs, keep_b, do_b, outs[i], scale_t, keep_scale)
-        grad_qs[i] = torch.bmm(grad_s, _rows(k3, 0, r1, "k_prefix"))  # dS·K
+        grad_qs[i] = torch.bmm(grad_s, _operand(k3, "k_prefix", r1))  # dS·K
         part_k = torch.bmm(grad_s.transpose(1, 2), q_b)  # dSᵀ·Q
         if r1 == T:
             grad_k, grad_v = part_k, part_v

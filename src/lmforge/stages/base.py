@@ -151,14 +151,14 @@ class LMStage(L.LightningModule):
     def builds_partitioned(self, strategy: Any) -> bool:
         """ZeRO-3 (`ZeroStrategy.partitioned_build`) for the family model, its `init_from` weights loaded after
         (`load_partitioned`). What goes around it is added after, as whole small tensors DeepSpeed partitions in
-        `deepspeed.initialize`: PEFT's parameters, `wrap_model`'s (a reward model's scalar head). Not for frozen
-        companions copied from it (PPO's critic) or read from their own file (an RL reward model): each would
-        need whole tensors."""
+        `deepspeed.initialize`: PEFT's parameters, `wrap_model`'s (a reward model's scalar head). Companions are
+        built partitioned too where the stage says how (`frozen_models_build_partitioned`)."""
         return (bool(getattr(strategy, "zero_stage_3", False)) and hasattr(strategy, "partitioned_build")
                 and type(self).build_model is LMStage.build_model and self.frozen_models_build_partitioned())
 
     def frozen_models_build_partitioned(self) -> bool:
-        """Whether `build_frozen_models` works on a ZeRO-3 partitioned model: it adds nothing, or only `frozen_copy`s."""
+        """Whether `build_frozen_models` works on a ZeRO-3 partitioned model: it adds nothing, or only companions
+        built partitioned themselves (`frozen_copy`s, `zero_init.replayed` builds, models read into a partitioned build)."""
         return type(self).build_frozen_models is LMStage.build_frozen_models
 
     def frozen_copy(self) -> nn.Module:
@@ -168,13 +168,13 @@ class LMStage(L.LightningModule):
         if self.partitioned_from is None:
             return copy.deepcopy(self.model).requires_grad_(False).eval()
         strategy, before = self.partitioned_from
-        return replayed(before, lambda: self.build_model_partitioned(strategy, record=False)).requires_grad_(False).eval()
+        return replayed(before, lambda: self.build_model_partitioned(strategy)).requires_grad_(False).eval()
 
-    def build_model_partitioned(self, strategy: Any, record: bool = True) -> nn.Module:
+    def build_model_partitioned(self, strategy: Any) -> nn.Module:
         """The trained module with its family model built under ZeRO-3's `partitioned_build` (exact init), `init_from`
-        weights loaded into it from rank 0's read one gathered parameter at a time, then `wrap_model` around it."""
-        if record:
-            self.partitioned_from = (strategy, generator_states())
+        weights loaded into it from rank 0's read one gathered parameter at a time, then `wrap_model` around it.
+        Records the generator states it starts from (a `replayed` build records the same ones again)."""
+        self.partitioned_from = (strategy, generator_states())
         with strategy.partitioned_build():
             model = build(self.model_cfg)
         log.info("deepspeed: ZeRO-3 model partitioned module by module as it was built (deepspeed.zero.Init, exact init)")

@@ -87,7 +87,7 @@ class PPOStage(RLStage):
             path, vocab = self.reward_model_path, self.model.config.vocab_size
             critic = replayed(self.reward_model_from, lambda: reward_model_partitioned(path, vocab, strategy))
             return critic.requires_grad_(True).train()
-        backbone = replayed(policy_from, lambda: self.build_model_partitioned(strategy, record=False))
+        backbone = replayed(policy_from, lambda: self.build_model_partitioned(strategy))
         return ScalarHeadModel(backbone).requires_grad_(True)
 
     def configure_optimizers(self) -> Any:
