@@ -20,11 +20,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 train: setup
 	$(PY) train.py $(ARGS)
 
+# pytest-xdist workers, one per core up to 8, each running whole files (`--dist loadfile`: a module's fixtures are built
+# once) in collection order, which tests/conftest.py starts with the longest files. `make test TEST_WORKERS=0` runs serially.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 8 ] && n=8; echo $$n)
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: setup
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(XDIST) $(ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(ARGS)
 
 # Wheels a lent GPU machine lacks (no internet there): see scripts/gpu/acceptance.sh. Python 3.12, x86-64; the
 # versions this .venv resolved (pydantic-core must match pydantic, omegaconf hydra-core).

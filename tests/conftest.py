@@ -15,12 +15,40 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+# Under pytest-xdist (`make test` runs 2 workers), each worker gets its share of the cores: torch's default of one thread
+# per core in every worker oversubscribes them, and OpenMP threads spin-waiting for a core the other worker holds cost
+# more than they compute. Set before torch is imported; subprocesses (train.py runs) inherit it.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))
+
 
 def free_port() -> int:
     """A localhost TCP port nobody listens on, for a spawned process group's MASTER_PORT."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The modules that take longest (seconds on a 2-core CI machine, one worker), run first: `make test` runs two pytest-xdist
+# workers that each take a whole file (`--dist loadfile`), and the longest jobs started first let both end together
+# (longest-processing-time scheduling) instead of one worker starting test_fsdp's ten 2-process runs at the end.
+LONGEST_FIRST = (
+    "integration/test_fsdp.py",
+    "integration/test_init_from.py",
+    "integration/test_train_e2e.py",
+    "unit/test_parallel.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Move the longest modules to the front (a stable sort: the other modules, and the tests within each, keep their
+    order). Every xdist worker collects the same order, as xdist requires."""
+    def rank(item: pytest.Item) -> int:
+        path = item.path.relative_to(ROOT / "tests").as_posix()
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
