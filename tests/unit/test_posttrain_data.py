@@ -212,6 +212,68 @@ def test_max_examples_and_config_errors(tmp_path: Path, tok: Tokenizer) -> None:
         SFTDataModule(source=jsonl_source(tmp_path, rows), max_length=2)
 
 
+def test_pad_to_multiple_of_bounds_the_batch_lengths_and_leaves_every_token_where_it_was(tmp_path: Path, tok: Tokenizer) -> None:
+    """`data.pad_to_multiple_of`: each batch's length is a multiple (or max_length, the cap), and the longer batch is the
+    shorter one with more padding: right padding for SFT (plain and packed) and preference pairs, left for prompts."""
+    rows = [{"prompt": "q" * (3 + 7 * i), "response": "a" * (2 + 5 * i), "chosen": "c" * (1 + 3 * i), "rejected": "r" * (9 - i)}
+            for i in range(10)]
+    src = jsonl_source(tmp_path, rows, rows)
+    fills = {"input_ids": tok.pad_id, "targets": IGNORE, "attention_mask": 0, "position_ids": None}
+
+    def compare(plain: dict, padded: dict, cap: int, left: bool = False) -> set[int]:
+        widths = set()
+        for key, value in plain.items():
+            if not isinstance(value, torch.Tensor) or key == "index":
+                continue
+            more = padded[key]
+            w, W = value.size(-1), more.size(-1)
+            assert W % 16 == 0 or W == cap, (key, W)
+            assert W >= w and W - w < 16, (key, w, W)
+            if key.endswith("attention_mask") and value.dim() == 4:  # packed: (B, 1, T, T), padding a segment of its own
+                assert torch.equal(more[..., :w, :w], value) and not more[..., :w, w:].any()
+                continue
+            kept = more[..., W - w:] if left else more[..., :w]
+            extra = more[..., : W - w] if left else more[..., w:]
+            assert torch.equal(kept, value), key
+            fill = next(v for k, v in fills.items() if key.endswith(k))
+            assert fill is None or (extra == fill).all(), key
+            widths.add(W)
+        return widths
+
+    widths = set()
+    for cls, kwargs, cap, left in ((SFTDataModule, {"max_length": 70}, 70, False),
+                                   (SFTDataModule, {"max_length": 70, "packing": True}, 70, False),
+                                   (PreferenceDataModule, {"max_length": 70}, 70, False),
+                                   (PromptDataModule, {"max_prompt_length": 40}, 40, True)):
+        plain = module(cls, tok, source=src, batch_size=2, **kwargs)
+        padded = module(cls, tok, source=src, batch_size=2, pad_to_multiple_of=16, **kwargs)
+        for a, b in zip(plain.val_dataloader(), padded.val_dataloader(), strict=True):
+            widths |= compare(a, b, cap, left)
+    assert {32, 48, 64, 40, 70} <= widths  # several multiples, and both caps (max_length, max_prompt_length) reached
+    with pytest.raises(ConfigError, match="data.pad_to_multiple_of"):
+        SFTDataModule(source=src, pad_to_multiple_of=0)
+
+
+def test_sft_loss_is_the_same_on_a_batch_padded_to_a_multiple(tmp_path: Path, tok: Tokenizer) -> None:
+    """The extra right padding is masked out of the loss and, causal, out of every real position's attention: the same
+    loss (plain and packed rows) up to the summation order of a longer sequence."""
+    from lmforge.models import build
+    from lmforge.objectives.clm import CausalLM
+
+    rows = [{"prompt": "q" * (3 + 7 * i), "response": "a" * (2 + 5 * i)} for i in range(6)]
+    src = jsonl_source(tmp_path, rows, rows)
+    torch.manual_seed(0)
+    model = build({"family": "llama", "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 32, "intermediate_size": 64,
+                   "vocab_size": tok.vocab_size, "max_seq_len": 128}).eval()
+    for packing in (False, True):
+        plain, padded = (module(SFTDataModule, tok, source=src, batch_size=3, max_length=96, packing=packing,
+                                pad_to_multiple_of=m) for m in (None, 32))
+        for a, b in zip(plain.val_dataloader(), padded.val_dataloader(), strict=True):
+            assert b["input_ids"].size(1) > a["input_ids"].size(1) or b["input_ids"].size(1) == 96
+            with torch.no_grad():
+                torch.testing.assert_close(CausalLM()(model, b).loss, CausalLM()(model, a).loss, atol=1e-6, rtol=1e-6)
+
+
 # --- records -----------------------------------------------------------------------------------------
 def test_jsonl_errors_name_file_and_line(tmp_path: Path) -> None:
     good = {"prompt": "a", "response": "b"}

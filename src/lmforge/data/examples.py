@@ -163,6 +163,16 @@ def check_max_length(max_length: Any, end: Sequence[int], key: str = "data.max_l
 
 
 # --- collates --------------------------------------------------------------------------------------
+def padded_width(longest: int, multiple: int | None, cap: int) -> int:
+    """A batch's length: its longest item, rounded up to a multiple of `multiple` (`data.pad_to_multiple_of`) but
+    never past `cap`, the longest any batch may be (`max_length`). Why: padding to the batch's longest item makes
+    nearly every batch a new shape, which torch.compile pays for with a recompile where it compiles for static
+    shapes (tensor parallelism) and GPU GEMMs with unaligned tiles; a multiple bounds the shapes to cap / multiple."""
+    if not multiple:
+        return longest
+    return min(-(-longest // multiple) * multiple, max(cap, longest))
+
+
 def pad_examples(
     examples: Sequence[Example], pad_id: int, width: int | None = None
 ) -> dict[str, torch.Tensor]:
@@ -179,8 +189,10 @@ def pad_examples(
     return {"input_ids": ids, "targets": targets, "attention_mask": mask}
 
 
-def collate_examples(batch: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    return pad_examples(batch, pad_id)
+def collate_examples(
+    batch: Sequence[Example], pad_id: int, multiple: int | None = None, cap: int = 0
+) -> dict[str, torch.Tensor]:
+    return pad_examples(batch, pad_id, padded_width(max(len(e) for e in batch), multiple, cap))
 
 
 def pack(examples: Sequence[Example], max_length: int) -> list[list[Example]]:
@@ -196,10 +208,12 @@ def pack(examples: Sequence[Example], max_length: int) -> list[list[Example]]:
     return rows
 
 
-def collate_packed(batch: Sequence[Sequence[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(
+    batch: Sequence[Sequence[Example]], pad_id: int, multiple: int | None = None, cap: int = 0
+) -> dict[str, torch.Tensor]:
     """Packed rows: `position_ids` restart per example and a (B, 1, T, T) causal same-example boolean
     `attention_mask` (as `collate_document_blocks`); padding forms a segment of its own."""
-    width = max(sum(len(e) for e in row) for row in batch)
+    width = padded_width(max(sum(len(e) for e in row) for row in batch), multiple, cap)
     items = []
     for row in batch:
         ids, targets, positions, segments = [], [], [], []
@@ -248,6 +262,7 @@ class RecordsDataModule(L.LightningDataModule, ABC):
         seed: int | None = 0,
         num_workers: int = 0,
         max_examples: int | None = None,
+        pad_to_multiple_of: int | None = None,
         tokenizer: Tokenizer | None = None,
     ) -> None:
         super().__init__()
@@ -257,6 +272,7 @@ class RecordsDataModule(L.LightningDataModule, ABC):
             ("batch_size", batch_size),
             ("val_batch_size", val_batch_size or 1),
             ("max_examples", max_examples or 1),
+            ("pad_to_multiple_of", 1 if pad_to_multiple_of is None else pad_to_multiple_of),
         ):
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(
@@ -265,6 +281,7 @@ class RecordsDataModule(L.LightningDataModule, ABC):
         self.template_name, self.system_prompt = template, system_prompt
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.seed, self.num_workers, self.max_examples = int(seed or 0), num_workers, max_examples
+        self.pad_to_multiple_of = pad_to_multiple_of  # None: each batch as long as its longest item (`padded_width`)
         loaded = load_source(
             source if source is not None else {"kind": "shakespeare"}, self.record_kind, self.seed
         )

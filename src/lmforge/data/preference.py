@@ -15,12 +15,21 @@ from typing import Any
 
 import torch
 
-from lmforge.data.examples import Example, RecordsDataModule, build_pair, check_max_length, pad_examples
+from lmforge.data.examples import (
+    Example,
+    RecordsDataModule,
+    build_pair,
+    check_max_length,
+    pad_examples,
+    padded_width,
+)
 
 
-def collate_pairs(batch: Sequence[tuple[Example, Example, int]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_pairs(
+    batch: Sequence[tuple[Example, Example, int]], pad_id: int, multiple: int | None = None, cap: int = 0
+) -> dict[str, torch.Tensor]:
     """Pairs → the batch dict; `index` is each pair's position in its split (keys for cached reference log-probs)."""
-    width = max(max(len(item[0]), len(item[1])) for item in batch)
+    width = padded_width(max(max(len(item[0]), len(item[1])) for item in batch), multiple, cap)
     out = {}
     for name, side in (("chosen", 0), ("rejected", 1)):
         for key, value in pad_examples([item[side] for item in batch], pad_id, width).items():
@@ -60,4 +69,4 @@ class PreferenceDataModule(RecordsDataModule):
 
     def _collate(self) -> Any:
         assert self.tokenizer is not None
-        return partial(collate_pairs, pad_id=self.tokenizer.pad_id)
+        return partial(collate_pairs, pad_id=self.tokenizer.pad_id, multiple=self.pad_to_multiple_of, cap=self.max_length)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lmforge.data.examples import RecordsDataModule
+from lmforge.data.examples import RecordsDataModule, padded_width
 from lmforge.data.records import prompt_text
 from lmforge.errors import ConfigError
 
@@ -27,8 +27,9 @@ class PromptItem:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def collate_prompts(batch: Sequence[PromptItem], pad_id: int) -> dict[str, Any]:
-    width = max(len(item.ids) for item in batch)
+def collate_prompts(batch: Sequence[PromptItem], pad_id: int, multiple: int | None = None, cap: int = 0) -> dict[str, Any]:
+    """Left-padded prompts (generation continues from the right edge), `multiple`/`cap` as `padded_width`."""
+    width = padded_width(max(len(item.ids) for item in batch), multiple, cap)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, item in enumerate(batch):
@@ -78,4 +79,6 @@ class PromptDataModule(RecordsDataModule):
 
     def _collate(self) -> Any:
         assert self.tokenizer is not None
-        return partial(collate_prompts, pad_id=self.tokenizer.pad_id)
+        return partial(
+            collate_prompts, pad_id=self.tokenizer.pad_id, multiple=self.pad_to_multiple_of, cap=self.max_prompt_length
+        )

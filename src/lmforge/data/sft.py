@@ -52,4 +52,7 @@ class SFTDataModule(RecordsDataModule):
 
     def _collate(self) -> Any:
         assert self.tokenizer is not None
-        return partial(collate_packed if self.packing else collate_examples, pad_id=self.tokenizer.pad_id)
+        return partial(
+            collate_packed if self.packing else collate_examples,
+            pad_id=self.tokenizer.pad_id, multiple=self.pad_to_multiple_of, cap=self.max_length,
+        )
