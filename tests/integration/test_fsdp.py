@@ -255,7 +255,7 @@ def test_grpo_under_tensor_parallel_with_a_compiled_model_follows_the_single_pro
     log = (tmp_path / "tp" / "train.log").read_text()
     # the frozen reference is tensor-parallel too (a whole model per TP rank otherwise): its k3 KL to the policy is 0 at first
     assert "'tensor_parallel_modules': ['model', 'reference']" in log
-    assert ("set data.pad_to_multiple_of=64" in log) == (not padded)  # the advice, until it is taken
+    assert ("set data.pad_to_multiple_of=" in log) == (not padded)  # the advice, until it is taken
 
     def rl_rows(run: Path) -> list[float]:  # per step: loss, mean reward, KL to the reference
         with (run / "csv" / "metrics.csv").open() as fh:

@@ -94,3 +94,39 @@ def test_rollout_logprobs_take_the_chunked_head_with_the_same_values_entropies_a
                 assert ea is None and eb is None
             for name in ga:
                 torch.testing.assert_close(ga[name], gb[name], atol=1e-6, rtol=1e-4, msg=f"{family} {name}")
+
+
+def test_completions_padded_to_the_limit_give_the_same_logprobs_losses_and_advantages():
+    """Under static shapes (tensor parallelism) rollouts are padded to max_new_tokens so the training forward has one
+    length per prompt length: the padding is masked, so log-probs, the GRPO loss and PPO's GAE are unchanged."""
+    from lmforge.losses.policy import gae, grpo_loss
+    from lmforge.stages.rollout import pad_completions
+
+    model = tiny()
+    ids = torch.tensor([[0, 0, 11, 12, 13], [21, 22, 23, 24, 25]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "prompts": ["a", "b"]}
+    # half the vocabulary stops a row: every row stops early, so the completions are shorter than the limit
+    rollout = sample_rollout(model, batch, tokenizer=ByteTok(), num_generations=2, max_new_tokens=12, stop_ids=list(range(1, 40, 2)),
+                             pad_id=0, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    L = rollout.completion_mask.size(1)
+    assert L < 12, "the test needs completions shorter than the limit"
+    padded = pad_completions(rollout, 12, pad_id=0)
+    assert padded.ids.shape == (4, 17) and padded.completion_mask.shape == (4, 12) and not padded.completion_mask[:, L:].any()
+    assert torch.equal(padded.ids[:, :5 + L], rollout.ids) and torch.equal(padded.lengths(), rollout.lengths())
+    assert pad_completions(padded, 12, pad_id=0) is padded  # already at the limit
+    with torch.no_grad():
+        logp, entropy = rollout_logprobs(model, rollout, with_entropy=True)
+        logp_p, entropy_p = rollout_logprobs(model, padded, with_entropy=True)
+    torch.testing.assert_close(logp_p[:, :L], logp, atol=1e-6, rtol=0)
+    torch.testing.assert_close(entropy_p[:, :L], entropy, atol=1e-5, rtol=0)
+    assert (logp_p[:, L:] == 0).all()
+    adv = torch.tensor([1.0, -0.5, 0.25, 2.0])
+    for norm in ("token", "sequence"):
+        a = grpo_loss(logp, logp - 0.1, adv, rollout.completion_mask, beta=0.04, ref_logp=logp - 0.2, normalization=norm)
+        b = grpo_loss(logp_p, logp_p - 0.1, adv, padded.completion_mask, beta=0.04, ref_logp=logp_p - 0.2, normalization=norm)
+        torch.testing.assert_close(b.loss, a.loss, atol=1e-6, rtol=0)
+    values = torch.randn(4, 12)
+    rewards = torch.randn(4, 12)
+    adv_a, ret_a = gae(rewards[:, :L], values[:, :L], rollout.completion_mask, 0.99, 0.95)
+    adv_b, ret_b = gae(rewards, values, padded.completion_mask, 0.99, 0.95)
+    assert torch.equal(adv_b[:, :L], adv_a) and torch.equal(ret_b[:, :L], ret_a) and not adv_b[:, L:].any()

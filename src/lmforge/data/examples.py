@@ -297,6 +297,17 @@ class RecordsDataModule(L.LightningDataModule, ABC):
         self.tokenizer = tokenizer
         self.datasets: dict[str, list[Any]] = {}
 
+    def longest_batch(self) -> int:
+        """The most positions a batch may have (`max_length`; prompt data: `max_prompt_length`)."""
+        return int(self.max_length)  # type: ignore[attr-defined]  # every subclass sets it
+
+    def batch_lengths(self) -> int | None:
+        """How many lengths batches can have: longest_batch / pad_to_multiple_of, rounded up; None when each
+        batch is as long as its longest item (nearly every batch a new length)."""
+        if self.pad_to_multiple_of is None:
+            return None
+        return -(-self.longest_batch() // self.pad_to_multiple_of)
+
     def special_tokens(self) -> dict[str, str]:
         """Roles → tokens the template needs as single ids: add them to the tokenizer before set_tokenizer."""
         return dict(CHATML_SPECIALS) if self.template_name == "chatml" else {}

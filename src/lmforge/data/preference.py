@@ -69,4 +69,4 @@ class PreferenceDataModule(RecordsDataModule):
 
     def _collate(self) -> Any:
         assert self.tokenizer is not None
-        return partial(collate_pairs, pad_id=self.tokenizer.pad_id, multiple=self.pad_to_multiple_of, cap=self.max_length)
+        return partial(collate_pairs, pad_id=self.tokenizer.pad_id, multiple=self.pad_to_multiple_of, cap=self.longest_batch())

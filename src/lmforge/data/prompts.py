@@ -77,8 +77,11 @@ class PromptDataModule(RecordsDataModule):
     def _tokenize(self, split: str, records: list[dict[str, Any]]) -> list[Any]:
         return self.items(records)
 
+    def longest_batch(self) -> int:
+        return self.max_prompt_length
+
     def _collate(self) -> Any:
         assert self.tokenizer is not None
         return partial(
-            collate_prompts, pad_id=self.tokenizer.pad_id, multiple=self.pad_to_multiple_of, cap=self.max_prompt_length
+            collate_prompts, pad_id=self.tokenizer.pad_id, multiple=self.pad_to_multiple_of, cap=self.longest_batch()
         )

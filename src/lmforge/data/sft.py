@@ -54,5 +54,5 @@ class SFTDataModule(RecordsDataModule):
         assert self.tokenizer is not None
         return partial(
             collate_packed if self.packing else collate_examples,
-            pad_id=self.tokenizer.pad_id, multiple=self.pad_to_multiple_of, cap=self.max_length,
+            pad_id=self.tokenizer.pad_id, multiple=self.pad_to_multiple_of, cap=self.longest_batch(),
         )

@@ -125,10 +125,12 @@ class LMStage(L.LightningModule):
         tensor_parallel = sharded and int(getattr(strategy, "_tensor_parallel_size", 1)) > 1
         per_block = self.compile_model == "per_block" or (tensor_parallel and self.compile_model == "auto" and self.should_compile())
         self.static_shapes = tensor_parallel and (per_block or self.should_compile())
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if self.static_shapes and datamodule is not None and getattr(datamodule, "pad_to_multiple_of", 0) is None:
-            log.warning("compiled for static shapes under tensor parallelism, every new batch length is a recompile (and "
-                        "after dynamo's recompile limit of 8, eager): set data.pad_to_multiple_of=64 to bound the lengths")
+        if self.static_shapes and self._trainer is not None:
+            from lmforge.stages.static_shapes import fit_recompile_limit
+
+            fitted = fit_recompile_limit(getattr(self._trainer, "datamodule", None))
+            if fitted:
+                log.info("static shapes: %s", fitted)
         dynamic = False if self.static_shapes else None
         if per_block:  # torchtitan's way: one graph per block, compiled before FSDP wraps it
             from lmforge.models.activation_checkpointing import transformer_blocks

@@ -23,7 +23,7 @@ from lmforge.errors import ConfigError
 from lmforge.models.heads import ScalarHeadModel, scalar_model_from_state
 from lmforge.parallel.zero_init import GeneratorStates, generator_states
 from lmforge.stages.base import LMStage
-from lmforge.stages.rollout import Rollout, rollout_logprobs, sample_rollout
+from lmforge.stages.rollout import Rollout, pad_completions, rollout_logprobs, sample_rollout
 
 log = logging.getLogger("lmforge")
 
@@ -175,14 +175,17 @@ class RLStage(LMStage):
         return ids + ([im_end] if im_end is not None else [])
 
     def rollout(self, batch: dict[str, Any], greedy: bool = False) -> Rollout:
-        # a model compiled for fixed shapes (tensor parallelism) would recompile at every new sequence length
+        # a model compiled for fixed shapes (tensor parallelism) would recompile at every new sequence length: decode
+        # eagerly, and pad the completions to their limit so the training forward sees one length per prompt length
+        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        max_new_tokens = self.val_max_new_tokens if greedy else self.max_new_tokens
         with torch.compiler.set_stance("force_eager") if self.static_shapes else nullcontext():
-            return sample_rollout(
+            rollout = sample_rollout(
                 self.model, batch, tokenizer=self.tokenizer, num_generations=1 if greedy else self.num_generations,
-                max_new_tokens=self.val_max_new_tokens if greedy else self.max_new_tokens, stop_ids=self.stop_ids(),
-                pad_id=self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0,
+                max_new_tokens=max_new_tokens, stop_ids=self.stop_ids(), pad_id=pad_id,
                 temperature=0.0 if greedy else self.temperature, top_k=None if greedy else self.top_k, top_p=None if greedy else self.top_p,
             )
+        return pad_completions(rollout, max_new_tokens, pad_id) if self.static_shapes and not greedy else rollout
 
     @torch.no_grad()
     def scores(self, rollout: Rollout) -> torch.Tensor:

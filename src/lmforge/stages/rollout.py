@@ -9,7 +9,7 @@ each row's first real token), so the PPO/GRPO ratio starts at exactly 1 up to fl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -43,6 +43,23 @@ class Rollout:
 
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(dim=1)
+
+
+def pad_completions(rollout: Rollout, length: int, pad_id: int) -> Rollout:
+    """`rollout` with every completion right-padded to `length` tokens, masked out (attention, completion mask):
+    generation stops when every row has stopped, so completions come in any length up to the limit, and a model
+    compiled for static shapes would recompile for each. Masked, causal: the same log-probs, losses and advantages."""
+    short = length - rollout.completion_mask.size(1)
+    if short <= 0:
+        return rollout
+    n = rollout.ids.size(0)
+    pad = rollout.ids.new_full((n, short), pad_id)
+    return replace(
+        rollout,
+        ids=torch.cat([rollout.ids, pad], dim=1),
+        attention_mask=torch.cat([rollout.attention_mask, torch.zeros_like(pad)], dim=1),
+        completion_mask=torch.cat([rollout.completion_mask, torch.zeros_like(pad, dtype=torch.bool)], dim=1),
+    )
 
 
 def stop_hits(completion: torch.Tensor, stop_ids: Sequence[int]) -> torch.Tensor:
