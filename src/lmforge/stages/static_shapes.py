@@ -21,7 +21,8 @@ BATCH_SIZES_PER_LENGTH = 3
 
 def suggested_multiple(longest: int) -> int:
     """A `pad_to_multiple_of` giving at most 4 lengths: longest / 4 rounded up to a multiple of 8 (GPU tiles)."""
-    return max(8, -(-longest // 4 // 8) * 8)
+    quarter = -(-longest // 4)
+    return max(8, -(-quarter // 8) * 8)
 
 
 def fit_recompile_limit(datamodule: Any) -> dict[str, int] | None:
