@@ -31,14 +31,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# The modules that take longest (seconds on a 2-core CI machine, one worker), run first: `make test` runs two pytest-xdist
-# workers that each take a whole file (`--dist loadfile`), and the longest jobs started first let both end together
-# (longest-processing-time scheduling) instead of one worker starting test_fsdp's ten 2-process runs at the end.
+# The modules that take longest, run first: `make test` runs pytest-xdist workers that each take a whole file
+# (`--dist loadfile`), and the longest jobs started first let the workers end together (longest-processing-time
+# scheduling) instead of one worker starting test_fsdp's ten 2-process runs when the rest is done. Seconds per module
+# on a 2-core Zen 4 with 2 workers: 448, 176, 92, 95; the other 85 modules ~400 together.
 LONGEST_FIRST = (
-    "integration/test_fsdp.py",
-    "integration/test_init_from.py",
-    "integration/test_train_e2e.py",
-    "unit/test_parallel.py",
+    "tests/integration/test_fsdp.py",
+    "tests/integration/test_init_from.py",
+    "tests/integration/test_train_e2e.py",
+    "tests/unit/test_parallel.py",
 )
 
 
@@ -46,7 +47,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Move the longest modules to the front (a stable sort: the other modules, and the tests within each, keep their
     order). Every xdist worker collects the same order, as xdist requires."""
     def rank(item: pytest.Item) -> int:
-        path = item.path.relative_to(ROOT / "tests").as_posix()
+        path = item.nodeid.split("::", 1)[0]  # relative to the rootdir, as LONGEST_FIRST
         return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)
