@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
-# Under pytest-xdist (`make test` runs 2 workers), each worker gets its share of the cores: torch's default of one thread
+# Under pytest-xdist (`make test` runs a worker per core), each worker gets its share of the cores: torch's default of one thread
 # per core in every worker oversubscribes them, and OpenMP threads spin-waiting for a core the other worker holds cost
 # more than they compute. Set before torch is imported; subprocesses (train.py runs) inherit it.
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))

@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -245,7 +246,7 @@ def subsample(records: list[Any], n: int | None) -> list[Any]:
 class RecordsDataModule(L.LightningDataModule, ABC):
     """Records from `source` (`records.load_source`) → token examples in `setup` → seeded, resumable batches.
 
-    Subclasses set `record_kind` and implement `_tokenize(split, records)` and `_collate()`. `.corpus` holds
+    Subclasses set `record_kind` and implement `_tokenize(split, records)` and `_collate_fn()`. `.corpus` holds
     the records' texts (a tokenizer can be trained on it); `special_tokens()` are the roles the template
     needs, to add to the tokenizer before `set_tokenizer`.
     """
@@ -328,8 +329,14 @@ class RecordsDataModule(L.LightningDataModule, ABC):
         """The split's records as token examples (what the loaders batch)."""
 
     @abstractmethod
-    def _collate(self) -> Any:
-        """The collate function of this kind's batches."""
+    def _collate_fn(self) -> Callable[..., dict[str, Any]]:
+        """This kind's collate: `(batch, pad_id, multiple, cap)` -> the batch dict, padded as `padded_width`."""
+
+    def _collate(self) -> Callable[[Sequence[Any]], dict[str, Any]]:
+        """The loaders' collate: `_collate_fn` with the tokenizer's pad id and `data.pad_to_multiple_of`."""
+        assert self.tokenizer is not None
+        return partial(self._collate_fn(), pad_id=self.tokenizer.pad_id, multiple=self.pad_to_multiple_of,
+                       cap=self.longest_batch())
 
     def setup(self, stage: str | None = None) -> None:
         """Tokenize both splits once (kept in memory: post-training sets are small)."""

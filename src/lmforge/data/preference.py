@@ -10,7 +10,6 @@ keep the same (left-truncated) prompt tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from typing import Any
 
 import torch
@@ -67,6 +66,5 @@ class PreferenceDataModule(RecordsDataModule):
     def _tokenize(self, split: str, records: list[dict[str, Any]]) -> list[Any]:
         return [(chosen, rejected, i) for i, (chosen, rejected) in enumerate(self.pairs(records))]
 
-    def _collate(self) -> Any:
-        assert self.tokenizer is not None
-        return partial(collate_pairs, pad_id=self.tokenizer.pad_id, multiple=self.pad_to_multiple_of, cap=self.longest_batch())
+    def _collate_fn(self) -> Any:
+        return collate_pairs

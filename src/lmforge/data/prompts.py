@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -80,8 +79,5 @@ class PromptDataModule(RecordsDataModule):
     def longest_batch(self) -> int:
         return self.max_prompt_length
 
-    def _collate(self) -> Any:
-        assert self.tokenizer is not None
-        return partial(
-            collate_prompts, pad_id=self.tokenizer.pad_id, multiple=self.pad_to_multiple_of, cap=self.longest_batch()
-        )
+    def _collate_fn(self) -> Any:
+        return collate_prompts

@@ -9,7 +9,6 @@ See `examples.py` for the template, the end tokens and truncation.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 from lmforge.data.examples import (
@@ -50,9 +49,5 @@ class SFTDataModule(RecordsDataModule):
         examples = self.examples(records)
         return pack(examples, self.max_length) if self.packing else examples
 
-    def _collate(self) -> Any:
-        assert self.tokenizer is not None
-        return partial(
-            collate_packed if self.packing else collate_examples,
-            pad_id=self.tokenizer.pad_id, multiple=self.pad_to_multiple_of, cap=self.longest_batch(),
-        )
+    def _collate_fn(self) -> Any:
+        return collate_packed if self.packing else collate_examples
