@@ -41,3 +41,16 @@ for args in "stage=pretrain" "stage=grpo data=prompts_shakespeare"; do
   timeout 240 python3 train.py debug=fast model=gpt-nano strategy=fsdp trainer=gpu trainer.devices=1 trainer.max_steps=5 \
       callbacks.progress_bar=null $args hydra.run.dir="/tmp/fsdp_nccl_${args%% *}" 2>&1 | tail -2 | sed "s|^|[$args] |"
 done | tee "$OUT/fsdp_nccl.txt"
+# 6. strategy.async_save on CUDA (its gloo writer group beside NCCL, pinned staging): llama-160m under FSDP, a checkpoint
+#    every 10 of 40 steps, synchronous against background saves (both with last.ckpt linked to best.ckpt, one write per
+#    save): the wall time, and each save's blocked / written seconds from train.log.
+for mode in false true; do
+  SECONDS=0
+  timeout 300 python3 train.py model=llama-160m strategy=fsdp trainer=gpu trainer.devices=1 trainer.max_steps=40 \
+      trainer.precision=bf16-mixed trainer.val_check_interval=1000 trainer.limit_val_batches=0 trainer.num_sanity_val_steps=0 \
+      validate_full_at_end=false callbacks.checkpoint.every_n_train_steps=10 callbacks.checkpoint.monitor=null \
+      callbacks.checkpoint.save_last=link callbacks.progress_bar=null callbacks.samples=null strategy.async_save=$mode \
+      hydra.run.dir="/tmp/async_save_$mode" > "/tmp/async_save_$mode.out" 2>&1
+  echo "[async_save=$mode] rc $? in ${SECONDS} s"
+  grep -E "checkpoint .*(blocked|written)" "/tmp/async_save_$mode/train.log" | sed 's/.*INFO\] - //'
+done | tee "$OUT/async_save.txt"

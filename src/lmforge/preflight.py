@@ -9,6 +9,7 @@ replaced the model, so they hold for the architecture that actually trains.
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Any
 
 from hydra.utils import instantiate
@@ -19,6 +20,8 @@ from lmforge.errors import ConfigError
 from lmforge.models import config_from
 from lmforge.objectives import Objective
 from lmforge.objectives.registry import objectives_for
+
+log = logging.getLogger("lmforge")
 
 # Which datamodules each stage can train on (by class name: the classes import Lightning, this module doesn't).
 STAGE_DATA: dict[str, tuple[tuple[str, ...], str]] = {
@@ -111,6 +114,18 @@ def check_sharding(cfg: DictConfig) -> None:
     if precision not in SHARDED_PRECISIONS:
         raise ConfigError("trainer.precision", f"{precision} is not supported by strategy=fsdp (Lightning's ModelParallelStrategy)",
                           "use trainer.precision=bf16-mixed (FSDP2 mixed precision: strategy.param_dtype) or 32-true")
+    if strategy.get("async_save"):
+        if not strategy.get("save_distributed_checkpoint", True):
+            raise ConfigError("strategy.async_save", "needs sharded checkpoints (strategy.save_distributed_checkpoint=true)",
+                              "set strategy.save_distributed_checkpoint=true, or strategy.async_save=false for one consolidated file")
+        checkpoint = (cfg.get("callbacks") or {}).get("checkpoint") or {}
+        if checkpoint.get("save_last") is True:
+            log.warning("strategy.async_save with callbacks.checkpoint.save_last=true writes the same state twice when best.ckpt is "
+                        "saved (the second save waits for the first): callbacks.checkpoint.save_last=link makes last.ckpt a link instead")
+        wandb = (cfg.get("logger") or {}).get("wandb") or {}
+        if str(wandb.get("log_model", False)).lower() == "all":
+            raise ConfigError("logger.wandb.log_model", "'all' uploads each checkpoint as it is saved, and strategy.async_save=true "
+                              "is still writing it then", "use logger.wandb.log_model=true (uploads at the end) or strategy.async_save=false")
     tp = strategy.get("tensor_parallel_size", 1)
     if isinstance(tp, int) and tp > 1:
         family = str((cfg.get("model") or {}).get("family", ""))

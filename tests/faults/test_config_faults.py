@@ -82,6 +82,10 @@ CASES = {
                                                "strategy.sequence_parallel: needs data.block_size (63) to be a multiple of tensor_parallel_size=2"),
     "sequence parallel with sample generation": (["strategy=fsdp_tp", "strategy.sequence_parallel=true"],
                                                  "strategy.sequence_parallel: callbacks.samples generates text"),
+    "async checkpoints with per-save W&B uploads": (["strategy=fsdp", "strategy.async_save=true", "logger=wandb", "logger.wandb.log_model=all"],
+                                                    "logger.wandb.log_model: 'all' uploads each checkpoint as it is saved"),
+    "async checkpoints into one consolidated file": (["strategy=fsdp", "strategy.async_save=true", "strategy.save_distributed_checkpoint=false"],
+                                                     "strategy.async_save: needs sharded checkpoints"),
     "misspelled fsdp key": (["strategy=fsdp", "+strategy.reshard_after_fwd=false"], "did you mean `strategy.reshard_after_forward`?"),
     "unknown activation checkpointing policy": (["stage.activation_checkpointing=everything"],
                                                 "stage.activation_checkpointing: must be none, full, selective or an integer >= 0"),
@@ -115,6 +119,17 @@ def test_misspelled_override_key_is_refused_by_hydra_before_any_import():
 
     with pytest.raises(ConfigCompositionException, match="max_stpes"):
         composed(["trainer.max_stpes=10"])
+
+
+def test_async_checkpoints_with_a_copied_last_checkpoint_get_a_hint(caplog):
+    """best.ckpt then last.ckpt at the same step: the second background save waits for the first."""
+    with caplog.at_level("WARNING", logger="lmforge"):
+        preflight(composed(["strategy=fsdp", "strategy.async_save=true"]))
+    assert "callbacks.checkpoint.save_last=link" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lmforge"):
+        preflight(composed(["strategy=fsdp", "strategy.async_save=true", "callbacks.checkpoint.save_last=link"]))
+    assert "save_last" not in caplog.text
 
 
 def test_default_config_passes_preflight():

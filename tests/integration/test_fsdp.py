@@ -6,6 +6,8 @@ DDP, `fsdp_tp` with sequence parallelism (TP 2 x DP 1: both ranks see the whole 
 qkv and tied head) and HSDP (2 replica groups, 2 accumulated micro-batches with the cross-replica all-reduce deferred
 to the last) run the same comparison.
 The fsdp run's step-3 checkpoint also resumes on one process (DCP reshards it) onto the single-process loss curve.
+That run writes its checkpoints in the background (`strategy.async_save=true`), so the resume, consolidation and
+init_from tests read asynchronously written checkpoints; the other runs save synchronously.
 LoRA under FSDP, and under fsdp_tp with sequence parallelism and a whole-model torch.compile, writes the gathered adapter
 of the single-process LoRA run.
 Cost: nine `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, hsdp, GPT fsdp_tp, LoRA fsdp, LoRA fsdp_tp, then resumes
@@ -54,7 +56,9 @@ def runs(cli, cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     single = logs / "debug" / "runs" / "single"
     train_in_process([*base, f"data.batch_size={2 * MICRO_BATCH}"], single)  # same global batch on one process
     fsdp = logs / "debug" / "runs" / "fsdp"
-    sharded = [*base, "strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu", f"data.batch_size={MICRO_BATCH}"]
+    # its checkpoints written in the background (strategy.async_save; last.ckpt a link to best.ckpt, as README advises): the
+    # resume, elastic resume, consolidation and init_from tests below read them; the other sharded runs save synchronously
+    sharded = [*base, "strategy=fsdp", "strategy.async_save=true", "callbacks.checkpoint.save_last=link", "trainer.devices=2", "trainer.accelerator=cpu", f"data.batch_size={MICRO_BATCH}"]
     proc = cli("train.py", *sharded, f"hydra.run.dir={fsdp}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # no hydra.run.dir: rank 1 must reuse the timestamped run dir rank 0 made (Lightning re-runs train.py for it)
@@ -137,11 +141,15 @@ def test_checkpoint_is_sharded_across_both_ranks(runs: dict[str, Path]) -> None:
     from torch.distributed.checkpoint import FileSystemReader
 
     last = runs["fsdp"] / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and last.resolve().name == "best.ckpt"  # callbacks.checkpoint.save_last=link
     assert last.is_dir() and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     meta = FileSystemReader(str(last)).read_metadata().state_dict_metadata
     chunks = meta["state_dict.model.blocks.0.attn.q_proj.weight"].chunks
     assert sorted(c.offsets[0] for c in chunks) == [0, 32]  # 64 rows: rank 0 holds 0..31, rank 1 holds 32..63
     assert not list(last.parent.glob("*.partial")) and not list(last.parent.glob("*.old"))  # swaps finished
+    log = (runs["fsdp"] / "train.log").read_text()
+    for name in ("best.ckpt", "step-000003.ckpt", "step-000006.ckpt"):  # strategy.async_save: staged, then landed
+        assert f"checkpoint {name}: training blocked" in log and f"checkpoint {name} written in the background" in log, name
 
 
 def test_tensor_parallel_run_shards_the_lm_head_over_the_vocabulary(runs: dict[str, Path]) -> None:

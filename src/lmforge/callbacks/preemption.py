@@ -83,6 +83,9 @@ class PreemptionCheckpoint(L.Callback):
             return
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)  # collective: every rank calls it, rank 0 writes
+        finish = getattr(trainer.strategy, "finish_checkpoint", None)
+        if finish is not None:  # strategy.async_save: the job may be killed soon, so the save lands before we go on
+            finish()
         self.saved_path, self.saved_step = path, trainer.global_step
         name = signal.Signals(self.received).name if self.received is not None else "SIGTERM"
         log.warning("%s received: saved %s at step %d; stopping. Resume with ckpt_path=last", name, path, trainer.global_step)

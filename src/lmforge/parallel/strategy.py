@@ -12,21 +12,30 @@ Lightning builds the device mesh and the process group, moves batches, and saves
 * `accumulation_sync`: which gradient traffic the micro-batches before the last of an accumulated step skip
   (Lightning only knows DDP's `no_sync`, so FSDP would otherwise reduce every micro-batch);
 * checkpoints written atomically: to `<name>.partial`, then swapped in, so a kill mid-save leaves the
-  previous checkpoint whole (`ckpt_path=last` never sees a half-written directory).
+  previous checkpoint whole (`ckpt_path=last` never sees a half-written directory);
+* `async_save`: saves during fit written in the background (`lmforge.parallel.async_checkpoint`), training
+  stalled only while the shards are copied to host memory.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
 from lmforge.errors import ConfigError
-from lmforge.parallel.atomic_save import remove_checkpoint_path, save_directory_atomically
+from lmforge.parallel.async_checkpoint import AsyncShardedSaver
+from lmforge.parallel.atomic_save import prepare_partial, remove_checkpoint_path, save_directory_atomically
 from lmforge.parallel.fsdp import check_accumulation_sync, hold_gradient_sync, hybrid_shard_mesh
+
+log = logging.getLogger("lmforge")
 
 
 class ShardedStrategy(ModelParallelStrategy):
@@ -44,6 +53,7 @@ class ShardedStrategy(ModelParallelStrategy):
         cpu_offload: bool = False,
         meta_init: bool = True,
         save_distributed_checkpoint: bool = True,
+        async_save: bool = False,
         process_group_backend: str | None = None,
         timeout_minutes: float = 30.0,
     ) -> None:
@@ -54,6 +64,9 @@ class ShardedStrategy(ModelParallelStrategy):
             raise ConfigError("strategy.data_parallel_replicate_size", f"must be an integer >= 1, got {data_parallel_replicate_size!r}",
                               "use 1 (shard over every data-parallel rank) or the number of replica groups, e.g. trainer.num_nodes")
         check_accumulation_sync(accumulation_sync, data_parallel_replicate_size)
+        if async_save and not save_distributed_checkpoint:
+            raise ConfigError("strategy.async_save", "needs sharded checkpoints (strategy.save_distributed_checkpoint=true)",
+                              "set strategy.save_distributed_checkpoint=true, or strategy.async_save=false for one consolidated file")
         super().__init__(
             data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size,
             save_distributed_checkpoint=save_distributed_checkpoint, process_group_backend=process_group_backend,
@@ -64,6 +77,9 @@ class ShardedStrategy(ModelParallelStrategy):
         self.reshard_after_forward, self.cpu_offload, self.meta_init = reshard_after_forward, cpu_offload, meta_init
         self.data_parallel_replicate_size, self.accumulation_sync = data_parallel_replicate_size, accumulation_sync
         self.fsdp_mesh: Any = None  # set in setup_environment: the mesh `fully_shard` gets
+        self.async_save = bool(async_save)
+        self._async_saver = AsyncShardedSaver()
+        self._failed = False  # an exception is ending the run: teardown must not raise a second one
 
     def setup_environment(self) -> None:
         world = self.num_nodes * self.num_processes
@@ -95,7 +111,42 @@ class ShardedStrategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        save_directory_atomically(self, filepath, lambda partial: super(ShardedStrategy, self).save_checkpoint(checkpoint, partial, storage_options))
+        self.finish_checkpoint()  # the one in flight lands first (the same path may be saved again)
+        if not self._saves_in_background(filepath):
+            t0 = time.perf_counter()
+            save_directory_atomically(self, filepath, lambda partial: super(ShardedStrategy, self).save_checkpoint(checkpoint, partial, storage_options))
+            if self.global_rank == 0:
+                log.info("checkpoint %s: written in %.2f s, training blocked throughout", Path(str(filepath)).name, time.perf_counter() - t0)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
+        path, partial = prepare_partial(self, filepath)
+        state = {"state_dict": checkpoint.pop("state_dict")}  # the layout Lightning's synchronous save writes
+        state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
+        blocked = self._async_saver.start(state, partial, path, self.global_rank, meta=checkpoint, timeout=self._timeout)
+        if self.global_rank == 0:
+            log.info("checkpoint %s: training blocked %.2f s to stage it; written in the background", path.name, blocked)
+
+    def _saves_in_background(self, filepath: Any) -> bool:
+        """Only saves during a running fit: teardown lands them. Saves after fit, after an interruption and SLURM's
+        requeue save (`hpc_ckpt_*`, the job ends right after) are written before returning."""
+        if not self.async_save or Path(str(filepath)).name.startswith("hpc_ckpt"):
+            return False
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        return trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
+
+    def finish_checkpoint(self) -> None:
+        """Wait for a background save to land (swapped into place); a no-op when none is in flight."""
+        self._async_saver.finish(self.global_rank)
+
+    def on_exception(self, exception: BaseException) -> None:
+        self._failed = True
+        super().on_exception(exception)
+
+    def teardown(self) -> None:
+        self._async_saver.close(self.global_rank, raise_errors=not self._failed)
+        self._failed = False
+        super().teardown()
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.global_rank == 0:

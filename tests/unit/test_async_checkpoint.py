@@ -1,0 +1,99 @@
+"""`strategy.async_save`'s writer, on one process: what lands is what was staged (later in-place updates do not leak
+into it), the checkpoint is swapped into place only once complete, and a failed write keeps the previous one.
+The two-rank path (FSDP shards, a gloo group of its own, resume from an async checkpoint) is in
+tests/integration/test_fsdp.py."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint import FileSystemWriter
+
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.parallel.async_checkpoint import AsyncShardedSaver
+from lmforge.parallel.sharded_checkpoint import is_sharded_checkpoint, read_meta, read_model_weights
+
+
+@pytest.fixture
+def held_writes(monkeypatch):
+    """Every DCP file write waits until the test sets the event: the training thread runs on meanwhile."""
+    release = threading.Event()
+    write = FileSystemWriter.write_data
+
+    def held(self, plan, planner):
+        assert release.wait(30), "the test never released the write"
+        return write(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", held)
+    return release
+
+
+def save(saver: AsyncShardedSaver, state: dict, path: Path, meta: dict | None = None) -> float:
+    return saver.start(state, path.with_name(path.name + ".partial"), path, rank=0, meta=meta or {"global_step": 1})
+
+
+def test_the_checkpoint_holds_the_staged_values_not_later_updates(tmp_path: Path, held_writes: threading.Event) -> None:
+    weight, moment = torch.arange(12.0).reshape(3, 4), torch.ones(5)
+    expected = {"model.w": weight.clone()}
+    saver = AsyncShardedSaver(pinned_staging=False)
+    path = tmp_path / "last.ckpt"
+    save(saver, {"state_dict": {"model.w": weight}, "optimizer_0": {"exp_avg": moment}}, path, {"global_step": 7})
+    weight.add_(100.0)  # the next optimizer step, while the write is held
+    moment.mul_(3.0)
+    assert not path.exists() and saver.pending_path == path  # not in place before it is complete
+    held_writes.set()
+    saver.finish(rank=0)
+    assert is_sharded_checkpoint(path) and not path.with_name("last.ckpt.partial").exists()
+    assert torch.equal(read_model_weights(path)["model.w"], expected["model.w"])
+    assert read_meta(path) == {"global_step": 7}
+    assert saver.pending_path is None
+
+
+def test_a_new_save_replaces_the_previous_checkpoint_once_written(tmp_path: Path) -> None:
+    saver = AsyncShardedSaver(pinned_staging=False)
+    path = tmp_path / "last.ckpt"
+    save(saver, {"state_dict": {"w": torch.zeros(4)}}, path)
+    save(saver, {"state_dict": {"w": torch.full((4,), 2.0)}}, path)  # lands the first, then stages the second
+    assert torch.equal(read_model_weights(path)["w"], torch.zeros(4))  # the first, until the second is finished
+    saver.close(rank=0)
+    assert torch.equal(read_model_weights(path)["w"], torch.full((4,), 2.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no .partial, no .old
+
+
+def test_a_failed_background_write_keeps_the_previous_checkpoint_and_says_so(tmp_path: Path, monkeypatch) -> None:
+    saver = AsyncShardedSaver(pinned_staging=False)
+    path = tmp_path / "last.ckpt"
+    save(saver, {"state_dict": {"w": torch.zeros(4)}}, path)
+    saver.finish(rank=0)
+
+    def full_disk(self, plan, planner):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    save(saver, {"state_dict": {"w": torch.ones(4)}}, path)
+    with pytest.raises(CheckpointError, match=r"last\.ckpt.*the previous last\.ckpt is intact.*async_save=false"):
+        saver.finish(rank=0)
+    assert torch.equal(read_model_weights(path)["w"], torch.zeros(4))
+    assert not path.with_name("last.ckpt.partial").exists()
+
+
+def test_after_another_error_a_failed_write_is_logged_not_raised(tmp_path: Path, monkeypatch, caplog) -> None:
+    def full_disk(self, plan, planner):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full_disk)
+    saver = AsyncShardedSaver(pinned_staging=False)
+    save(saver, {"state_dict": {"w": torch.ones(4)}}, tmp_path / "last.ckpt")
+    with caplog.at_level("ERROR", logger="lmforge"):
+        saver.close(rank=0, raise_errors=False)
+    assert "no last.ckpt was written" in caplog.text
+
+
+def test_async_save_needs_sharded_checkpoints() -> None:
+    from lmforge.parallel.strategy import ShardedStrategy
+
+    with pytest.raises(ConfigError, match="strategy.async_save"):
+        ShardedStrategy(async_save=True, save_distributed_checkpoint=False)
