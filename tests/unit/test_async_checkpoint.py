@@ -97,3 +97,20 @@ def test_async_save_needs_sharded_checkpoints() -> None:
 
     with pytest.raises(ConfigError, match="strategy.async_save"):
         ShardedStrategy(async_save=True, save_distributed_checkpoint=False)
+
+
+def test_a_preemption_save_lands_before_the_callback_reports_it(tmp_path: Path) -> None:
+    """SIGTERM under strategy.async_save: the job may be killed right after, so the save is finished, not left in flight."""
+    import signal
+    from types import SimpleNamespace
+
+    from lmforge.callbacks.preemption import PreemptionCheckpoint
+
+    calls: list[str] = []
+    strategy = SimpleNamespace(finish_checkpoint=lambda: calls.append("finish"))
+    trainer = SimpleNamespace(strategy=strategy, global_step=5, should_stop=False, default_root_dir=str(tmp_path),
+                              checkpoint_callback=None, save_checkpoint=lambda path: calls.append(f"save {Path(path).name}"))
+    callback = PreemptionCheckpoint()
+    callback.received = signal.SIGTERM
+    callback._save_and_stop(trainer)
+    assert calls == ["save last.ckpt", "finish"] and trainer.should_stop and callback.saved_step == 5
