@@ -92,12 +92,14 @@ class AsyncShardedSaver:
         self._pending = _Pending(future, path, partial, time.perf_counter())
         return time.perf_counter() - t0
 
-    def finish(self, rank: int, raise_errors: bool = True) -> None:
-        """Wait for the save in flight, if any; rank 0 swaps it into place. A failed write leaves the previous
-        checkpoint whole and raises (or, `raise_errors=False`, after another error already ends the run, logs)."""
+    def finish(self, rank: int, raise_errors: bool = True) -> bool:
+        """Wait for the save in flight, if any; rank 0 swaps it into place. True when one landed: the caller then
+        holds the other ranks at a barrier until rank 0 has swapped (they may look for the checkpoint next).
+        A failed write leaves the previous checkpoint whole and raises (or, `raise_errors=False`, after another
+        error already ends the run, logs)."""
         pending, self._pending = self._pending, None
         if pending is None:
-            return
+            return False
         t0 = time.perf_counter()
         try:
             pending.future.result()
@@ -113,17 +115,18 @@ class AsyncShardedSaver:
             if raise_errors:
                 raise error from err
             log.error("%s", error)
-            return
+            return False
         if rank == 0:
             swap_into_place(pending.partial, pending.path)
             waited = time.perf_counter() - t0
             log.info("checkpoint %s written in the background in %.2f s%s", pending.path.name, time.perf_counter() - pending.started,
                      f" (training waited {waited:.2f} s for it)" if waited >= 0.01 else "")
+        return True
 
-    def close(self, rank: int, raise_errors: bool = True) -> None:
-        """End of fit: the last save lands, the stager's buffers and the writer's group are released."""
+    def close(self, rank: int, raise_errors: bool = True) -> bool:
+        """End of fit: the last save lands (`finish`'s result), the stager's buffers and the writer's group are released."""
         try:
-            self.finish(rank, raise_errors)
+            return self.finish(rank, raise_errors)
         finally:
             if self._stager is not None:
                 self._stager.close()

@@ -136,15 +136,18 @@ class ShardedStrategy(ModelParallelStrategy):
         return trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
 
     def finish_checkpoint(self) -> None:
-        """Wait for a background save to land (swapped into place); a no-op when none is in flight."""
-        self._async_saver.finish(self.global_rank)
+        """Wait for a background save to land (swapped into place); a no-op when none is in flight. Collective."""
+        if self._async_saver.finish(self.global_rank):
+            self.barrier("lmforge_ckpt_landed")  # rank 0 swapped it in: no rank looks for it before (save_final_last does)
 
     def on_exception(self, exception: BaseException) -> None:
         self._failed = True
         super().on_exception(exception)
 
     def teardown(self) -> None:
-        self._async_saver.close(self.global_rank, raise_errors=not self._failed)
+        landed = self._async_saver.close(self.global_rank, raise_errors=not self._failed)
+        if landed and not self._failed:  # after an exception another rank may never get here: no collective then
+            self.barrier("lmforge_ckpt_landed")
         self._failed = False
         super().teardown()
 
