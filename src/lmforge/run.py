@@ -192,14 +192,20 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[An
 def trainer_extras(trainer_cfg: DictConfig, strategy: Any) -> dict[str, Any]:
     """Trainer arguments that depend on the strategy, unless the config sets them."""
     extra: dict[str, Any] = {}
-    if isinstance(strategy, str) and trainer_cfg.get("plugins") is None:
-        # checkpoints written atomically (temp + fsync + rename); DeepSpeed/FSDP instances write their own shards
+    if trainer_cfg.get("plugins") is None and not is_deepspeed_strategy(strategy):
+        # checkpoints written atomically (temp + fsync + rename): `auto`, DDP, and FSDP's consolidated single-file saves
+        # (its sharded directories and DeepSpeed's are swapped in by lmforge.parallel.atomic_save instead)
         extra["plugins"] = [AtomicCheckpointIO()]
     if is_sharded_strategy(strategy) and trainer_cfg.get("inference_mode") is None:
         # FSDP2 keeps the all-gather buffers of its first forward: made under inference mode (a validation sanity
         # check on NCCL), they break every training step after it. no_grad, as Lightning does for its FSDPStrategy
         extra["inference_mode"] = False
     return extra
+
+
+def is_deepspeed_strategy(strategy: Any) -> bool:
+    """DeepSpeed writes its own checkpoint directories and never calls a CheckpointIO."""
+    return not isinstance(strategy, str) and any(c.__name__ == "DeepSpeedStrategy" for c in type(strategy).__mro__)
 
 
 def save_final_last(trainer: L.Trainer) -> None:

@@ -97,3 +97,18 @@ def test_sharded_checkpoints_are_read_whole_and_half_written_ones_are_skipped(tm
         assert find_last_checkpoint(tmp_path / "logs", "train") == old
     with pytest.raises(CheckpointError, match="is an incomplete sharded checkpoint .*Fix: pass an older checkpoint"):
         resolve_ckpt_path(str(new), tmp_path / "logs", "train")
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path: Path) -> None:
+    """mkstemp makes its temp file 0600: renamed into place as is, a checkpoint would be unreadable to the rest of a team."""
+    old = os.umask(0o022)
+    try:
+        AtomicCheckpointIO().save_checkpoint(ckpt(1), tmp_path / "last.ckpt")
+        (tmp_path / "plain").write_bytes(b"")
+        os.umask(0o077)
+        AtomicCheckpointIO().save_checkpoint(ckpt(2), tmp_path / "private.ckpt")
+    finally:
+        os.umask(old)
+    mode = lambda name: (tmp_path / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("last.ckpt") == mode("plain") == 0o644
+    assert mode("private.ckpt") == 0o600

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import ROOT, free_port
 
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.models import build
@@ -80,6 +80,29 @@ def test_sharded_strategies_evaluate_under_no_grad_unless_the_config_says_otherw
     assert trainer_extras(OmegaConf.create({}), ShardedStrategy())["inference_mode"] is False
     assert "inference_mode" not in trainer_extras(OmegaConf.create({"inference_mode": True}), ShardedStrategy())
     assert "inference_mode" not in trainer_extras(OmegaConf.create({}), "auto")
+
+
+def test_every_strategy_but_deepspeed_writes_checkpoint_files_atomically() -> None:
+    """`strategy=ddp` is a DDPStrategy instance: it once fell back to Lightning's TorchCheckpointIO, which streams into
+    last.ckpt in place (a kill mid-save truncated it)."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+    from omegaconf import OmegaConf
+
+    from lmforge.checkpoint_io import AtomicCheckpointIO
+    from lmforge.parallel.strategy import ShardedStrategy
+    from lmforge.run import trainer_extras
+
+    ddp = instantiate(OmegaConf.load(ROOT / "conf" / "strategy" / "ddp.yaml"))
+    for strategy in ("auto", ddp, ShardedStrategy(save_distributed_checkpoint=False)):
+        plugins = trainer_extras(OmegaConf.create({}), strategy)["plugins"]
+        assert [type(p) for p in plugins] == [AtomicCheckpointIO], strategy
+    trainer = L.Trainer(strategy=ddp, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        **trainer_extras(OmegaConf.create({}), ddp))
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert "plugins" not in trainer_extras(OmegaConf.create({}), DeepSpeedStrategy.__new__(DeepSpeedStrategy))
+    assert "plugins" not in trainer_extras(OmegaConf.create({"plugins": []}), "auto")  # the config's own choice
 
 
 def test_total_grad_norm_and_clipping_match_torch_on_plain_tensors() -> None:
