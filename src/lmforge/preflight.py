@@ -114,18 +114,6 @@ def check_sharding(cfg: DictConfig) -> None:
     if precision not in SHARDED_PRECISIONS:
         raise ConfigError("trainer.precision", f"{precision} is not supported by strategy=fsdp (Lightning's ModelParallelStrategy)",
                           "use trainer.precision=bf16-mixed (FSDP2 mixed precision: strategy.param_dtype) or 32-true")
-    if strategy.get("async_save"):
-        if not strategy.get("save_distributed_checkpoint", True):
-            raise ConfigError("strategy.async_save", "needs sharded checkpoints (strategy.save_distributed_checkpoint=true)",
-                              "set strategy.save_distributed_checkpoint=true, or strategy.async_save=false for one consolidated file")
-        checkpoint = (cfg.get("callbacks") or {}).get("checkpoint") or {}
-        if checkpoint.get("save_last") is True:
-            log.warning("strategy.async_save with callbacks.checkpoint.save_last=true writes the same state twice when best.ckpt is "
-                        "saved (the second save waits for the first): callbacks.checkpoint.save_last=link makes last.ckpt a link instead")
-        wandb = (cfg.get("logger") or {}).get("wandb") or {}
-        if str(wandb.get("log_model", False)).lower() == "all":
-            raise ConfigError("logger.wandb.log_model", "'all' uploads each checkpoint as it is saved, and strategy.async_save=true "
-                              "is still writing it then", "use logger.wandb.log_model=true (uploads at the end) or strategy.async_save=false")
     tp = strategy.get("tensor_parallel_size", 1)
     if isinstance(tp, int) and tp > 1:
         family = str((cfg.get("model") or {}).get("family", ""))
@@ -149,6 +137,24 @@ def check_sharding(cfg: DictConfig) -> None:
         if isinstance(devices, int) and isinstance(nodes, int) and (devices * nodes) % tp:
             raise ConfigError("strategy.tensor_parallel_size", f"{tp} does not divide trainer.devices x num_nodes = {devices * nodes}",
                               "set trainer.devices to a multiple of the tensor-parallel size")
+
+
+def check_async_save(cfg: DictConfig) -> None:
+    """`strategy.async_save` (ddp, fsdp, fsdp_tp): what would upload or write a checkpoint still being written."""
+    strategy = cfg.get("strategy") or {}
+    if not strategy.get("async_save"):
+        return
+    if not strategy.get("save_distributed_checkpoint", True):
+        raise ConfigError("strategy.async_save", "needs sharded checkpoints (strategy.save_distributed_checkpoint=true)",
+                          "set strategy.save_distributed_checkpoint=true, or strategy.async_save=false for one consolidated file")
+    checkpoint = (cfg.get("callbacks") or {}).get("checkpoint") or {}
+    if checkpoint.get("save_last") is True:
+        log.warning("strategy.async_save with callbacks.checkpoint.save_last=true writes the same state twice when best.ckpt is "
+                    "saved (the second save waits for the first): callbacks.checkpoint.save_last=link makes last.ckpt a link instead")
+    wandb = (cfg.get("logger") or {}).get("wandb") or {}
+    if str(wandb.get("log_model", False)).lower() == "all":
+        raise ConfigError("logger.wandb.log_model", "'all' uploads each checkpoint as it is saved, and strategy.async_save=true "
+                          "is still writing it then", "use logger.wandb.log_model=true (uploads at the end) or strategy.async_save=false")
 
 
 def check_sequence_parallel(cfg: DictConfig, tp: int) -> None:
@@ -182,6 +188,7 @@ def preflight(cfg: DictConfig) -> None:
     source, so it imports nothing heavy), then the cross-group and machine checks."""
     check_schema(cfg)
     check_sharding(cfg)  # before the machine check: its answer holds on a GPU machine too
+    check_async_save(cfg)
     check_machine(cfg)
     check_stage_data(cfg)
     check_efficiency(cfg)

@@ -6,8 +6,9 @@ DDP, `fsdp_tp` with sequence parallelism (TP 2 x DP 1: both ranks see the whole 
 qkv and tied head) and HSDP (2 replica groups, 2 accumulated micro-batches with the cross-replica all-reduce deferred
 to the last) run the same comparison.
 The fsdp run's step-3 checkpoint also resumes on one process (DCP reshards it) onto the single-process loss curve.
-That run writes its checkpoints in the background (`strategy.async_save=true`), so the resume, consolidation and
-init_from tests read asynchronously written checkpoints; the other runs save synchronously.
+That run and the DDP one write their checkpoints in the background (`strategy.async_save=true`), so the resume,
+consolidation, init_from and DDP-vs-single-process tests read asynchronously written checkpoints; the other runs save
+synchronously.
 LoRA under FSDP, and under fsdp_tp with sequence parallelism and a whole-model torch.compile, writes the gathered adapter
 of the single-process LoRA run.
 Cost: nine `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, hsdp, GPT fsdp_tp, LoRA fsdp, LoRA fsdp_tp, then resumes
@@ -62,8 +63,8 @@ def runs(cli, cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     proc = cli("train.py", *sharded, f"hydra.run.dir={fsdp}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # no hydra.run.dir: rank 1 must reuse the timestamped run dir rank 0 made (Lightning re-runs train.py for it)
-    proc = cli("train.py", *base, "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", f"data.batch_size={MICRO_BATCH}",
-               "callbacks.periodic.save_top_k=0", timeout=300)
+    proc = cli("train.py", *base, "strategy=ddp", "strategy.async_save=true", "trainer.devices=2", "trainer.accelerator=cpu",
+               f"data.batch_size={MICRO_BATCH}", "callbacks.periodic.save_top_k=0", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     made = [p for p in (logs / "debug" / "runs").iterdir() if p.name not in ("single", "fsdp")]
     assert len(made) == 1, made  # one run dir for both ranks
@@ -135,6 +136,8 @@ def test_two_process_ddp_writes_one_run_dir_and_logs_from_rank_zero(runs: dict[s
     assert "val/loss" in json.loads((runs["ddp"] / "metrics.json").read_text())
     # val metrics are torchmetrics sums over both ranks already: no hint to re-average them with sync_dist
     assert "sync_dist=True" not in (runs["ddp"] / "stderr.txt").read_text()
+    log = (runs["ddp"] / "train.log").read_text()  # strategy.async_save: rank 0 staged, then a thread wrote (last.ckpt
+    assert "checkpoint last.ckpt: training blocked" in log and "checkpoint last.ckpt written in the background" in log  # is read below)
 
 
 def test_checkpoint_is_sharded_across_both_ranks(runs: dict[str, Path]) -> None:

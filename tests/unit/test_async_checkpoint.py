@@ -1,6 +1,6 @@
-"""`strategy.async_save`'s writer, on one process: what lands is what was staged (later in-place updates do not leak
+"""`strategy.async_save`'s writers, on one process. Sharded (fsdp, fsdp_tp): what lands is what was staged (later in-place updates do not leak
 into it), the checkpoint is swapped into place only once complete, and a failed write keeps the previous one.
-The two-rank path (FSDP shards, a gloo group of its own, resume from an async checkpoint) is in
+DDP: its host copy shares nothing with the live checkpoint. The two-rank paths (FSDP shards, a gloo group of its own, resume from an async checkpoint) is in
 tests/integration/test_fsdp.py."""
 
 from __future__ import annotations
@@ -114,3 +114,22 @@ def test_a_preemption_save_lands_before_the_callback_reports_it(tmp_path: Path) 
     callback.received = signal.SIGTERM
     callback._save_and_stop(trainer)
     assert calls == ["save last.ckpt", "finish"] and trainer.should_stop and callback.saved_step == 5
+
+
+def test_the_ddp_host_copy_shares_nothing_with_the_live_checkpoint() -> None:
+    """Rank 0 writes the copy while training goes on: no later in-place update, appended list or changed dict may reach it."""
+    from lmforge.parallel.ddp import stage_to_host
+
+    weight = torch.arange(6.0).reshape(2, 3)
+    state = {"step": 4}
+    live = {"state_dict": {"w": weight, "w_view": weight[0]}, "optimizer_states": [{"state": {0: {"exp_avg": torch.ones(3)}}}],
+            "loops": {"progress": state, "seen": [1, 2]}}
+    staged = stage_to_host(live)
+    weight.add_(10.0)
+    live["optimizer_states"][0]["state"][0]["exp_avg"].zero_()
+    state["step"] = 5
+    live["loops"]["seen"].append(3)
+    assert torch.equal(staged["state_dict"]["w"], torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(staged["optimizer_states"][0]["state"][0]["exp_avg"], torch.ones(3))
+    assert staged["loops"] == {"progress": {"step": 4}, "seen": [1, 2]}
+    assert staged["state_dict"]["w"].untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()

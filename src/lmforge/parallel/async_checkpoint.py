@@ -41,6 +41,17 @@ def _cause(err: BaseException) -> str:
     return repr(err)
 
 
+def saves_in_background(strategy: Any, filepath: Any) -> bool:
+    """`strategy.async_save` applies to saves during a running fit only (teardown lands them). Saves after fit, after an
+    interruption and SLURM's requeue save (`hpc_ckpt_*`: the job ends right after) are written before returning."""
+    if not getattr(strategy, "async_save", False) or Path(str(filepath)).name.startswith("hpc_ckpt"):
+        return False
+    from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+
+    trainer = getattr(strategy.lightning_module, "_trainer", None)
+    return trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
+
+
 @dataclass
 class _Pending:
     future: Future

@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
 from lmforge.errors import ConfigError
-from lmforge.parallel.async_checkpoint import AsyncShardedSaver
+from lmforge.parallel.async_checkpoint import AsyncShardedSaver, saves_in_background
 from lmforge.parallel.atomic_save import prepare_partial, remove_checkpoint_path, save_directory_atomically
 from lmforge.parallel.fsdp import check_accumulation_sync, hold_gradient_sync, hybrid_shard_mesh
 
@@ -112,7 +111,7 @@ class ShardedStrategy(ModelParallelStrategy):
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         self.finish_checkpoint()  # the one in flight lands first (the same path may be saved again)
-        if not self._saves_in_background(filepath):
+        if not saves_in_background(self, filepath):
             t0 = time.perf_counter()
             save_directory_atomically(self, filepath, lambda partial: super(ShardedStrategy, self).save_checkpoint(checkpoint, partial, storage_options))
             if self.global_rank == 0:
@@ -126,14 +125,6 @@ class ShardedStrategy(ModelParallelStrategy):
         blocked = self._async_saver.start(state, partial, path, self.global_rank, meta=checkpoint, timeout=self._timeout)
         if self.global_rank == 0:
             log.info("checkpoint %s: training blocked %.2f s to stage it; written in the background", path.name, blocked)
-
-    def _saves_in_background(self, filepath: Any) -> bool:
-        """Only saves during a running fit: teardown lands them. Saves after fit, after an interruption and SLURM's
-        requeue save (`hpc_ckpt_*`, the job ends right after) are written before returning."""
-        if not self.async_save or Path(str(filepath)).name.startswith("hpc_ckpt"):
-            return False
-        trainer = getattr(self.lightning_module, "_trainer", None)
-        return trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
 
     def finish_checkpoint(self) -> None:
         """Wait for a background save to land (swapped into place); a no-op when none is in flight. Collective."""
