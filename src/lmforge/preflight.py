@@ -101,6 +101,7 @@ def check_machine(cfg: DictConfig) -> None:
                           "use trainer.precision=32-true or bf16-mixed on CPU")
 
 
+ASYNC_SAVE_STRATEGIES = ("ShardedStrategy", "DataParallelStrategy")  # lmforge's, with a background writer
 SHARDED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-true", "auto")
 
 
@@ -144,6 +145,10 @@ def check_async_save(cfg: DictConfig) -> None:
     strategy = cfg.get("strategy") or {}
     if not strategy.get("async_save"):
         return
+    if _class_name(strategy) not in ASYNC_SAVE_STRATEGIES:
+        what = _class_name(strategy) or f"strategy={strategy.get('name', 'auto')}"
+        raise ConfigError("strategy.async_save", f"{what} writes its checkpoints synchronously",
+                          "use strategy=ddp (on one device too), strategy=fsdp or strategy=fsdp_tp, or drop strategy.async_save")
     if not strategy.get("save_distributed_checkpoint", True):
         raise ConfigError("strategy.async_save", "needs sharded checkpoints (strategy.save_distributed_checkpoint=true)",
                           "set strategy.save_distributed_checkpoint=true, or strategy.async_save=false for one consolidated file")

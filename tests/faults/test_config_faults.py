@@ -86,6 +86,7 @@ CASES = {
                                                     "logger.wandb.log_model: 'all' uploads each checkpoint as it is saved"),
     "async DDP checkpoints with per-save W&B uploads": (["strategy=ddp", "strategy.async_save=true", "logger=wandb", "logger.wandb.log_model=all"],
                                                         "logger.wandb.log_model: 'all' uploads each checkpoint as it is saved"),
+    "async checkpoints under strategy=auto": (["+strategy.async_save=true"], "strategy.async_save: strategy=auto writes its checkpoints synchronously"),
     "async checkpoints into one consolidated file": (["strategy=fsdp", "strategy.async_save=true", "strategy.save_distributed_checkpoint=false"],
                                                      "strategy.async_save: needs sharded checkpoints"),
     "misspelled fsdp key": (["strategy=fsdp", "+strategy.reshard_after_fwd=false"], "did you mean `strategy.reshard_after_forward`?"),
