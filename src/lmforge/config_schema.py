@@ -6,8 +6,9 @@ str, null, list, dict) that its annotation rules out (`int`, `float`, `bool`, `s
 `Literal[...]`, `Union`, `X | Y`, list/tuple/dict types) is refused naming the expected type. Ints pass
 for floats; interpolations (`${...}`), `???`, nested `_target_` nodes and annotations this module cannot
 resolve (classes, callables, `Any`) are not judged. A target that takes `**kwargs` is followed through
-`super().__init__(**kwargs)` to its base class; when the kwargs go anywhere else (W&B's `wandb.init`,
-DDP's constructor) unknown keys are not checked for that node. Nodes without a target have a small
+`super().__init__(**kwargs)` to its base class, or to a known receiver (`KWARGS_SINKS`: DDPStrategy's go to
+`DistributedDataParallel`); when the kwargs go anywhere else (W&B's `wandb.init`) unknown keys are not checked for
+that node. Nodes without a target have a small
 dataclass here (top level, `paths`, `strategy` by name) or use the code's own schema (`model`: the family
 dataclass, `data.clean`: `CleanConfig`, `peft`: the method's keys).
 
@@ -345,6 +346,11 @@ def _forwards_kwargs(fn: ast.FunctionDef, kwarg: str, base: ast.expr | None) -> 
 
 
 TRIVIAL_BASES = {"object", "ABC", "Generic", "Protocol"}
+# Classes whose `**kwargs` go to another callable rather than to their base class: their unknown keys are checked
+# against that callable's keyword parameters, less the ones the class passes itself.
+KWARGS_SINKS: dict[str, tuple[str, frozenset[str]]] = {
+    "lightning.pytorch.strategies.ddp.DDPStrategy": ("torch.nn.parallel.distributed.DistributedDataParallel", frozenset({"module", "device_ids"})),
+}
 
 
 def class_signature(module: str, cls: ast.ClassDef, owner: str, depth: int = 0) -> Signature | None:
@@ -379,6 +385,12 @@ def class_signature(module: str, cls: ast.ClassDef, owner: str, depth: int = 0) 
         inherited = base_signature()
         if inherited is not None:
             return Signature(owner, {**inherited.params, **params}, inherited.open_kwargs)
+    sink = KWARGS_SINKS.get(f"{module}.{cls.name}")
+    if sink is not None:
+        receiver = target_signature(sink[0])
+        if isinstance(receiver, Signature):
+            passed_on = {k: v for k, v in receiver.params.items() if k not in sink[1]}
+            return Signature(owner, {**passed_on, **params}, receiver.open_kwargs)
     return Signature(owner, params, True)
 
 

@@ -89,6 +89,8 @@ CASES = {
     "async checkpoints under strategy=auto": (["+strategy.async_save=true"], "strategy.async_save: strategy=auto writes its checkpoints synchronously"),
     "async checkpoints into one consolidated file": (["strategy=fsdp", "strategy.async_save=true", "strategy.save_distributed_checkpoint=false"],
                                                      "strategy.async_save: needs sharded checkpoints"),
+    "misspelled ddp key": (["strategy=ddp", "+strategy.find_unused_parametrs=true"],  # a DistributedDataParallel argument
+                           "did you mean `strategy.find_unused_parameters`?"),
     "misspelled fsdp key": (["strategy=fsdp", "+strategy.reshard_after_fwd=false"], "did you mean `strategy.reshard_after_forward`?"),
     "unknown activation checkpointing policy": (["stage.activation_checkpointing=everything"],
                                                 "stage.activation_checkpointing: must be none, full, selective or an integer >= 0"),
