@@ -133,3 +133,48 @@ def test_the_ddp_host_copy_shares_nothing_with_the_live_checkpoint() -> None:
     assert torch.equal(staged["optimizer_states"][0]["state"][0]["exp_avg"], torch.ones(3))
     assert staged["loops"] == {"progress": {"step": 4}, "seen": [1, 2]}
     assert staged["state_dict"]["w"].untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+
+
+def fitting_ddp_strategy(tmp_path: Path):
+    """A DataParallelStrategy with async_save as Lightning holds it mid-fit, on one process (no process group: its
+    barrier is a no-op then)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+
+    from lmforge.checkpoint_io import AtomicCheckpointIO
+    from lmforge.parallel.ddp import DataParallelStrategy
+
+    strategy = DataParallelStrategy(async_save=True, checkpoint_io=AtomicCheckpointIO())
+    strategy._lightning_module = SimpleNamespace(_trainer=SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING, status=TrainerStatus.RUNNING)))
+    return strategy
+
+
+def test_ddp_background_save_writes_the_staged_checkpoint_and_reports_a_failed_one(tmp_path: Path, monkeypatch) -> None:
+    import lmforge.checkpoint_io as checkpoint_io
+    from lmforge.checkpoint import load_checkpoint
+
+    release, write = threading.Event(), checkpoint_io._write
+
+    def held(checkpoint, fh):
+        assert release.wait(30)
+        write(checkpoint, fh)
+
+    monkeypatch.setattr(checkpoint_io, "_write", held)
+    strategy = fitting_ddp_strategy(tmp_path)
+    path, weight = tmp_path / "last.ckpt", torch.zeros(3)
+    strategy.save_checkpoint({"state_dict": {"w": weight}, "global_step": 3, "lmforge": {"schema_version": 1}}, path)  # returns first
+    weight.add_(1.0)
+    assert not path.exists()
+    release.set()
+    strategy.finish_checkpoint()
+    assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.zeros(3))
+
+    def full_disk(checkpoint, fh):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io, "_write", full_disk)
+    strategy.save_checkpoint({"state_dict": {"w": weight}, "global_step": 6, "lmforge": {"schema_version": 1}}, path)
+    with pytest.raises(CheckpointError, match=r"the previous last\.ckpt is intact"):
+        strategy.save_checkpoint({"state_dict": {"w": weight}, "global_step": 9}, path)  # the next save lands the failed one
+    assert load_checkpoint(path)["global_step"] == 3

@@ -1,5 +1,6 @@
-"""Sharded checkpoints written in the background (`strategy.async_save=true`): a save stalls training only while
-each rank copies its shards to host memory, not while they are written.
+"""Sharded checkpoints written in the background (`strategy.async_save=true` under fsdp / fsdp_tp; ddp's single
+file: `parallel/ddp.py`): a save stalls training only while each rank copies its shards to host memory, not while
+they are written.
 
 Why: a synchronous torch-distributed-checkpoint save holds every rank for the whole write: seconds to minutes per
 save for a billion-parameter model's weights and AdamW state on a shared filesystem, the GPUs idle all along.
@@ -10,9 +11,10 @@ at all).
 
 The atomic swap of `save_directory_atomically` (`<name>.partial` → `<name>`) is kept, done once the write is
 complete everywhere. DCP's save ends with rank 0 writing `.metadata` after every rank reported its files written,
-so once rank 0's future is done all shards are on disk and rank 0 swaps alone, without a barrier. That happens at
-the next save, at the end of fit (teardown, also after an exception), or when asked (`finish`, the preemption
-callback's save). A crash before the swap leaves `.partial` and the previous checkpoint whole.
+so once rank 0's future is done all shards are on disk and rank 0 swaps alone; the strategy then holds the other
+ranks at a barrier until it has (they may look for the checkpoint next). That happens at the next save, at the end of
+fit (teardown; after an exception without the barrier), or when asked (`finish_checkpoint`, the preemption callback's
+save). A crash before the swap leaves `.partial` and the previous checkpoint whole.
 """
 
 from __future__ import annotations

@@ -136,11 +136,13 @@ class ShardedStrategy(ModelParallelStrategy):
         super().on_exception(exception)
 
     def teardown(self) -> None:
-        landed = self._async_saver.close(self.global_rank, raise_errors=not self._failed)
-        if landed and not self._failed:  # after an exception another rank may never get here: no collective then
-            self.barrier("lmforge_ckpt_landed")
-        self._failed = False
-        super().teardown()
+        try:
+            landed = self._async_saver.close(self.global_rank, raise_errors=not self._failed)
+            if landed and not self._failed:  # after an exception another rank may never get here: no collective then
+                self.barrier("lmforge_ckpt_landed")
+        finally:
+            self._failed = False
+            super().teardown()
 
     def remove_checkpoint(self, filepath: Any) -> None:
         if self.global_rank == 0:
