@@ -11,6 +11,7 @@
     python scripts/benchmark.py head-loss --tp 2        # tensor parallel: vocab-parallel head + loss vs replicated head
     python scripts/benchmark.py gemm                    # float32 CPU GEMMs: torch's BLAS vs oneDNN (cpu_kernels), GFLOP/s
     python scripts/benchmark.py matrix --strategies auto fsdp:2 --act-ckpt 0 1   # train.py runs over a grid
+    python scripts/benchmark.py checkpoint              # what saves stall training: synchronous vs strategy.async_save
 
 Performance targets live here, not in timed tests. Results are printed as a table and appended to
 logs/benchmark/results.jsonl with the machine and settings, so numbers in the README can be traced.
@@ -136,7 +137,8 @@ def bench_data(argv: list[str]) -> None:
 
 
 # Modes with a script of their own: mode -> module under scripts/ whose `main(argv)` runs it.
-MODE_SCRIPTS = {"generate": "bench_generate", "matrix": "bench_matrix", "head-loss": "bench_head_loss", "gemm": "bench_gemm"}
+MODE_SCRIPTS = {"generate": "bench_generate", "matrix": "bench_matrix", "head-loss": "bench_head_loss", "gemm": "bench_gemm",
+                "checkpoint": "bench_checkpoint"}
 
 
 def main() -> None:

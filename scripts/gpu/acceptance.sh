@@ -41,16 +41,9 @@ for args in "stage=pretrain" "stage=grpo data=prompts_shakespeare"; do
   timeout 240 python3 train.py debug=fast model=gpt-nano strategy=fsdp trainer=gpu trainer.devices=1 trainer.max_steps=5 \
       callbacks.progress_bar=null $args hydra.run.dir="/tmp/fsdp_nccl_${args%% *}" 2>&1 | tail -2 | sed "s|^|[$args] |"
 done | tee "$OUT/fsdp_nccl.txt"
-# 6. strategy.async_save on CUDA (its gloo writer group beside NCCL, pinned staging): llama-160m under FSDP, a checkpoint
-#    every 10 of 40 steps, synchronous against background saves (both with last.ckpt linked to best.ckpt, one write per
-#    save): the wall time, and each save's blocked / written seconds from train.log.
-for mode in false true; do
-  SECONDS=0
-  timeout 300 python3 train.py model=llama-160m strategy=fsdp trainer=gpu trainer.devices=1 trainer.max_steps=40 \
-      trainer.precision=bf16-mixed trainer.val_check_interval=1000 trainer.limit_val_batches=0 trainer.num_sanity_val_steps=0 \
-      validate_full_at_end=false callbacks.checkpoint.every_n_train_steps=10 callbacks.checkpoint.monitor=null \
-      callbacks.checkpoint.save_last=link callbacks.progress_bar=null callbacks.samples=null strategy.async_save=$mode \
-      hydra.run.dir="/tmp/async_save_$mode" > "/tmp/async_save_$mode.out" 2>&1
-  echo "[async_save=$mode] rc $? in ${SECONDS} s"
-  grep -E "checkpoint .*(blocked|written)" "/tmp/async_save_$mode/train.log" | sed 's/.*INFO\] - //'
-done | tee "$OUT/async_save.txt"
+# 6. strategy.async_save on CUDA (its gloo writer group beside NCCL, pinned staging): llama-160m on one GPU, a save every
+#    10 of 40 steps, synchronous against background, under fsdp and ddp (scripts/bench_checkpoint.py; last.ckpt linked
+#    to best.ckpt): wall time, what training waited for per save and in all, from each run's train.log.
+timeout 540 python3 scripts/benchmark.py checkpoint --strategies fsdp:1 ddp:1 --model llama-160m --size preset --precision bf16-mixed \
+    --steps 40 --every 10 --batch 8 --block 1024 --out /tmp/async_save -- trainer=gpu 2>&1 | tail -8 \
+    | tee "$OUT/async_save.txt"

@@ -46,6 +46,7 @@ class DataParallelStrategy(DDPStrategy):
         self.async_save = bool(async_save)
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None  # rank 0's write in flight
+        self._pending_name = ""
         self._in_flight = False  # on every rank: a background save was started and has not been waited for
         self._failed = False
 
@@ -63,7 +64,7 @@ class DataParallelStrategy(DDPStrategy):
             staged = stage_to_host(checkpoint)
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-ckpt")
-            self._pending = self._writer.submit(self._write, staged, filepath, storage_options)
+            self._pending, self._pending_name = self._writer.submit(self._write, staged, filepath, storage_options), Path(str(filepath)).name
             log.info("checkpoint %s: training blocked %.2f s to stage it; written in the background", Path(str(filepath)).name,
                      time.perf_counter() - t0)
 
@@ -80,10 +81,13 @@ class DataParallelStrategy(DDPStrategy):
         pending, self._pending = self._pending, None
         error: BaseException | None = None
         if pending is not None:
+            t0 = time.perf_counter()
             try:
                 pending.result()
             except Exception as err:  # AtomicCheckpointIO's CheckpointError: the previous file is intact
                 error = err
+            if error is None and time.perf_counter() - t0 >= 0.01:
+                log.info("checkpoint %s: training waited %.2f s for it", self._pending_name, time.perf_counter() - t0)
         self.barrier("lmforge_ckpt_landed")  # rank 0 renamed it into place: no rank looks for it before
         if error is not None:
             raise error
