@@ -54,6 +54,16 @@ def saves_in_background(strategy: Any, filepath: Any) -> bool:
     return trainer is not None and trainer.state.fn == TrainerFn.FITTING and trainer.state.status == TrainerStatus.RUNNING
 
 
+def log_written(filepath: Any, seconds: float) -> None:
+    """What a synchronous save cost (`scripts/bench_checkpoint.py` reads these lines back)."""
+    log.info("checkpoint %s: written in %.2f s, training blocked throughout", Path(str(filepath)).name, seconds)
+
+
+def log_staged(filepath: Any, seconds: float) -> None:
+    """What a background save cost training up front: the copy to host memory."""
+    log.info("checkpoint %s: training blocked %.2f s to stage it; written in the background", Path(str(filepath)).name, seconds)
+
+
 @dataclass
 class _Pending:
     future: Future

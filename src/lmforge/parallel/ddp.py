@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from lmforge.parallel.async_checkpoint import saves_in_background
+from lmforge.parallel.async_checkpoint import log_staged, log_written, saves_in_background
 
 log = logging.getLogger("lmforge")
 
@@ -56,7 +56,7 @@ class DataParallelStrategy(DDPStrategy):
             t0 = time.perf_counter()
             super().save_checkpoint(checkpoint, filepath, storage_options)
             if self.is_global_zero:
-                log.info("checkpoint %s: written in %.2f s, training blocked throughout", Path(str(filepath)).name, time.perf_counter() - t0)
+                log_written(filepath, time.perf_counter() - t0)
             return
         self._in_flight = True
         if self.is_global_zero:
@@ -65,8 +65,7 @@ class DataParallelStrategy(DDPStrategy):
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-ckpt")
             self._pending, self._pending_name = self._writer.submit(self._write, staged, filepath, storage_options), Path(str(filepath)).name
-            log.info("checkpoint %s: training blocked %.2f s to stage it; written in the background", Path(str(filepath)).name,
-                     time.perf_counter() - t0)
+            log_staged(filepath, time.perf_counter() - t0)
 
     def _write(self, staged: dict[str, Any], filepath: Any, storage_options: Any) -> None:
         t0 = time.perf_counter()
@@ -93,7 +92,7 @@ class DataParallelStrategy(DDPStrategy):
             raise error
 
     def on_exception(self, exception: BaseException) -> None:
-        self._failed = True
+        self._failed = True  # the run is failing: teardown must neither wait at a collective nor raise a second error
         super().on_exception(exception)
 
     def teardown(self) -> None:

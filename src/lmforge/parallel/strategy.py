@@ -19,22 +19,23 @@ Lightning builds the device mesh and the process group, moves batches, and saves
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lmforge.errors import ConfigError
-from lmforge.parallel.async_checkpoint import AsyncShardedSaver, saves_in_background
+from lmforge.parallel.async_checkpoint import (
+    AsyncShardedSaver,
+    log_staged,
+    log_written,
+    saves_in_background,
+)
 from lmforge.parallel.atomic_save import prepare_partial, remove_checkpoint_path, save_directory_atomically
 from lmforge.parallel.fsdp import check_accumulation_sync, hold_gradient_sync, hybrid_shard_mesh
-
-log = logging.getLogger("lmforge")
 
 
 class ShardedStrategy(ModelParallelStrategy):
@@ -78,7 +79,7 @@ class ShardedStrategy(ModelParallelStrategy):
         self.fsdp_mesh: Any = None  # set in setup_environment: the mesh `fully_shard` gets
         self.async_save = bool(async_save)
         self._async_saver = AsyncShardedSaver()
-        self._failed = False  # an exception is ending the run: teardown must not raise a second one
+        self._failed = False
 
     def setup_environment(self) -> None:
         world = self.num_nodes * self.num_processes
@@ -115,7 +116,7 @@ class ShardedStrategy(ModelParallelStrategy):
             t0 = time.perf_counter()
             save_directory_atomically(self, filepath, lambda partial: super(ShardedStrategy, self).save_checkpoint(checkpoint, partial, storage_options))
             if self.global_rank == 0:
-                log.info("checkpoint %s: written in %.2f s, training blocked throughout", Path(str(filepath)).name, time.perf_counter() - t0)
+                log_written(filepath, time.perf_counter() - t0)
             return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint takes no storage_options, got {storage_options!r}")
@@ -124,7 +125,7 @@ class ShardedStrategy(ModelParallelStrategy):
         state.update({f"optimizer_{i}": s for i, s in enumerate(checkpoint.pop("optimizer_states", []))})
         blocked = self._async_saver.start(state, partial, path, self.global_rank, meta=checkpoint, timeout=self._timeout)
         if self.global_rank == 0:
-            log.info("checkpoint %s: training blocked %.2f s to stage it; written in the background", path.name, blocked)
+            log_staged(path, blocked)
 
     def finish_checkpoint(self) -> None:
         """Wait for a background save to land (swapped into place); a no-op when none is in flight. Collective."""
@@ -132,7 +133,7 @@ class ShardedStrategy(ModelParallelStrategy):
             self.barrier("lmforge_ckpt_landed")  # rank 0 swapped it in: no rank looks for it before (save_final_last does)
 
     def on_exception(self, exception: BaseException) -> None:
-        self._failed = True
+        self._failed = True  # the run is failing: teardown must neither wait at a collective nor raise a second error
         super().on_exception(exception)
 
     def teardown(self) -> None:
