@@ -353,6 +353,13 @@ KWARGS_SINKS: dict[str, tuple[str, frozenset[str]]] = {
 }
 
 
+def _is_pure_mixin(cls: ast.ClassDef) -> bool:
+    """A class that only adds methods: no __init__, not a dataclass, and no bases but trivial ones."""
+    has_init = any(isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)) and s.name == "__init__" for s in cls.body)
+    trivial = all(ast.unparse(b).rsplit(".", 1)[-1] in TRIVIAL_BASES for b in cls.bases)
+    return not has_init and not _is_dataclass(cls) and trivial
+
+
 def class_signature(module: str, cls: ast.ClassDef, owner: str, depth: int = 0) -> Signature | None:
     """Keyword parameters of `cls(...)`. None: can't tell (a base outside Python source, odd MRO)."""
     if depth > MAX_DEPTH:
@@ -360,14 +367,18 @@ def class_signature(module: str, cls: ast.ClassDef, owner: str, depth: int = 0) 
     bases = [b for b in cls.bases if not (isinstance(b, ast.Subscript) or ast.unparse(b).rsplit(".", 1)[-1] in TRIVIAL_BASES)]
 
     def base_signature() -> Signature | None:
-        if not bases:
-            return Signature(owner, {}, False)
-        found = resolve_expr(module, bases[0], depth + 1)
-        if found is None or found.kind != "def" or not isinstance(found.node, ast.ClassDef):
-            return None
-        if len(bases) > 1 and not any(isinstance(s, ast.FunctionDef) and s.name == "__init__" for s in found.node.body):
-            return None  # the next __init__ in the MRO may be another base's: not "simple"
-        return class_signature(found.module, found.node, owner, depth + 1)
+        rest = list(bases)
+        while rest:
+            found = resolve_expr(module, rest[0], depth + 1)
+            if found is None or found.kind != "def" or not isinstance(found.node, ast.ClassDef):
+                return None
+            if len(rest) > 1 and _is_pure_mixin(found.node):
+                rest = rest[1:]  # methods only, no __init__ anywhere up its line: the next base's __init__ is the one
+                continue
+            if len(rest) > 1 and not any(isinstance(s, ast.FunctionDef) and s.name == "__init__" for s in found.node.body):
+                return None  # the next __init__ in the MRO may be another base's: not "simple"
+            return class_signature(found.module, found.node, owner, depth + 1)
+        return Signature(owner, {}, False)
 
     if _is_dataclass(cls):
         inherited = base_signature() if bases else Signature(owner, {}, False)

@@ -123,3 +123,19 @@ def test_the_schema_reads_source_only() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=Path(CONF).parent)
     assert out.returncode == 0, out.stderr
     assert "lightning" not in out.stdout and "torch" not in out.stdout, out.stdout
+
+
+def test_a_method_only_mixin_before_the_base_does_not_hide_its_arguments(tmp_path, monkeypatch) -> None:
+    """`class S(Mixin, DDPStrategy)`: the mixin has no __init__, so the base's (and DDP's, through it) still apply."""
+    (tmp_path / "mixin_strategy.py").write_text(
+        "from lightning.pytorch.strategies import DDPStrategy\n\n"
+        "class Mixin:\n    def on_exception(self, exception):\n        super().on_exception(exception)\n\n"
+        "class WithInit:\n    def __init__(self, x=1):\n        pass\n\n"
+        "class S(Mixin, DDPStrategy):\n    def __init__(self, async_save=False, **kwargs):\n        super().__init__(**kwargs)\n\n"
+        "class T(WithInit, DDPStrategy):\n    def __init__(self, **kwargs):\n        super().__init__(**kwargs)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sig = target_signature("mixin_strategy.S")
+    assert isinstance(sig, Signature) and not sig.open_kwargs
+    assert {"async_save", "process_group_backend", "find_unused_parameters"} <= set(sig.params)
+    first = target_signature("mixin_strategy.T")  # a first base with an __init__ of its own: that is what super() calls
+    assert isinstance(first, Signature) and set(first.params) == {"x"} and not first.open_kwargs
