@@ -205,7 +205,9 @@ def trainer_extras(trainer_cfg: DictConfig, strategy: Any) -> dict[str, Any]:
 
 def is_deepspeed_strategy(strategy: Any) -> bool:
     """DeepSpeed writes its own checkpoint directories and never calls a CheckpointIO."""
-    return not isinstance(strategy, str) and any(c.__name__ == "DeepSpeedStrategy" for c in type(strategy).__mro__)
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(strategy, DeepSpeedStrategy)
 
 
 def save_final_last(trainer: L.Trainer) -> None:

@@ -64,6 +64,12 @@ def log_staged(filepath: Any, seconds: float) -> None:
     log.info("checkpoint %s: training blocked %.2f s to stage it; written in the background", Path(str(filepath)).name, seconds)
 
 
+def log_landed(filepath: Any, seconds: float, waited: float) -> None:
+    """A background save landed after `seconds`; `waited`: how long training was held for it at the end."""
+    log.info("checkpoint %s written in the background in %.2f s%s", Path(str(filepath)).name, seconds,
+             f" (training waited {waited:.2f} s for it)" if waited >= 0.01 else "")
+
+
 @dataclass
 class _Pending:
     future: Future
@@ -141,9 +147,7 @@ class AsyncShardedSaver:
             return False
         if rank == 0:
             swap_into_place(pending.partial, pending.path)
-            waited = time.perf_counter() - t0
-            log.info("checkpoint %s written in the background in %.2f s%s", pending.path.name, time.perf_counter() - pending.started,
-                     f" (training waited {waited:.2f} s for it)" if waited >= 0.01 else "")
+            log_landed(pending.path, time.perf_counter() - pending.started, time.perf_counter() - t0)
         return True
 
     def close(self, rank: int, raise_errors: bool = True) -> bool:

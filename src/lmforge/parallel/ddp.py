@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from lmforge.parallel.async_checkpoint import log_staged, log_written, saves_in_background
+from lmforge.parallel.async_checkpoint import log_landed, log_staged, log_written, saves_in_background
 
 log = logging.getLogger("lmforge")
 
@@ -67,10 +67,11 @@ class DataParallelStrategy(DDPStrategy):
             self._pending, self._pending_name = self._writer.submit(self._write, staged, filepath, storage_options), Path(str(filepath)).name
             log_staged(filepath, time.perf_counter() - t0)
 
-    def _write(self, staged: dict[str, Any], filepath: Any, storage_options: Any) -> None:
+    def _write(self, staged: dict[str, Any], filepath: Any, storage_options: Any) -> float:
+        """The writer thread's job; returns the seconds the write took."""
         t0 = time.perf_counter()
         self.checkpoint_io.save_checkpoint(staged, filepath, storage_options=storage_options)
-        log.info("checkpoint %s written in the background in %.2f s", Path(str(filepath)).name, time.perf_counter() - t0)
+        return time.perf_counter() - t0
 
     def finish_checkpoint(self) -> None:
         """Wait for a background save to land; collective when one was started (every rank calls it then)."""
@@ -82,11 +83,9 @@ class DataParallelStrategy(DDPStrategy):
         if pending is not None:
             t0 = time.perf_counter()
             try:
-                pending.result()
+                log_landed(self._pending_name, pending.result(), time.perf_counter() - t0)
             except Exception as err:  # AtomicCheckpointIO's CheckpointError: the previous file is intact
                 error = err
-            if error is None and time.perf_counter() - t0 >= 0.01:
-                log.info("checkpoint %s: training waited %.2f s for it", self._pending_name, time.perf_counter() - t0)
         self.barrier("lmforge_ckpt_landed")  # rank 0 renamed it into place: no rank looks for it before
         if error is not None:
             raise error
