@@ -192,6 +192,7 @@ def test_per_token_equals_reference_fp64_exactly(rows: int) -> None:
     ref = token_reference(h, head, t)
     out = linear_cross_entropy(h, head, t, rows=rows, reduction="none")
     assert out.shape == t.shape and (out[t == -100] == 0).all()
+    assert out._base is None  # not a view: FSDP2 warns when its root module returns one (in-place edits skip its hook)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     for a, b in zip(grads((upstream * out).sum(), h, head.weight), grads((upstream * ref).sum(), h, head.weight), strict=True):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
@@ -226,6 +227,7 @@ def test_per_token_entropy_equals_entropy_from_logits_fp64(rows: int) -> None:
     torch.testing.assert_close(entropy, -(logp.exp() * logp).sum(-1), atol=1e-12, rtol=0)  # fp64 throughout
     torch.testing.assert_close(entropy.float(), entropy_from_logits(head(h)), atol=1e-6, rtol=0)  # what RL logged (fp32)
     assert not entropy.requires_grad and nll.requires_grad
+    assert nll._base is None and entropy._base is None
 
 
 @pytest.mark.parametrize("family", ["gpt", "llama", "mixtral"])

@@ -225,21 +225,25 @@ class _LinearTokenNLL(torch.autograd.Function):
     differs per row, so d(weight) cannot be formed ahead as in `_LinearCrossEntropy`: forward keeps only each
     row's logsumexp, backward recomputes each chunk's logits (one GEMM more than the plain path, no logits kept).
     With `with_entropy`, also each row's softmax entropy (N,) as a second, non-differentiable output (RL logs it);
-    else that output is empty."""
+    else that output is empty. Both come back in `shape` (the targets' (B, T)) as tensors of their own, not views:
+    FSDP2 warns about a root module returning a view, whose in-place edit would skip its pre-backward hook."""
 
     @staticmethod
     def forward(
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int, rows: int, with_entropy: bool,
-        group: Any = None, vocab_offset: int = 0,
+        group: Any = None, vocab_offset: int = 0, shape: torch.Size | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`group`/`vocab_offset` as in `_LinearCrossEntropy`: this rank holds a vocabulary shard of the head."""
         h, w, acc = _operands(hidden, weight)
         valid = targets != ignore_index
         safe = torch.where(valid, targets, 0)  # under TP: the local index where the target is on this shard
         hit = valid.clone()  # under TP: where the target is on this shard
-        nll = torch.empty(h.size(0), dtype=acc, device=h.device)
+        shape = shape or targets.shape
+        nll_out = torch.empty(shape, dtype=acc, device=h.device)
+        nll = nll_out.view(-1)  # filled through this flat view; nll_out is what is returned
         lse = torch.empty_like(nll)
-        entropy = torch.empty(h.size(0) if with_entropy else 0, dtype=acc, device=h.device)
+        entropy_out = torch.empty(shape if with_entropy else 0, dtype=acc, device=h.device)
+        entropy = entropy_out.view(-1)
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.size(0), rows):
                 stop = start + rows
@@ -260,15 +264,15 @@ class _LinearTokenNLL(torch.autograd.Function):
         ctx.save_for_backward(h, w, safe, hit, valid, lse)
         ctx.group = group
         ctx.rows, ctx.dtypes = rows, (hidden.dtype, weight.dtype)
-        ctx.mark_non_differentiable(entropy)
-        return nll, entropy
+        ctx.mark_non_differentiable(entropy_out)
+        return nll_out, entropy_out
 
     @staticmethod
     def backward(ctx: Any, grad_nll: torch.Tensor, _grad_entropy: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
         h, w, safe, hit, valid, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = lse.dtype
-        scale = (grad_nll.to(acc) * valid).unsqueeze(1)  # d(nll_i)/d(logits_i) = p_i - onehot_i, times the row's grad
+        scale = (grad_nll.reshape(-1).to(acc) * valid).unsqueeze(1)  # d(nll_i)/d(logits_i) = p_i - onehot_i, times the row's grad
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = _WeightGrad(h, w.shape, ctx.rows, acc) if need_w else None
         with torch.autocast(h.device.type, enabled=False):
@@ -288,7 +292,7 @@ class _LinearTokenNLL(torch.autograd.Function):
             torch.distributed.all_reduce(grad_h, group=ctx.group)
         dh = None if grad_h is None else grad_h.to(ctx.dtypes[0])
         dw = None if grad_w is None else grad_w.to(ctx.dtypes[1])
-        return dh, dw, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None
 
 
 def _shard_logsumexp(
@@ -363,6 +367,6 @@ def linear_cross_entropy(
     flat = hidden.reshape(-1, hidden.size(-1))
     rows = rows or chunk_rows(flat.size(0), weight.size(0), flat.size(1), flat.device.type)
     if reduction == "none":
-        nll, entropy = _LinearTokenNLL.apply(flat, weight, flat_targets, ignore_index, rows, with_entropy, group, offset)
-        return (nll.view(targets.shape), entropy.view(targets.shape)) if with_entropy else nll.view(targets.shape)
+        nll, entropy = _LinearTokenNLL.apply(flat, weight, flat_targets, ignore_index, rows, with_entropy, group, offset, targets.shape)
+        return (nll, entropy) if with_entropy else nll
     return _LinearCrossEntropy.apply(flat, weight, flat_targets, ignore_index, rows, group, offset)
