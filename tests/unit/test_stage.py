@@ -120,3 +120,29 @@ def test_dpo_precomputed_reference_is_never_taken_from_resumed_weights():
     s._trainer = SimpleNamespace(ckpt_path="runs/x/checkpoints/last.ckpt", loggers=[])
     with pytest.raises(CheckpointError, match="last.ckpt has no complete reference log-probs.*init_from"):
         s.on_fit_start()
+
+
+def lightning_eval_mode_warnings(s: LMStage) -> list[str]:
+    """What Lightning's fit loop warns about modules in eval mode as training starts (its own check, run on `s`)."""
+    import warnings
+
+    from lightning.pytorch.loops.fit_loop import _FitLoop
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s.expect_frozen_modules_in_eval_mode()  # on_fit_start's call, after `always`, as in a run
+        _FitLoop._warn_if_modules_in_eval_mode(SimpleNamespace(trainer=SimpleNamespace(lightning_module=s)))
+    return [str(w.message) for w in caught if "eval mode" in str(w.message)]
+
+
+def test_a_frozen_reference_in_eval_mode_is_expected_but_a_trained_module_in_eval_mode_still_warns():
+    import copy
+
+    s = stage()
+    s.reference = copy.deepcopy(s.model).requires_grad_(False).eval()  # what DPO's / RL's frozen_copy adds
+    assert lightning_eval_mode_warnings(s) == []
+    s.model.blocks[0].eval()  # a trained block left in eval mode (dropout off): the user should hear of it
+    assert len(lightning_eval_mode_warnings(s)) == 1
+    s.model.blocks[0].train()
+    s.reference.requires_grad_(True)  # trainable parameters: not a frozen companion
+    assert len(lightning_eval_mode_warnings(s)) == 1

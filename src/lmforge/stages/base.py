@@ -232,6 +232,20 @@ class LMStage(L.LightningModule):
         stats = {"model/trainable_params": float(trainable), "model/trainable_pct": 100.0 * trainable / max(total, 1)}
         for logger in self.loggers:  # apply_peft already logged the same line for PEFT runs
             logger.log_metrics(stats, step=0)
+        self.expect_frozen_modules_in_eval_mode()
+
+    def expect_frozen_modules_in_eval_mode(self) -> None:
+        """Lightning warns, as training starts, about every module in eval mode ("may lead to unexpected behavior").
+        A frozen companion (a DPO/RL reference, a reward model: no trainable parameter, eval mode) is in eval mode on
+        purpose, so every DPO, PPO and GRPO run printed that warning. Where those companions are all the eval-mode
+        modules there are, the warning is silenced for exactly their count: a trained module left in eval mode
+        changes the count and still warns."""
+        frozen = [m for m in self.children() if m is not self.model and not m.training
+                  and not any(p.requires_grad for p in m.parameters())]
+        count = sum(1 for m in frozen for _ in m.modules())
+        if count and count == sum(1 for m in self.modules() if not m.training):
+            message = re.escape(f"Found {count} module(s) in eval mode at the start of training.")
+            warnings.filterwarnings("ignore", message=message, category=PossibleUserWarning)
 
     def should_compile(self) -> bool:
         """Whether the whole model is compiled. `compile: auto` compiles on CUDA only: on CPU it measured no faster
