@@ -30,6 +30,7 @@ from lmforge.parallel.plan import is_sharded_strategy
 from lmforge.precision import resolve_precision
 from lmforge.preflight import build_objective, check_config
 from lmforge.utils.config_tree import print_config_tree
+from lmforge.utils.dependency_warnings import quiet_dependency_warnings
 from lmforge.utils.io import atomic_write_text
 
 log = logging.getLogger("lmforge")
@@ -239,6 +240,7 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
 # --- entry points ---------------------------------------------------------------------------------------
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    quiet_dependency_warnings()
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
     set_cpu_kernels(cfg.get("cpu_kernels", "lmforge"))
     seed_everything(cfg.get("seed"))

@@ -42,3 +42,11 @@ def test_training_logs_no_progress_bar_metric(tmp_path) -> None:
                         callbacks=[LossProgressBar()], default_root_dir=tmp_path, limit_val_batches=0, log_every_n_steps=1)
     trainer.fit(stage, train_dataloaders=DataLoader([{"input_ids": x[:, :-1], "targets": x[:, 1:]} for x in ids], batch_size=None))
     assert "train/loss" in trainer.callback_metrics and not any(k.startswith("train/") for k in trainer.progress_bar_metrics)
+
+
+def test_bar_names_the_epoch_without_a_negative_bound_when_steps_end_the_run() -> None:
+    bar = LossProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=-1)  # max_steps ends the run: Lightning's own bar said "Epoch 0/-2"
+    assert bar._get_train_description(0).strip() == "Epoch 0"
+    bar._trainer = SimpleNamespace(max_epochs=10)
+    assert bar._get_train_description(3).strip() == "Epoch 3/9"

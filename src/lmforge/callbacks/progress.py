@@ -35,3 +35,12 @@ class LossProgressBar(RichProgressBar):
             items[self.monitor] = self._shown[1]
             items["at_step"] = self._shown[0]
         return items
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        """"Epoch 3/9" when `trainer.max_epochs` bounds the run; "Epoch 3" when steps do (max_epochs = -1, where
+        Lightning's bar printed "Epoch 3/-2")."""
+        description = super()._get_train_description(current_epoch)
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs < 0:
+            description = description.replace(f"Epoch {current_epoch}/{max_epochs - 1}", f"Epoch {current_epoch}", 1)
+        return description

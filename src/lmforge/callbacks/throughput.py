@@ -57,6 +57,17 @@ def data_parallel_size(trainer: L.Trainer) -> int:
     return trainer.world_size
 
 
+def run_flops_per_token(trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+    """Training FLOPs per token of this run's model at its sequence length (the data's block size, else the model's
+    context): `flops.model_flops_per_token`, what perf/mfu and the model summary use."""
+    data = trainer.datamodule
+    seq_len = getattr(data, "block_size", None) or getattr(data, "max_length", None) or pl_module.model.config.max_seq_len
+    model = getattr(pl_module.model, "backbone", pl_module.model)
+    if any(hasattr(p, "ds_numel") for p in model.parameters()):  # ZeRO-3 leaves empty placeholders: count the config
+        model = build_on_meta(pl_module.model_cfg)
+    return model_flops_per_token(model, seq_len)
+
+
 class PerfMonitor(L.Callback):
     def __init__(self, window_size: int = 20, log_every_n_steps: int | None = None, peak_flops: float | None = None) -> None:
         self.window_size = window_size
@@ -71,12 +82,7 @@ class PerfMonitor(L.Callback):
         # Throughput is fed only at the synchronised log steps: a window of k entries spans k - 1 log intervals
         intervals = max(1, math.ceil(self.window_size / max(self._log_every, 1)))
         self._throughput = Throughput(available_flops=peak, world_size=trainer.world_size, window_size=intervals + 1)
-        data = trainer.datamodule
-        seq_len = getattr(data, "block_size", None) or getattr(data, "max_length", None) or pl_module.model.config.max_seq_len
-        model = getattr(pl_module.model, "backbone", pl_module.model)
-        if any(hasattr(p, "ds_numel") for p in model.parameters()):  # ZeRO-3 leaves empty placeholders: count the config
-            model = build_on_meta(pl_module.model_cfg)
-        self._flops_per_token = model_flops_per_token(model, seq_len)
+        self._flops_per_token = run_flops_per_token(trainer, pl_module)
         self._elapsed, self._batches, self._samples, self._tokens, self._tokens_at_update = 0.0, 0, 0, 0, 0
         self._throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
         self._prev_end: float | None = None  # end of the previous training step (None after validation or a checkpoint)
