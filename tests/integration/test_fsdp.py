@@ -5,15 +5,17 @@ the classic Hydra + DDP pain: one run dir, one metrics CSV with each step once, 
 DDP, `fsdp_tp` with sequence parallelism (TP 2 x DP 1: both ranks see the whole batch; Llama, and GPT with its fused
 qkv and tied head) and HSDP (2 replica groups, 2 accumulated micro-batches with the cross-replica all-reduce deferred
 to the last) run the same comparison.
-The fsdp run's step-3 checkpoint also resumes on one process (DCP reshards it) onto the single-process loss curve.
-That run and the DDP one write their checkpoints in the background (`strategy.async_save=true`), so the resume,
+The fsdp run's step-3 checkpoint also resumes on one process, under fsdp (DCP reshards it) and under `auto` (read whole,
+its optimizer state renumbered), onto the single-process loss curve; the single-process run's step-3 file resumes under
+fsdp on two ranks.
+The fsdp run and the DDP one write their checkpoints in the background (`strategy.async_save=true`), so the resume,
 consolidation, init_from and DDP-vs-single-process tests read asynchronously written checkpoints; the other runs save
 synchronously.
 LoRA under FSDP, and under fsdp_tp with sequence parallelism and a whole-model torch.compile, writes the gathered adapter
 of the single-process LoRA run.
-Cost: nine `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, hsdp, GPT fsdp_tp, LoRA fsdp, LoRA fsdp_tp, then resumes
-of the fsdp and LoRA fsdp runs from their step-3 checkpoints), one 1-process resume and three in-process single-process runs (Llama,
-GPT, LoRA), all
+Cost: ten `train.py` subprocesses with 2 ranks each (fsdp, ddp, fsdp_tp, hsdp, GPT fsdp_tp, LoRA fsdp, LoRA fsdp_tp, then resumes
+of the fsdp and LoRA fsdp runs from their step-3 checkpoints, and of the single-process file), one 1-process resume, an in-process unsharded resume and three
+in-process single-process runs (Llama, GPT, LoRA), all
 6 steps of a 2-layer, 64-wide model (the Llama's head untied, so TP shards it over the vocabulary) on bytes in fp32.
 Apart from the fixture: 2 GRPO steps on a 2-D Llama compiled whole, then per block, against the same steps on one
 process (~20 s each).
@@ -91,6 +93,16 @@ def runs(cli, cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     proc = cli("train.py", *base, "strategy=fsdp", "trainer.devices=1", "trainer.accelerator=cpu", f"data.batch_size={2 * MICRO_BATCH}",
                "callbacks.periodic.save_top_k=0", f"ckpt_path={fsdp / 'checkpoints' / 'step-000003.ckpt'}", f"hydra.run.dir={one_rank}", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the same checkpoint resumed without sharding (strategy=auto): read whole, AdamW's name-keyed state renumbered
+    unsharded = logs / "debug" / "runs" / "resumed_unsharded"
+    train_in_process([*base, f"data.batch_size={2 * MICRO_BATCH}", "callbacks.periodic.save_top_k=0",
+                      f"ckpt_path={fsdp / 'checkpoints' / 'step-000003.ckpt'}"], unsharded)
+    # the other way: the single-process run's step-3 file resumed by 2 FSDP ranks (AdamW's state matched by position)
+    from_file = logs / "debug" / "runs" / "fsdp_from_file"
+    proc = cli("train.py", *base, "strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu", f"data.batch_size={MICRO_BATCH}",
+               "callbacks.periodic.save_top_k=0",
+               f"ckpt_path={single / 'checkpoints' / 'step-000003.ckpt'}", f"hydra.run.dir={from_file}", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     # GPT under fsdp_tp with sequence parallelism: its fused qkv split by head, its tied head vocab-parallel
     gpt = [o for o in base if not o.startswith("model")] + ["model=gpt-nano", "model.n_layer=2", "model.n_embd=64", "model.n_head=4"]
     gpt_single = logs / "debug" / "runs" / "gpt_single"
@@ -124,6 +136,7 @@ def runs(cli, cache_dir: Path, tmp_path_factory) -> dict[str, Path]:
     train_in_process([*base, "peft=lora", "peft.dropout=0", "peft.target_modules=[all-linear]", f"data.batch_size={2 * MICRO_BATCH}"],
                      lora_all_single)
     return {"single": single, "fsdp": fsdp, "ddp": ddp, "resumed": resumed, "tp_sp": tp, "hsdp": hsdp, "resumed_on_one": one_rank,
+            "resumed_unsharded": unsharded, "fsdp_from_file": from_file,
             "gpt_single": gpt_single, "gpt_tp_sp": gpt_tp, "lora_single": lora_single, "lora_fsdp": lora_fsdp,
             "lora_tp_sp": lora_tp, "lora_all_single": lora_all_single, "lora_resumed": lora_resumed}
 
@@ -200,6 +213,27 @@ def test_a_sharded_checkpoint_resumes_on_another_world_size(runs: dict[str, Path
     assert sorted(resumed) == list(range(3, STEPS))  # same step count, same batches (the sampler state is global)
     for step in resumed:
         assert resumed[step] == pytest.approx(full[step], abs=1e-5), step  # only the order of fp32 sums differs
+
+
+def test_a_sharded_checkpoint_resumes_under_a_strategy_that_does_not_shard(runs: dict[str, Path]) -> None:
+    """strategy=auto reads the 2-rank sharded checkpoint whole (Lightning's reader stopped with IsADirectoryError):
+    the next steps' losses and the final weights are the single-process run's, so AdamW's moments came back too."""
+    full, resumed = losses(runs["single"]), losses(runs["resumed_unsharded"])
+    assert sorted(resumed) == list(range(3, STEPS))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], abs=1e-5), step
+    single = load_checkpoint(runs["single"] / "checkpoints" / "last.ckpt")["state_dict"]
+    unsharded = load_checkpoint(runs["resumed_unsharded"] / "checkpoints" / "last.ckpt")["state_dict"]
+    assert max((unsharded[k] - single[k]).abs().max().item() for k in single) < 2e-5
+
+
+def test_a_single_file_checkpoint_resumes_under_fsdp_with_its_optimizer_state(runs: dict[str, Path]) -> None:
+    """Lightning's reader paired AdamW's moments with other parameters (it assumes the optimizer lists them in
+    model.parameters() order; lmforge's param groups do not) and failed on the shapes; lmforge's matches them by position."""
+    full, resumed = losses(runs["single"]), losses(runs["fsdp_from_file"])
+    assert sorted(resumed) == list(range(3, STEPS))
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], abs=1e-5), step
 
 
 def test_consolidation_script_writes_the_single_process_weights(runs: dict[str, Path], tmp_path: Path) -> None:

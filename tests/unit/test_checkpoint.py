@@ -198,3 +198,69 @@ def test_init_from_a_path_that_is_no_model_names_init_from_and_both_fixes(tmp_pa
     path.mkdir() if kind == "empty_dir" else path.write_text("not a model")
     with pytest.raises(CheckpointError, match=r"init_from=.*is not a readable checkpoint.*Fix: pass a Hugging Face model directory \(with config.json\) or"):
         load_init_source(path)
+
+
+def test_name_keyed_optimizer_state_renumbers_into_torchs_own_layout() -> None:
+    """A sharded checkpoint keeps AdamW's state keyed by parameter name (DCP's layout); a non-sharded resume needs
+    torch's (numbered by position in the param groups). Reference: the optimizer's own state_dict()."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    from lmforge.parallel.sharded_checkpoint import indexed_optimizer_state
+
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, max_seq_len=8))
+    params = dict(model.named_parameters())
+    decay = [n for n, p in params.items() if p.ndim >= 2]
+    groups = [{"params": [params[n] for n in reversed(decay)], "weight_decay": 0.1},  # an order unlike named_parameters'
+              {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=1e-2)
+    model(torch.randint(0, 32, (2, 8))).sum().backward()
+    opt.step()
+    by_name = get_optimizer_state_dict(model, opt)
+    assert set(by_name["state"]) == set(params)  # names, not numbers
+    renumbered, own = indexed_optimizer_state(by_name), opt.state_dict()
+    assert [g["params"] for g in renumbered["param_groups"]] == [g["params"] for g in own["param_groups"]]
+    assert renumbered["state"].keys() == own["state"].keys()
+    for i, state in own["state"].items():
+        for key, value in state.items():
+            assert torch.equal(renumbered["state"][i][key], value), (i, key)
+    with pytest.raises(KeyError, match="no param group lists"):
+        indexed_optimizer_state({"state": {"stray.weight": {}}, "param_groups": []})
+
+
+def test_a_deepspeed_zero_directory_is_refused_for_resume_under_another_strategy_with_the_fix(tmp_path: Path) -> None:
+    from lmforge.checkpoint_io import AtomicCheckpointIO
+
+    ckpt = tmp_path / "last.ckpt"
+    (ckpt / "global_step6").mkdir(parents=True)
+    (ckpt / "latest").write_text("global_step6")  # how a ZeRO checkpoint directory names its newest tag
+    with pytest.raises(CheckpointError, match="DeepSpeed ZeRO checkpoint: it resumes under a deepspeed_\\* strategy only. Fix:.*init_from="):
+        AtomicCheckpointIO().load_checkpoint(ckpt)
+
+
+def test_position_keyed_optimizer_state_is_named_by_the_live_optimizers_order(tmp_path: Path) -> None:
+    """The reverse, for a single-file checkpoint resumed under FSDP. Reference: torch's name-keyed
+    get_optimizer_state_dict of the same optimizer. Lightning's rekeying (model.parameters() order) gets it wrong."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import OptimStateKeyType
+
+    from lmforge.parallel.full_checkpoint import named_optimizer_state
+
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=32, max_seq_len=8))
+    params = dict(model.named_parameters())
+    decay = [n for n, p in params.items() if p.ndim >= 2]
+    opt = torch.optim.AdamW([{"params": [params[n] for n in decay], "weight_decay": 0.1},
+                             {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}], lr=1e-2)
+    model(torch.randint(0, 32, (2, 8))).sum().backward()
+    opt.step()
+    named, reference = named_optimizer_state(opt.state_dict(), opt, model, tmp_path), get_optimizer_state_dict(model, opt)
+    assert [g["params"] for g in named["param_groups"]] == [g["params"] for g in reference["param_groups"]]
+    assert named["state"].keys() == reference["state"].keys()
+    for name, state in reference["state"].items():
+        for key, value in state.items():
+            assert torch.equal(named["state"][name][key], value), (name, key)
+    lightnings = FSDP.rekey_optim_state_dict(opt.state_dict(), OptimStateKeyType.PARAM_NAME, model)  # what it used
+    assert any(lightnings["state"][n]["exp_avg"].shape != params[n].shape for n in lightnings["state"])
+    other = torch.optim.AdamW(model.parameters(), lr=1e-2)  # one group: another optimizer setup
+    with pytest.raises(CheckpointError, match=r"param groups of \[\d+, \d+\] parameters, this run's \[\d+\].*Fix:.*init_from="):
+        named_optimizer_state(opt.state_dict(), other, model, tmp_path)

@@ -6,6 +6,10 @@ holding `state_dict.<param>` and `optimizer_0.*`. Consolidation reads the model 
 optimizer state, twice their size) into full tensors, whatever world size or TP layout wrote them. Both
 files are read with `weights_only` semantics: DCP stores tensors and plain data, and meta.pt is loaded with
 `weights_only=True`.
+
+`read_resumable_checkpoint` reads all of it, optimizer state included, for resuming a sharded checkpoint under a
+strategy that does not shard (`auto`, `ddp`): DCP keys the optimizer state by parameter name, torch's optimizers
+by parameter position, so it is renumbered in the order the saved param groups list the parameters.
 """
 
 from __future__ import annotations
@@ -48,3 +52,37 @@ def read_sharded_checkpoint(path: str | Path, weights: bool = True) -> dict[str,
     ckpt = read_meta(path)
     ckpt["state_dict"] = read_model_weights(path) if weights else {}
     return ckpt
+
+
+def read_resumable_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The whole checkpoint as a single-file resume reads it: meta.pt's loops and callbacks, the full weights, and
+    each optimizer's state in torch's own layout (`indexed_optimizer_state`)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    reader = FileSystemReader(str(path))
+    keys = set(reader.read_metadata().state_dict_metadata)
+    loaded: dict[str, Any] = {}
+    _load_state_dict(loaded, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    ckpt = read_meta(path)
+    ckpt["state_dict"] = {k: v for k, v in loaded.get("state_dict", {}).items() if isinstance(v, torch.Tensor)}
+    ckpt["optimizer_states"] = [indexed_optimizer_state(loaded[f"optimizer_{i}"]) for i in range(len(loaded))
+                                if f"optimizer_{i}" in loaded]
+    return ckpt
+
+
+def indexed_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A name-keyed optimizer state (`torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`'s layout:
+    param groups list parameter names, state is keyed by them) -> `torch.optim.Optimizer.state_dict()`'s layout:
+    parameters numbered 0, 1, ... in the order the groups list them, which is how `load_state_dict` matches them
+    to the optimizer it is loaded into (the same param groups, built by the same `configure_optimizers`)."""
+    index: dict[str, int] = {}
+    groups = []
+    for group in state["param_groups"]:
+        ids = [index.setdefault(name, len(index)) for name in group["params"]]
+        groups.append({**group, "params": ids})
+    unknown = state["state"].keys() - index.keys()
+    if unknown:
+        raise KeyError(f"optimizer state for parameters no param group lists: {sorted(unknown)[:3]}")
+    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}

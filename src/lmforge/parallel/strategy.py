@@ -14,7 +14,9 @@ Lightning builds the device mesh and the process group, moves batches, and saves
 * checkpoints written atomically: to `<name>.partial`, then swapped in, so a kill mid-save leaves the
   previous checkpoint whole (`ckpt_path=last` never sees a half-written directory);
 * `async_save`: saves during fit written in the background (`lmforge.parallel.async_checkpoint`), training
-  stalled only while the shards are copied to host memory.
+  stalled only while the shards are copied to host memory;
+* a single-file checkpoint (from `auto` / `ddp`) resumes with its optimizer state matched by position, as torch
+  matches it (`lmforge.parallel.full_checkpoint`; Lightning's reader paired AdamW's moments with other parameters).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -36,6 +39,7 @@ from lmforge.parallel.async_checkpoint import (
 )
 from lmforge.parallel.atomic_save import prepare_partial, remove_checkpoint_path, save_directory_atomically
 from lmforge.parallel.fsdp import check_accumulation_sync, hold_gradient_sync, hybrid_shard_mesh
+from lmforge.parallel.full_checkpoint import load_full_checkpoint
 
 
 class ShardedStrategy(ModelParallelStrategy):
@@ -126,6 +130,12 @@ class ShardedStrategy(ModelParallelStrategy):
         blocked = self._async_saver.start(state, partial, path, self.global_rank, meta=checkpoint, timeout=self._timeout)
         if self.global_rank == 0:
             log_staged(path, blocked)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_file():  # a sharded directory: Lightning's DCP reader
+            return super().load_checkpoint(path, weights_only=weights_only)
+        return load_full_checkpoint(path, self.model, self.optimizers, strict=self.lightning_module.strict_loading)
 
     def finish_checkpoint(self) -> None:
         """Wait for a background save to land (swapped into place); a no-op when none is in flight. Collective."""
