@@ -111,16 +111,18 @@ def test_resume_refuses_other_data_or_seed() -> None:
         loader(seed=8).load_state_dict(state)
 
 
-def test_resume_on_another_world_size_keeps_the_global_position() -> None:
+def test_resume_on_another_world_size_keeps_the_global_position(caplog) -> None:
     one = loader(n=48, batch=2)
     it = iter(one)
     consumed = [i for b in take(it, 6) for i in b]  # 12 samples of the global order
     assert consumed == epoch_order(48, 7, 0)[:12].tolist()
     two = [loader(n=48, batch=2, rank=r, world=2) for r in range(2)]
-    for dl in two:
-        dl.load_state_dict(one.state_dict())
+    with caplog.at_level("WARNING", logger="lmforge"):
+        for dl in two:
+            dl.load_state_dict(one.state_dict())
     rest = {i for dl in two for b in dl for i in b.tolist()}
     assert rest == set(epoch_order(48, 7, 0)[12:].tolist())  # exactly the samples not yet seen
+    assert [r.getMessage()[:38] for r in caplog.records] == ["resuming with world_size=2 batch_size="]  # rank 0 says it, once
 
 
 class Recorder(L.LightningModule):

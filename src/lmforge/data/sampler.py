@@ -117,8 +117,8 @@ class ResumableLoader(DataLoader):
                 f"seed={sampler.seed} shuffle={sampler.shuffle}. Fix: resume with the same seed (and data.shuffle), "
                 "or start a new run with init_from=<ckpt>"
             )
-        if (state.get("world_size"), state.get("batch_size")) != (sampler.num_replicas, self.batch_size):
-            log.warning(
+        if (state.get("world_size"), state.get("batch_size")) != (sampler.num_replicas, self.batch_size) and sampler.rank == 0:
+            log.warning(  # once per run, not once per rank
                 "resuming with world_size=%d batch_size=%d (checkpoint: %s, %s): the data position is carried over "
                 "as a global sample count, so the order stays the same but batch boundaries move",
                 sampler.num_replicas, self.batch_size, state.get("world_size"), state.get("batch_size"),
