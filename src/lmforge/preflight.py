@@ -138,6 +138,11 @@ def check_sharding(cfg: DictConfig) -> None:
         if isinstance(devices, int) and isinstance(nodes, int) and (devices * nodes) % tp:
             raise ConfigError("strategy.tensor_parallel_size", f"{tp} does not divide trainer.devices x num_nodes = {devices * nodes}",
                               "set trainer.devices to a multiple of the tensor-parallel size")
+    dp, devices, nodes = strategy.get("data_parallel_size", "auto"), trainer.get("devices"), trainer.get("num_nodes", 1)
+    tp_size = tp if isinstance(tp, int) and tp > 0 else 1
+    if isinstance(dp, int) and isinstance(devices, int) and isinstance(nodes, int) and dp * tp_size != devices * nodes:
+        raise ConfigError("strategy.data_parallel_size", f"{dp} x tensor_parallel_size {tp_size} is not the world size, trainer.devices "
+                          f"x num_nodes = {devices * nodes}", "leave strategy.data_parallel_size=auto (world size / tensor_parallel_size)")
 
 
 def check_async_save(cfg: DictConfig) -> None:
