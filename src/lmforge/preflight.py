@@ -71,6 +71,33 @@ def check_config(cfg: DictConfig) -> Objective:
     return objective
 
 
+CLUSTER_VARIABLES = ("MASTER_ADDR", "NODE_RANK", "GROUP_RANK")  # what Lightning's own launcher reads on each node
+
+
+def check_cluster(cfg: DictConfig) -> None:
+    """`trainer.num_nodes` > 1 where nothing set up the other nodes: no SLURM / torchrun / LSF / MPI job that Lightning
+    detects, and no MASTER_ADDR or NODE_RANK. Each such process thinks it is node 0 and waits at its first collective
+    for ranks that never start, until the timeout (30 minutes) ends the run."""
+    import os
+
+    nodes = (cfg.get("trainer") or {}).get("num_nodes", 1)
+    if not isinstance(nodes, int) or nodes <= 1 or any(os.environ.get(v) for v in CLUSTER_VARIABLES):
+        return
+    from lightning.fabric.plugins.environments import (
+        LSFEnvironment,
+        MPIEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    if any(env.detect() for env in (TorchElasticEnvironment, SLURMEnvironment, LSFEnvironment, MPIEnvironment)):
+        return
+    raise ConfigError("trainer.num_nodes", f"{nodes} nodes, but no cluster job started this process (no SLURM srun, torchrun, LSF or "
+                      "MPI environment, no MASTER_ADDR / NODE_RANK): it would wait for the other nodes until the collective timeout",
+                      "submit through SLURM (sbatch scripts/slurm/train_multinode.sbatch, or launcher=slurm for sweeps), or start train.py on "
+                      "every node with MASTER_ADDR, MASTER_PORT and NODE_RANK set; trainer.num_nodes=1 on one machine")
+
+
 def check_stage_data(cfg: DictConfig) -> None:
     """`stage=dpo` on raw text (or pretraining on preference pairs) would fail late or train on garbage."""
     stage, data = _class_name(cfg.get("stage")), _class_name(cfg.get("data"))
@@ -200,6 +227,7 @@ def preflight(cfg: DictConfig) -> None:
     check_sharding(cfg)  # before the machine check: its answer holds on a GPU machine too
     check_async_save(cfg)
     check_machine(cfg)
+    check_cluster(cfg)
     check_stage_data(cfg)
     check_efficiency(cfg)
     if not cfg.get("init_from"):  # with init_from the checkpoint decides the model: run.train checks it after loading

@@ -73,6 +73,8 @@ CASES = {
     "tensor parallel with an adapter after a projection": (["strategy=fsdp_tp", "peft=adapter", "peft.targets=[q_proj]"],
                                                            "peft.targets: ['q_proj'] under tensor parallelism"),
     "tensor parallel not dividing the kv heads": (["strategy=fsdp_tp", "strategy.tensor_parallel_size=3"], "strategy.tensor_parallel_size: 3 does not divide"),
+    "several nodes without a cluster job": (["trainer.num_nodes=2"], "trainer.num_nodes: 2 nodes, but no cluster job started this "
+                                            "process"),
     "data parallel size not the world size": (["strategy=fsdp", "trainer.devices=2", "strategy.data_parallel_size=4"],
                                               "strategy.data_parallel_size: 4 x tensor_parallel_size 1 is not the world size, "
                                               "trainer.devices x num_nodes = 2. Fix: leave strategy.data_parallel_size=auto"),

@@ -546,3 +546,24 @@ def test_peft_under_tensor_parallel_matches_one_process_on_two_cpu_ranks() -> No
                 for fresh in (False, True):
                     same_keys, worst, same_generator, drawn = results[(rank, "meta_peft", family, method, fresh)]
                     assert same_keys and worst == 0.0 and same_generator and drawn > 0, (rank, family, method, fresh, worst, same_generator)
+
+
+def test_several_nodes_need_a_cluster_job_or_lightnings_launcher_variables(monkeypatch) -> None:
+    """What passes `check_cluster`: a launcher that Lightning detects (SLURM's srun here) or MASTER_ADDR / NODE_RANK set
+    by hand on each node; one node needs nothing. The refusal itself is in tests/faults/test_config_faults.py."""
+    from omegaconf import OmegaConf
+
+    from lmforge.preflight import CLUSTER_VARIABLES, check_cluster
+
+    for name in (*CLUSTER_VARIABLES, "SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "LSB_JOBID", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    two = OmegaConf.create({"trainer": {"num_nodes": 2}})
+    check_cluster(OmegaConf.create({"trainer": {"num_nodes": 1}}))
+    with pytest.raises(ConfigError, match="trainer.num_nodes: 2 nodes"):
+        check_cluster(two)
+    monkeypatch.setenv("NODE_RANK", "1")
+    check_cluster(two)
+    monkeypatch.delenv("NODE_RANK")
+    monkeypatch.setenv("SLURM_NTASKS", "16")  # inside `srun`: Lightning's SLURMEnvironment takes over
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    check_cluster(two)
