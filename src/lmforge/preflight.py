@@ -94,7 +94,7 @@ def check_cluster(cfg: DictConfig) -> None:
         return
     raise ConfigError("trainer.num_nodes", f"{nodes} nodes, but no cluster job started this process (no SLURM srun, torchrun, LSF or "
                       "MPI environment, no MASTER_ADDR / NODE_RANK): it would wait for the other nodes until the collective timeout",
-                      "submit through SLURM (sbatch scripts/slurm/train_multinode.sbatch, or launcher=slurm for sweeps), or start train.py on "
+                      "submit through SLURM (sbatch scripts/slurm/train_multinode.sbatch: srun starts every rank), or start train.py on "
                       "every node with MASTER_ADDR, MASTER_PORT and NODE_RANK set; trainer.num_nodes=1 on one machine")
 
 
