@@ -28,6 +28,7 @@ STEPS = 8
 
 def overrides(cache_dir: Path, logs: Path) -> list[str]:
     return ["debug=fast", "tokenizer=byte", "model=gpt-nano", "model.n_layer=2", "model.n_embd=64", "data.batch_size=4",
+            "trainer.precision=32-true",  # fp32 on every machine: the 2-rank run below matches the 1-process curve to 1e-5
             f"trainer.max_steps={STEPS}", "trainer.val_check_interval=1000", "trainer.deterministic=true", "seed=7",
             "callbacks.checkpoint.every_n_train_steps=2", "callbacks.checkpoint.monitor=null", "callbacks.progress_bar=null", "callbacks.samples=null",
             "callbacks.model_summary=null", f"paths.cache_dir={cache_dir}", f"paths.log_dir={logs}"]
@@ -78,13 +79,14 @@ def test_sigkill_after_a_periodic_checkpoint_then_resume_is_exact(full, cache_di
 
 
 class SigtermAt(L.Callback):
-    """Sends the process a real SIGTERM after `step` optimizer steps, as a scheduler preempting the job would."""
+    """Sends the process a real SIGTERM after `step` optimizer steps, as a scheduler preempting the job would; with
+    `rank`, only that rank's process is signalled."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, rank: int | None = None) -> None:
+        self.step, self.rank = step, rank
 
     def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and self.rank in (None, trainer.global_rank):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -106,3 +108,26 @@ def test_sigterm_saves_last_checkpoint_exits_cleanly_and_resume_is_exact(full, c
     assert sorted(after) == list(range(step, STEPS))
     assert [after[s] for s in after] == pytest.approx([full[s] for s in after], abs=1e-6)
     assert torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
+
+
+def test_sigterm_to_one_of_two_fsdp_ranks_saves_on_both_and_exits(full, cache_dir: Path, logs: Path) -> None:
+    """Only rank 0 is signalled, mid-run. Lightning's handler ran a broadcast inside the signal handler, which met rank 1's
+    FSDP all-gather: both hung until the 30-minute timeout. The ranks now agree at the step's end, save together, exit 0."""
+    run_dir = logs / "debug" / "runs" / "preempted_fsdp"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), str(ROOT / "tests"), env.get("PYTHONPATH", "")])  # SigtermAt
+    sharded = ["strategy=fsdp", "trainer.devices=2", "trainer.accelerator=cpu", "data.batch_size=2"]  # global batch 4, as `full`
+    killer = ["+callbacks.sigterm._target_=test_kill_resume.SigtermAt", "+callbacks.sigterm.step=5", "+callbacks.sigterm.rank=0"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides(cache_dir, logs), *sharded, *killer, f"hydra.run.dir={run_dir}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SIGTERM received: saved" in (run_dir / "train.log").read_text()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    step = load_checkpoint(last)["global_step"]  # a sharded directory, consolidated here
+    assert step in (5, 6)
+
+    resumed = logs / "debug" / "runs" / "after_fsdp_sigterm"  # on one process, from the 2-rank checkpoint
+    train_in_process([*overrides(cache_dir, logs), f"ckpt_path={last}"], resumed)
+    after = losses(resumed)
+    assert sorted(after) == list(range(step, STEPS))
+    assert [after[s] for s in after] == pytest.approx([full[s] for s in after], abs=1e-5)

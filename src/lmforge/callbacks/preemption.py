@@ -5,6 +5,12 @@ Why not Lightning alone: outside SLURM it only raises SIGTERMException after the
 SIGUSR1's default action kills the process. The handler itself only records the signal (saving from inside a
 signal handler could interrupt a write in progress); the save happens at the next `on_train_batch_end`, the point
 where ModelCheckpoint saves too, so the file resumes mid-epoch exactly.
+
+Several ranks (ddp, fsdp): the save is a collective, so every rank must decide to save at the same step. At each
+`on_train_batch_end` the ranks agree whether any of them was signalled (one all-reduce of a flag), then all save
+and all stop there. Lightning's own SIGTERM handler is left out of the chain in such runs: it runs a broadcast
+from inside the signal handler (Lightning 2.6), which pairs with whatever collective the other ranks are in at
+that moment; a 2-rank FSDP run signalled on rank 0 hung there, rank 1 waiting in an all-gather.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose, _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger("lmforge")
@@ -34,11 +41,13 @@ class PreemptionCheckpoint(L.Callback):
         self.saved_path: Path | None = None
         self.saved_step: int | None = None
         self._previous: dict[int, Any] = {}
+        self._ranks = 1
 
     # --- signal handling -----------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Installed here, after Lightning registered its own handlers, so they are chained rather than replaced."""
         self.received = None
+        self._ranks = trainer.world_size
         for signum in self.signals:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
@@ -47,11 +56,22 @@ class PreemptionCheckpoint(L.Callback):
         self.received = signum
         previous = self._previous.get(signum)
         if callable(previous):  # Lightning's SIGTERM notifier; SLURM's requeue handler for SIGUSR1
-            previous(signum, frame)
+            self._chain(previous, signum, frame)
         elif signum != signal.SIGTERM:  # a bare SIGUSR1: stop the same way as for SIGTERM
             sigterm = self._previous.get(signal.SIGTERM)
             if callable(sigterm):
-                sigterm(signal.SIGTERM, frame)
+                self._chain(sigterm, signal.SIGTERM, frame)
+
+    def _chain(self, handler: Any, signum: int, frame: FrameType | None) -> None:
+        """Call the handler that was installed before; with several ranks, without Lightning's SIGTERM notifier (its
+        broadcast inside the handler deadlocks, see the module doc: the ranks agree in on_train_batch_end instead)."""
+        if self._ranks > 1 and isinstance(handler, _HandlersCompose):
+            for each in handler.signal_handlers:
+                each = signal.getsignal(each) if isinstance(each, int) else each  # as _HandlersCompose reads them
+                if getattr(each, "__func__", None) is not _SignalConnector._sigterm_notifier_fn:
+                    self._chain(each, signum, frame)
+        elif callable(handler):
+            handler(signum, frame)
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -75,8 +95,13 @@ class PreemptionCheckpoint(L.Callback):
         return Path(dirpath or Path(trainer.default_root_dir) / "checkpoints") / "last.ckpt"
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.received is not None or trainer.received_sigterm:  # the latter: rank 0's signal, broadcast (DDP)
+        if self._ranks == 1:
+            if self.received is not None or trainer.received_sigterm:
+                self._save_and_stop(trainer)  # Lightning raises SIGTERMException after this batch: its handler set the flag
+            return
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):  # any rank signalled: all agree here
             self._save_and_stop(trainer)
+            trainer._signal_connector.received_sigterm = True  # on every rank at once: Lightning raises SIGTERMException after this batch
 
     def _save_and_stop(self, trainer: L.Trainer) -> None:
         if self.saved_step == trainer.global_step:  # saved at this batch's end; Lightning's exit follows
