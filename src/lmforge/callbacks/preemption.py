@@ -8,9 +8,11 @@ where ModelCheckpoint saves too, so the file resumes mid-epoch exactly.
 
 Several ranks (ddp, fsdp): the save is a collective, so every rank must decide to save at the same step. At each
 `on_train_batch_end` the ranks agree whether any of them was signalled (one all-reduce of a flag), then all save
-and all stop there. Lightning's own SIGTERM handler is left out of the chain in such runs: it runs a broadcast
-from inside the signal handler (Lightning 2.6), which pairs with whatever collective the other ranks are in at
-that moment; a 2-rank FSDP run signalled on rank 0 hung there, rank 1 waiting in an all-gather.
+and all stop there. The handlers installed before this one run there too, not inside the signal handler: Lightning
+2.6's SIGTERM handler runs a broadcast, and its SLURM SIGUSR1 handler saves a checkpoint (also collectives), each
+meeting whatever collective the other ranks are in at that moment; a 2-rank FSDP run signalled on rank 0 hung in
+that broadcast, rank 1 waiting in an all-gather. They run once every rank was signalled (SLURM signals all tasks),
+SIGTERM's notifier never (the agreement replaces it).
 """
 
 from __future__ import annotations
@@ -42,29 +44,33 @@ class PreemptionCheckpoint(L.Callback):
         self.saved_step: int | None = None
         self._previous: dict[int, Any] = {}
         self._ranks = 1
+        self._deferred: list[tuple[Any, int]] = []  # several ranks: earlier handlers, run where the ranks agree
 
     # --- signal handling -----------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Installed here, after Lightning registered its own handlers, so they are chained rather than replaced."""
         self.received = None
         self._ranks = trainer.world_size
+        self._deferred.clear()
         for signum in self.signals:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
-        previous = self._previous.get(signum)
-        if callable(previous):  # Lightning's SIGTERM notifier; SLURM's requeue handler for SIGUSR1
-            self._chain(previous, signum, frame)
-        elif signum != signal.SIGTERM:  # a bare SIGUSR1: stop the same way as for SIGTERM
-            sigterm = self._previous.get(signal.SIGTERM)
-            if callable(sigterm):
-                self._chain(sigterm, signal.SIGTERM, frame)
+        previous = self._previous.get(signum)  # Lightning's SIGTERM notifier; SLURM's requeue handler for SIGUSR1
+        if not callable(previous) and signum != signal.SIGTERM:  # a bare SIGUSR1: stop the same way as for SIGTERM
+            previous, signum = self._previous.get(signal.SIGTERM), signal.SIGTERM
+        if not callable(previous):
+            return
+        if self._ranks > 1:
+            self._deferred.append((previous, signum))  # they may hold collectives: run where every rank is
+        else:
+            previous(signum, frame)
 
     def _chain(self, handler: Any, signum: int, frame: FrameType | None) -> None:
-        """Call the handler that was installed before; with several ranks, without Lightning's SIGTERM notifier (its
-        broadcast inside the handler deadlocks, see the module doc: the ranks agree in on_train_batch_end instead)."""
+        """Call a handler that was installed before; with several ranks, without Lightning's SIGTERM notifier (its
+        broadcast would meet no other rank's: the agreement in on_train_batch_end replaces it)."""
         if self._ranks > 1 and isinstance(handler, _HandlersCompose):
             for each in handler.signal_handlers:
                 each = signal.getsignal(each) if isinstance(each, int) else each  # as _HandlersCompose reads them
@@ -100,6 +106,10 @@ class PreemptionCheckpoint(L.Callback):
                 self._save_and_stop(trainer)  # Lightning raises SIGTERMException after this batch: its handler set the flag
             return
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):  # any rank signalled: all agree here
+            if trainer.strategy.reduce_boolean_decision(self.received is not None, all=True):  # every rank: run what was deferred
+                for handler, signum in self._deferred:
+                    self._chain(handler, signum, None)
+            self._deferred.clear()
             self._save_and_stop(trainer)
             trainer._signal_connector.received_sigterm = True  # on every rank at once: Lightning raises SIGTERMException after this batch
 
