@@ -108,7 +108,7 @@ def test_a_preemption_save_lands_before_the_callback_reports_it(tmp_path: Path) 
 
     calls: list[str] = []
     strategy = SimpleNamespace(finish_checkpoint=lambda: calls.append("finish"))
-    trainer = SimpleNamespace(strategy=strategy, global_step=5, should_stop=False, default_root_dir=str(tmp_path),
+    trainer = SimpleNamespace(strategy=strategy, global_step=5, should_stop=False, default_root_dir=str(tmp_path), is_global_zero=True,
                               checkpoint_callback=None, save_checkpoint=lambda path: calls.append(f"save {Path(path).name}"))
     callback = PreemptionCheckpoint()
     callback.received = signal.SIGTERM

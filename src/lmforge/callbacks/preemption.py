@@ -123,5 +123,6 @@ class PreemptionCheckpoint(L.Callback):
             finish()
         self.saved_path, self.saved_step = path, trainer.global_step
         name = signal.Signals(self.received).name if self.received is not None else "SIGTERM"
-        log.warning("%s received: saved %s at step %d; stopping. Resume with ckpt_path=last", name, path, trainer.global_step)
+        if trainer.is_global_zero:  # every rank saved; one line says so
+            log.warning("%s received: saved %s at step %d; stopping. Resume with ckpt_path=last", name, path, trainer.global_step)
         trainer.should_stop = True
