@@ -8,6 +8,7 @@ import signal
 import types
 from types import SimpleNamespace
 
+import torch
 from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose, _SignalConnector
 
 from lmforge.callbacks.preemption import PreemptionCheckpoint
@@ -16,13 +17,19 @@ from lmforge.callbacks.preemption import PreemptionCheckpoint
 class Strategy:
     """`reduce_boolean_decision` over pretend ranks: this one, and the others' flags given."""
 
-    def __init__(self, others: list[bool]) -> None:
-        self.others, self.calls = others, 0
+    def __init__(self, others: list[bool], device: str = "cpu") -> None:
+        self.others, self.calls, self.root_device = others, 0, torch.device(device)
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:  # noqa: A002 - Lightning's name
         self.calls += 1
         flags = [decision, *self.others]
         return builtins.all(flags) if all else any(flags)  # `all` is Lightning's argument name here
+
+
+def fake_trainer(others: list[bool], device: str = "cpu") -> SimpleNamespace:
+    """At step 3 of a run logging every 10 steps."""
+    return SimpleNamespace(strategy=Strategy(others, device), _signal_connector=SimpleNamespace(received_sigterm=False),
+                           global_step=3, log_every_n_steps=10)
 
 
 def callback_with_chain(ranks: int) -> tuple[PreemptionCheckpoint, list[str]]:
@@ -41,7 +48,7 @@ def test_several_ranks_run_earlier_handlers_where_all_agree_and_never_lightnings
     cb._handle(signal.SIGUSR1, None)
     cb._handle(signal.SIGTERM, None)
     assert called == []  # nothing inside the signal handler
-    trainer = SimpleNamespace(strategy=Strategy(others=[True]), _signal_connector=SimpleNamespace(received_sigterm=False))
+    trainer = fake_trainer(others=[True])
     cb.on_train_batch_end(trainer, None, None, None, 0)
     assert called == [f"requeue {int(signal.SIGUSR1)}", f"user {int(signal.SIGTERM)}", "save"]
     assert trainer._signal_connector.received_sigterm  # every rank raises Lightning's SIGTERMException after this batch
@@ -50,15 +57,15 @@ def test_several_ranks_run_earlier_handlers_where_all_agree_and_never_lightnings
 def test_a_rank_signalled_alone_saves_with_the_others_but_runs_no_collective_handler() -> None:
     cb, called = callback_with_chain(ranks=2)
     cb._handle(signal.SIGUSR1, None)
-    trainer = SimpleNamespace(strategy=Strategy(others=[False]), _signal_connector=SimpleNamespace(received_sigterm=False))
+    trainer = fake_trainer(others=[False])
     cb.on_train_batch_end(trainer, None, None, None, 0)
     assert called == ["save"]  # the SLURM handler saves a checkpoint itself: only when every rank is in it
     quiet, quiet_called = callback_with_chain(ranks=2)  # another rank, not signalled: agrees to save all the same
-    quiet_trainer = SimpleNamespace(strategy=Strategy(others=[True]), _signal_connector=SimpleNamespace(received_sigterm=False))
+    quiet_trainer = fake_trainer(others=[True])
     quiet.on_train_batch_end(quiet_trainer, None, None, None, 0)
     assert quiet_called == ["save"] and quiet_trainer._signal_connector.received_sigterm
     idle, idle_called = callback_with_chain(ranks=2)  # no rank signalled: one all-reduce, nothing else
-    idle_trainer = SimpleNamespace(strategy=Strategy(others=[False]), _signal_connector=SimpleNamespace(received_sigterm=False))
+    idle_trainer = fake_trainer(others=[False])
     idle.on_train_batch_end(idle_trainer, None, None, None, 0)
     assert idle_called == [] and idle_trainer.strategy.calls == 1
 
@@ -68,3 +75,15 @@ def test_one_rank_runs_the_chain_inside_the_handler_as_before() -> None:
     cb._previous[signal.SIGTERM] = _HandlersCompose([lambda s, f: called.append("lightning")])
     cb._handle(signal.SIGTERM, None)
     assert called == ["lightning"]
+
+
+def test_on_gpus_the_ranks_agree_on_logging_steps_only() -> None:
+    """The agreement reads a device flag back, a wait for the GPU: on CUDA only where logging waits for it anyway."""
+    cb, called = callback_with_chain(ranks=2)
+    cb._handle(signal.SIGTERM, None)
+    trainer = fake_trainer(others=[True], device="cuda")
+    cb.on_train_batch_end(trainer, None, None, None, 0)
+    assert called == [] and trainer.strategy.calls == 0  # step 3: not a logging step
+    trainer.global_step = 10
+    cb.on_train_batch_end(trainer, None, None, None, 0)
+    assert called == [f"user {int(signal.SIGTERM)}", "save"]

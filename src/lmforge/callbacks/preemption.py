@@ -6,9 +6,10 @@ SIGUSR1's default action kills the process. The handler itself only records the 
 signal handler could interrupt a write in progress); the save happens at the next `on_train_batch_end`, the point
 where ModelCheckpoint saves too, so the file resumes mid-epoch exactly.
 
-Several ranks (ddp, fsdp): the save is a collective, so every rank must decide to save at the same step. At each
-`on_train_batch_end` the ranks agree whether any of them was signalled (one all-reduce of a flag), then all save
-and all stop there. The handlers installed before this one run there too, not inside the signal handler: Lightning
+Several ranks (ddp, fsdp): the save is a collective, so every rank must decide to save at the same step. At the
+end of each batch (on GPUs: of each logging step, `trainer.log_every_n_steps`, where the host waits for the GPU
+anyway; the check reads a device flag back) the ranks agree whether any of them was signalled (one all-reduce),
+then all save and all stop there. The handlers installed before this one run there too, not inside the signal handler: Lightning
 2.6's SIGTERM handler runs a broadcast, and its SLURM SIGUSR1 handler saves a checkpoint (also collectives), each
 meeting whatever collective the other ranks are in at that moment; a 2-rank FSDP run signalled on rank 0 hung in
 that broadcast, rank 1 waiting in an all-gather. They run once every rank was signalled (SLURM signals all tasks),
@@ -26,6 +27,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose, _SignalConnector
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lmforge.utils.logging_steps import logging_step
 
 log = logging.getLogger("lmforge")
 
@@ -105,6 +108,8 @@ class PreemptionCheckpoint(L.Callback):
             if self.received is not None or trainer.received_sigterm:
                 self._save_and_stop(trainer)  # Lightning raises SIGTERMException after this batch: its handler set the flag
             return
+        if trainer.strategy.root_device.type == "cuda" and not logging_step(trainer):
+            return  # the agreement reads a device flag back: on GPUs only where the host waits for the GPU anyway
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):  # any rank signalled: all agree here
             if trainer.strategy.reduce_boolean_decision(self.received is not None, all=True):  # every rank: run what was deferred
                 for handler, signum in self._deferred:
