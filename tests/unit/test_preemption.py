@@ -87,3 +87,16 @@ def test_on_gpus_the_ranks_agree_on_logging_steps_only() -> None:
     trainer.global_step = 10
     cb.on_train_batch_end(trainer, None, None, None, 0)
     assert called == [f"user {int(signal.SIGTERM)}", "save"]
+
+
+def test_lightnings_per_step_sigterm_broadcast_is_off_with_several_ranks_only() -> None:
+    """Lightning broadcasts rank 0's SIGTERM flag and reads it back before every batch; the agreement replaces it."""
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    assert hasattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor")  # when an upgrade renames it, revisit on_train_start
+    for ranks, replaced in ((1, False), (2, True)):
+        loop = _TrainingEpochLoop.__new__(_TrainingEpochLoop)
+        trainer = SimpleNamespace(world_size=ranks, fit_loop=SimpleNamespace(epoch_loop=loop))
+        cb = PreemptionCheckpoint(signals=[])
+        cb.on_train_start(trainer, None)
+        assert ("_broadcast_sigterm_tensor" in vars(loop)) is replaced

@@ -13,7 +13,10 @@ then all save and all stop there. The handlers installed before this one run the
 2.6's SIGTERM handler runs a broadcast, and its SLURM SIGUSR1 handler saves a checkpoint (also collectives), each
 meeting whatever collective the other ranks are in at that moment; a 2-rank FSDP run signalled on rank 0 hung in
 that broadcast, rank 1 waiting in an all-gather. They run once every rank was signalled (SLURM signals all tasks),
-SIGTERM's notifier never (the agreement replaces it).
+SIGTERM's notifier never (the agreement replaces it). The agreement also replaces Lightning's broadcast of rank 0's
+SIGTERM flag at the start of every training batch (`_broadcast_sigterm_tensor`), which reads the flag back to the
+host: a collective and a wait for the GPU in every step of every multi-rank run. It is switched off while this
+callback runs (not measured on GPUs).
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ class PreemptionCheckpoint(L.Callback):
         self.received = None
         self._ranks = trainer.world_size
         self._deferred.clear()
+        loop = trainer.fit_loop.epoch_loop
+        if self._ranks > 1 and hasattr(type(loop), "_broadcast_sigterm_tensor"):  # see the module doc
+            loop._broadcast_sigterm_tensor = lambda: None
         for signum in self.signals:
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
