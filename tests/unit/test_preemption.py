@@ -29,7 +29,7 @@ class Strategy:
 def fake_trainer(others: list[bool], device: str = "cpu") -> SimpleNamespace:
     """At step 3 of a run logging every 10 steps."""
     return SimpleNamespace(strategy=Strategy(others, device), _signal_connector=SimpleNamespace(received_sigterm=False),
-                           global_step=3, log_every_n_steps=10)
+                           global_step=3, log_every_n_steps=10, fit_loop=SimpleNamespace(_should_accumulate=lambda: False))
 
 
 def callback_with_chain(ranks: int) -> tuple[PreemptionCheckpoint, list[str]]:
@@ -100,3 +100,17 @@ def test_lightnings_per_step_sigterm_broadcast_is_off_with_several_ranks_only() 
         cb = PreemptionCheckpoint(signals=[])
         cb.on_train_start(trainer, None)
         assert ("_broadcast_sigterm_tensor" in vars(loop)) is replaced
+
+
+def test_several_ranks_save_after_the_last_micro_batch_of_an_accumulated_step() -> None:
+    """Saved mid-accumulation, a checkpoint would hold none of the step's summed gradients and the resume would skip
+    their micro-batches: with several ranks the agreement waits for the step's last micro-batch."""
+    cb, called = callback_with_chain(ranks=2)
+    cb._handle(signal.SIGTERM, None)
+    trainer = fake_trainer(others=[True])
+    trainer.fit_loop._should_accumulate = lambda: True
+    cb.on_train_batch_end(trainer, None, None, None, 0)
+    assert called == [] and trainer.strategy.calls == 0
+    trainer.fit_loop._should_accumulate = lambda: False
+    cb.on_train_batch_end(trainer, None, None, None, 1)
+    assert called == [f"user {int(signal.SIGTERM)}", "save"]

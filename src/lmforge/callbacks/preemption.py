@@ -114,6 +114,8 @@ class PreemptionCheckpoint(L.Callback):
             if self.received is not None or trainer.received_sigterm:
                 self._save_and_stop(trainer)  # Lightning raises SIGTERMException after this batch: its handler set the flag
             return
+        if trainer.fit_loop._should_accumulate():  # mid-accumulation: the step's summed gradients are in no checkpoint, and
+            return  # the resume would skip their micro-batches (one rank: Lightning's own flag stops it after any batch)
         if trainer.strategy.root_device.type == "cuda" and not logging_step(trainer):
             return  # the agreement reads a device flag back: on GPUs only where the host waits for the GPU anyway
         if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):  # any rank signalled: all agree here
