@@ -33,8 +33,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return torch.load(Path(path) / META_FILE, map_location="cpu", weights_only=True)
 
 
-def read_model_weights(path: str | Path, prefix: str = "state_dict.") -> dict[str, torch.Tensor]:
-    """Full (unsharded) tensors of every `state_dict.*` entry, keyed as in a regular Lightning checkpoint."""
+def _read_entries(path: str | Path, prefix: str = "") -> dict[str, Any]:
+    """The DCP entries whose flattened keys start with `prefix`, as full tensors in their nested layout
+    (`state_dict` -> {param: tensor}, `optimizer_0` -> {"state": ..., "param_groups": ...}), on one process."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -43,6 +44,12 @@ def read_model_weights(path: str | Path, prefix: str = "state_dict.") -> dict[st
     keys = {k for k in reader.read_metadata().state_dict_metadata if k.startswith(prefix)}
     loaded: dict[str, Any] = {}
     _load_state_dict(loaded, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    return loaded
+
+
+def read_model_weights(path: str | Path, prefix: str = "state_dict.") -> dict[str, torch.Tensor]:
+    """Full (unsharded) tensors of every `state_dict.*` entry, keyed as in a regular Lightning checkpoint."""
+    loaded = _read_entries(path, prefix)
     weights = loaded.get(prefix.rstrip("."), loaded)
     return {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
 
@@ -56,15 +63,8 @@ def read_sharded_checkpoint(path: str | Path, weights: bool = True) -> dict[str,
 
 def read_resumable_checkpoint(path: str | Path) -> dict[str, Any]:
     """The whole checkpoint as a single-file resume reads it: meta.pt's loops and callbacks, the full weights, and
-    each optimizer's state in torch's own layout (`indexed_optimizer_state`)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    reader = FileSystemReader(str(path))
-    keys = set(reader.read_metadata().state_dict_metadata)
-    loaded: dict[str, Any] = {}
-    _load_state_dict(loaded, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    each optimizer's state in torch's own layout (`indexed_optimizer_state`; `parallel/full_checkpoint.py` is the way back)."""
+    loaded = _read_entries(path)
     ckpt = read_meta(path)
     ckpt["state_dict"] = {k: v for k, v in loaded.get("state_dict", {}).items() if isinstance(v, torch.Tensor)}
     ckpt["optimizer_states"] = [indexed_optimizer_state(loaded[f"optimizer_{i}"]) for i in range(len(loaded))
