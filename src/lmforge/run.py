@@ -29,6 +29,7 @@ from lmforge.objectives import Objective
 from lmforge.parallel.plan import is_sharded_strategy
 from lmforge.precision import resolve_precision
 from lmforge.preflight import build_objective, check_config
+from lmforge.sweeps import restore_sweep_record, share_sweep_dir
 from lmforge.utils.config_tree import print_config_tree
 from lmforge.utils.dependency_warnings import quiet_dependency_warnings
 from lmforge.utils.io import atomic_write_text
@@ -241,6 +242,7 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     quiet_dependency_warnings()
+    share_sweep_dir()
     torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
     set_cpu_kernels(cfg.get("cpu_kernels", "lmforge"))
     seed_everything(cfg.get("seed"))
@@ -303,6 +305,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return metrics
     finally:
         close_loggers(loggers)
+        restore_sweep_record()
 
 
 def load_for_inference(cfg: DictConfig) -> tuple[str, dict[str, Any], DictConfig, Tokenizer]:

@@ -28,12 +28,44 @@ import torch
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 
+from lmforge.utils.io import atomic_write_bytes
 from lmforge.utils.logging_steps import logging_step
 
 log = logging.getLogger(__name__)
 
 DIVERGED_KEY = "train/diverged"
 DEFAULT_BAD_SCORE = 1.0e4  # far above any bpb/loss, still finite: every Optuna storage accepts it
+
+
+SWEEP_DIR_VARIABLE = "LMFORGE_SWEEP_DIR"  # read by conf/hydra/default.yaml's sweep.dir
+
+
+_SWEEP_RECORD: list[tuple[Path, bytes]] = []  # the sweep's multirun.yaml as this process's Hydra wrote it
+
+
+def share_sweep_dir() -> None:
+    """Inside a sweep job, export its sweep dir to the processes this one starts. Under DDP/FSDP Lightning starts the
+    other ranks by re-running the command line, `-m` and all: each re-runs the sweep in step with rank 0, but Hydra
+    named a sweep dir of its own timestamp for each, so their logs (`train_ddp_process_<n>.log`) landed in a second
+    multiruns/<ts>/ dir. Single runs need nothing: Lightning passes them `hydra.run.dir`. The other ranks' Hydra also
+    rewrites the sweep's multirun.yaml (with Lightning's overrides for them): `restore_sweep_record` puts this one back."""
+    import os
+
+    if in_multirun() and SWEEP_DIR_VARIABLE not in os.environ:
+        from hydra.core.hydra_config import HydraConfig
+
+        sweep_dir = Path(str(HydraConfig.get().sweep.dir))
+        os.environ[SWEEP_DIR_VARIABLE] = str(sweep_dir)
+        record = sweep_dir / "multirun.yaml"
+        if record.is_file():
+            _SWEEP_RECORD[:] = [(record, record.read_bytes())]
+
+
+def restore_sweep_record() -> None:
+    """After a job of the process that exported the sweep dir: its multirun.yaml, if another rank's replaced it."""
+    for record, content in _SWEEP_RECORD:
+        if not record.is_file() or record.read_bytes() != content:
+            atomic_write_bytes(record, content)
 
 
 def in_multirun() -> bool:
