@@ -78,9 +78,9 @@ class PreemptionCheckpoint(L.Callback):
             previous(signum, frame)
 
     def _chain(self, handler: Any, signum: int, frame: FrameType | None) -> None:
-        """Call a handler that was installed before; with several ranks, without Lightning's SIGTERM notifier (its
-        broadcast would meet no other rank's: the agreement in on_train_batch_end replaces it)."""
-        if self._ranks > 1 and isinstance(handler, _HandlersCompose):
+        """Call a handler that was installed before (several ranks only: one rank calls it in `_handle`), without
+        Lightning's SIGTERM notifier (its broadcast would meet no other rank's: the agreement replaces it)."""
+        if isinstance(handler, _HandlersCompose):
             for each in handler.signal_handlers:
                 each = signal.getsignal(each) if isinstance(each, int) else each  # as _HandlersCompose reads them
                 if getattr(each, "__func__", None) is not _SignalConnector._sigterm_notifier_fn:
